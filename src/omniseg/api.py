@@ -1,0 +1,134 @@
+"""Python API: build or load a model, and a `Predictor` for in-process inference.
+
+    from omniseg.api import Predictor
+    predictor = Predictor("runs/demo/model_final.safetensors")
+    result = predictor("image.jpg")          # {"semantic", "panoptic", "instances"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from omniseg.data.meta import DatasetMeta
+from omniseg.hub import CheckpointError, load_state_dict_file
+
+
+def _build(cfg: DictConfig, meta: DatasetMeta) -> torch.nn.Module:
+    from omniseg.models.registry import build_model
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["backbone_weights"] = None  # the full weights follow; never read a backbone file here
+    return build_model(model_cfg, num_classes=meta.num_classes, thing_ids=meta.thing_ids)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_model(weights: str | os.PathLike, *, device: str | torch.device = "cpu",
+               config: DictConfig | None = None) -> tuple[torch.nn.Module, DictConfig, DatasetMeta]:
+    """Load a trained model from an omniseg weights file (config and classes are stored inside it) or a
+    local HF transformers Mask2Former / MaskFormer checkpoint folder (config.json + weights)."""
+    from omniseg.config import from_yaml, load_config
+    from omniseg.engine.checkpoint import read_weights_metadata
+
+    path = Path(weights)
+    if _is_hf_folder(path):
+        from omniseg.hub.hf import load_hf_checkpoint
+
+        model, cfg, meta = load_hf_checkpoint(path)
+        return model.to(device).eval(), cfg, meta
+    md = read_weights_metadata(path)
+    if config is None:
+        if "config" not in md:
+            raise CheckpointError(f"{path}: no config stored in this weights file; pass the config it was trained with")
+        config = from_yaml(md["config"])
+    meta = DatasetMeta.from_dict(md["meta"]) if md.get("meta", {}).get("classes") else None
+    if meta is None:
+        raise CheckpointError(f"{path}: no class list stored in this weights file")
+    model = _build(config, meta)
+    sd = load_state_dict_file(path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model in its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model.to(device).eval(), config, meta
+
+
+def load_weights_into(model: torch.nn.Module, weights: str | os.PathLike) -> dict:
+    """Initialise `model` from weights for fine-tuning (training restarts at iteration 0).
+
+    Tensors whose shape differs (e.g. a classifier for another class count) are skipped and reported.
+    """
+    path = Path(weights)
+    if _is_hf_folder(path):
+        from omniseg.hub.hf import read_hf_state_dict_converted
+
+        sd = read_hf_state_dict_converted(path)
+    else:
+        sd = load_state_dict_file(path)
+    own = model.state_dict()
+    skipped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    sd = {k: v for k, v in sd.items() if k not in skipped}
+    result = model.load_state_dict(sd, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "shape_mismatch": skipped}
+    print(f"[omniseg] initialised from {path}: {len(sd) - len(report['unexpected'])} tensors loaded, "
+          f"{len(skipped)} skipped for shape ({skipped[:3]}), {len(report['missing'])} missing "
+          f"({report['missing'][:3]}), {len(report['unexpected'])} unexpected ({report['unexpected'][:3]})", flush=True)
+    return report
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """RGB uint8 [3,H,W] with EXIF orientation applied; DataError names the file if unreadable."""
+    from omniseg.data.formats import load_rgb_image as load_image
+
+    return load_image(path)
+
+
+class Predictor:
+    """Image(s) in, prediction dicts out (original resolution), as in docs/design.md."""
+
+    def __init__(self, weights: str | os.PathLike, *, device: str = "auto",
+                 tasks: Sequence[str] = ("semantic", "panoptic", "instance"), min_size_test: int | None = None,
+                 config: DictConfig | None = None):
+        from omniseg.data.transforms import build_transforms
+        from omniseg.engine.trainer import resolve_device
+
+        self.device = resolve_device(device)
+        self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
+        self.tasks = list(tasks)
+        if min_size_test is None:
+            min_size_test = self.cfg.data.get("min_size_test") if "data" in self.cfg else None
+        self.transforms = build_transforms(False, min_size_test=min_size_test)
+        self.size_divisibility = int(self.cfg.data.get("size_divisibility", 32)) if "data" in self.cfg else 32
+
+    def _to_sample(self, image) -> dict:
+        if isinstance(image, (str, os.PathLike)):
+            name = str(image)
+            image = read_image(image)
+        else:
+            name = "<array>"
+            if not isinstance(image, torch.Tensor):
+                image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError("images must be file paths, HxWx3 uint8 arrays / PIL images, or uint8 [3,H,W] tensors")
+        return {"image": image, "file_name": name, "height": int(image.shape[1]), "width": int(image.shape[2])}
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence) -> list[dict]:
+        from omniseg.data.loader import collate
+
+        samples = [self.transforms(self._to_sample(im)) for im in images]
+        batch = collate(samples, size_divisibility=self.size_divisibility)
+        return self.model.predict(batch.images.to(self.device), batch.image_sizes,
+                                  [(s["height"], s["width"]) for s in samples], tasks=self.tasks)
+
+    def __call__(self, image) -> dict:
+        return self.predict_batch([image])[0]

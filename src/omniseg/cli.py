@@ -1,0 +1,205 @@
+"""`omniseg` command line: train, eval, predict, demo, models, data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Universal image segmentation (MaskFormer, Mask2Former, ...) in pure PyTorch.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic set, check a dataset.")
+app.add_typer(data_app, name="data")
+
+TASKS = ("semantic", "panoptic", "instance")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(config: str = typer.Argument(..., help="preset name (see `omniseg models`) or YAML file"),
+          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. train.max_iters=1000"),
+          resume: bool = typer.Option(False, "--resume", help="continue the run in train.output_dir exactly where it stopped")):
+    """Train a model. `--resume` continues a run; `train.weights=FILE` instead initialises a new run."""
+    from omniseg.config import load_config
+    from omniseg.engine.trainer import train as run
+
+    cfg = load_config(config, overrides)
+    metrics = run(cfg, resume=resume)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .safetensors or HF checkpoint folder"),
+             config: Optional[str] = typer.Option(None, "--config", "-c", help="config (default: the one stored in the weights)"),
+             overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. data.val.root=DIR"),
+             tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
+             max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images"),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write metrics JSON here")):
+    """Evaluate weights on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP."""
+    from omegaconf import OmegaConf
+
+    from omniseg.api import load_model
+    from omniseg.config import load_config
+    from omniseg.engine.trainer import build_datasets, evaluate, resolve_device
+
+    device = resolve_device("auto")
+    base = load_config(config) if config else None
+    model, cfg, meta = load_model(weights, device=device, config=base)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    datasets, _ = build_datasets(cfg, splits=("val",))
+    results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images, device=device)
+    text = json.dumps(results, indent=2, default=float)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    typer.echo(text)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@app.command()
+def predict(weights: str = typer.Option(..., "--weights", "-w"),
+            input: Path = typer.Option(..., "--input", "-i", help="an image or a folder of images"),
+            output: Path = typer.Option(..., "--output", "-o"),
+            tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
+            overlay: bool = typer.Option(True, help="also write overlay PNGs"),
+            score_threshold: float = typer.Option(0.5, help="instance score threshold for overlays"),
+            batch_size: int = typer.Option(1)):
+    """Predict: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance JSON, overlays."""
+    from omniseg import outputs as out
+    from omniseg import visualize as vis
+    from omniseg.api import Predictor
+
+    if not input.exists():
+        _fail(f"{input}: no such file or folder")
+    files = sorted(p for p in input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input.is_dir() else [input]
+    if not files:
+        _fail(f"{input}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    tasks = list(tasks or TASKS)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        _fail(f"unknown task(s) {bad}; choose from {TASKS}")
+    predictor = Predictor(weights, tasks=tasks)
+    meta = predictor.meta
+    output.mkdir(parents=True, exist_ok=True)
+    panoptic_annotations, instance_results, images_info = [], [], []
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(files), batch_size), desc="predict", mininterval=1.0):
+        chunk = files[start:start + batch_size]
+        preds = predictor.predict_batch([str(f) for f in chunk])
+        for image_id, (f, pred) in enumerate(zip(chunk, preds), start=start):
+            stem = f.stem
+            image = None
+            images_info.append({"id": image_id, "file_name": f.name, "height": int(next(iter(_shape(pred)))[0]),
+                                "width": int(next(iter(_shape(pred)))[1])})
+            if "semantic" in pred:
+                out.write_semantic_png(output / "semantic" / f"{stem}.png", pred["semantic"], meta)
+            if "panoptic" in pred:
+                ann = out.write_panoptic(output / "panoptic" / f"{stem}.png", pred["panoptic"]["segment_map"],
+                                         pred["panoptic"]["segments_info"], meta)
+                ann.update(image_id=image_id, file_name=f"{stem}.png")
+                panoptic_annotations.append(ann)
+            if "instances" in pred:
+                instance_results += out.instances_to_coco_json(image_id, pred["instances"], meta)
+            if overlay:
+                image = predictor._to_sample(str(f))["image"]
+                if "panoptic" in pred:
+                    vis.save_image(output / "overlay" / f"{stem}_panoptic.png",
+                                   vis.overlay_panoptic(image, pred["panoptic"]["segment_map"],
+                                                        pred["panoptic"]["segments_info"], meta))
+                if "semantic" in pred:
+                    vis.save_image(output / "overlay" / f"{stem}_semantic.png",
+                                   vis.overlay_semantic(image, pred["semantic"], meta))
+                if "instances" in pred:
+                    vis.save_image(output / "overlay" / f"{stem}_instances.png",
+                                   vis.overlay_instances(image, pred["instances"], meta, score_threshold=score_threshold))
+    if "panoptic" in tasks:
+        out.write_panoptic_json(output / "panoptic.json", images_info, panoptic_annotations, meta)
+    if "instance" in tasks:
+        out.write_json(output / "instances_results.json", instance_results)
+    typer.echo(f"wrote predictions for {len(files)} image(s) to {output}")
+
+
+def _shape(pred: dict):
+    for key in ("semantic",):
+        if key in pred:
+            yield tuple(pred[key].shape[-2:])
+    if "panoptic" in pred:
+        yield tuple(pred["panoptic"]["segment_map"].shape)
+    if "instances" in pred:
+        yield tuple(pred["instances"]["masks"].shape[-2:])
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
+         preset: str = typer.Option("mask2former_demo", help="the preset to train"),
+         overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):
+    """Generate the synthetic dataset, train the demo model on it, evaluate, and write overlays + curves."""
+    from omniseg.demo import run_demo
+
+    run_demo(output, preset=preset, overrides=list(overrides or []))
+
+
+@app.command()
+def models():
+    """List the named presets."""
+    from omniseg.config import list_presets, load_config
+
+    rows = []
+    for name in list_presets():
+        cfg = load_config(name)
+        m = cfg.model
+        rows.append((name, m.arch, m.backbone, str(m.num_queries), str(m.dec_layers)))
+    widths = [max(len(r[i]) for r in rows + [("preset", "arch", "backbone", "queries", "dec_layers")]) for i in range(5)]
+    for r in [("preset", "arch", "backbone", "queries", "dec_layers")] + rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+@data_app.command("synth")
+def data_synth(out: Path = typer.Option(..., "--out", "-o"), num_train: int = 600, num_val: int = 100,
+               image_size: int = 128, seed: int = 0):
+    """Write the built-in synthetic dataset (COCO panoptic + COCO instance + semantic PNGs)."""
+    from omniseg.data.synthetic import generate
+
+    path = generate(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    typer.echo(f"synthetic dataset in {path}")
+
+
+@data_app.command("check")
+def data_check(config: str = typer.Argument(...), overrides: Optional[List[str]] = typer.Argument(None),
+               split: str = typer.Option("train")):
+    """Load a config's dataset, read every sample, and print the class <-> id mapping and counts."""
+    from omniseg.config import load_config
+    from omniseg.data.build import describe_dataset
+    from omniseg.engine.trainer import build_datasets
+
+    cfg = load_config(config, overrides)
+    datasets, _ = build_datasets(cfg, splits=(split,))
+    typer.echo(describe_dataset(datasets[split]))
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as e:  # user-facing errors without a wall of traceback
+        from omniseg.data.errors import DataError
+        from omniseg.hub import CheckpointError
+
+        if isinstance(e, (DataError, CheckpointError, FileNotFoundError)):
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Datasets from configuration: `build_dataset(cfg.data, "train")`.
+
+Config keys (plain dict or OmegaConf node)::
+
+    format: coco_panoptic | coco_instance | semantic_folder | synthetic
+    root: folder the paths below are relative to (itself relative to the working directory)
+    image_dir, json, png_dir          # COCO formats
+    image_dir, label_dir, preset, classes, label_map, class_info, image_suffix, label_suffix  # folders
+    num_train, num_val, image_size, seed, view   # synthetic
+    train: {...}, val: {...}          # optional per-split overrides of any key above
+
+Path values may contain `{split}`; defaults follow each dataset's usual layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from omniseg.data.errors import DataError
+from omniseg.data.formats import CocoInstanceDataset, CocoPanopticDataset, SemanticFolderDataset
+
+FORMATS = ("coco_panoptic", "coco_instance", "semantic_folder", "synthetic")
+_SPLIT_KEYS = ("train", "val", "test")
+
+# Per-format / per-preset default paths, relative to root.
+_DEFAULTS = {
+    "coco_panoptic": {"image_dir": "{split}2017", "json": "annotations/panoptic_{split}2017.json",
+                      "png_dir": "annotations/panoptic_{split}2017"},
+    "coco_instance": {"image_dir": "{split}2017", "json": "annotations/instances_{split}2017.json"},
+    "semantic_folder": {"image_dir": "images/{split}", "label_dir": "labels/{split}"},
+    "camvid": {"image_dir": "{split}", "label_dir": "{split}annot"},
+    "ade20k": {"image_dir": "images/{split}", "label_dir": "annotations/{split}", "class_info": "objectInfo150.csv",
+               "split_names": {"train": "training", "val": "validation"}},
+    "cityscapes": {"image_dir": "leftImg8bit/{split}", "label_dir": "gtFine/{split}"},
+}
+
+
+def _plain(cfg) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(cfg)
+
+
+def _resolve_cfg(data_cfg, split: str) -> dict:
+    cfg = _plain(data_cfg)
+    merged = {k: v for k, v in cfg.items() if k not in _SPLIT_KEYS}
+    if isinstance(cfg.get(split), dict):
+        merged.update(cfg[split])
+    return merged
+
+
+def build_dataset(data_cfg, split: str) -> Dataset:
+    """The dataset of `split` described by `data_cfg` (see module docstring)."""
+    cfg = _resolve_cfg(data_cfg, split)
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format must be one of {FORMATS}, got {fmt!r}")
+    root = Path(cfg.get("root") or ".")
+    defaults = dict(_DEFAULTS.get(fmt, {}))
+    if fmt == "semantic_folder" and cfg.get("preset"):
+        defaults.update(_DEFAULTS.get(cfg["preset"], {}))
+    split_name = cfg.get("split_name") or defaults.get("split_names", {}).get(split, split)
+
+    def path(key: str, required: bool = True) -> Path | None:
+        value = cfg.get(key, defaults.get(key))
+        if value is None:
+            if required:
+                raise ValueError(f"data.{key} is required for format {fmt!r}")
+            return None
+        p = root / str(value).format(split=split_name)
+        if required and not p.exists():
+            raise DataError(p, f"data.{key} for split '{split}' does not exist")
+        return p
+
+    name = cfg.get("name")
+    if fmt == "synthetic":
+        return _build_synthetic(cfg, split)
+    if not root.exists():
+        raise DataError(root, "data.root does not exist")
+    if fmt == "coco_panoptic":
+        return CocoPanopticDataset(path("image_dir"), path("json"), path("png_dir"), name=name)
+    if fmt == "coco_instance":
+        return CocoInstanceDataset(path("image_dir"), path("json"), name=name)
+    class_info = path("class_info", required=False)
+    if class_info is not None and not class_info.exists():
+        if "class_info" in cfg:
+            raise DataError(class_info, "data.class_info does not exist")
+        class_info = None  # the preset's default file is optional
+    return SemanticFolderDataset(
+        path("image_dir"),
+        path("label_dir"),
+        classes=cfg.get("classes"),
+        preset=cfg.get("preset"),
+        image_suffix=cfg.get("image_suffix"),
+        label_suffix=cfg.get("label_suffix"),
+        label_map={int(k): int(v) for k, v in cfg["label_map"].items()} if cfg.get("label_map") else None,
+        class_info=class_info,
+        ignore_index=int(cfg.get("ignore_index", 255)),
+        name=name,
+    )
+
+
+def _build_synthetic(cfg: dict, split: str) -> Dataset:
+    """Generate (once) and read the synthetic data through the COCO panoptic reader.
+
+    The semantic-folder and COCO-instance readings of the same files are attached as `.views` so
+    every reader can be exercised on identical data.
+    """
+    from omniseg.data.synthetic import generate, synthetic_meta, synthetic_paths
+
+    root = Path(cfg.get("root") or "datasets/synthetic")
+    generate(root, num_train=int(cfg.get("num_train", 320)), num_val=int(cfg.get("num_val", 80)),
+             image_size=int(cfg.get("image_size", 128)), seed=int(cfg.get("seed", 0)))
+    if split not in ("train", "val"):
+        raise ValueError(f"the synthetic dataset has splits 'train' and 'val', not {split!r}")
+    p = synthetic_paths(root, split)
+    meta = synthetic_meta()
+    views = {
+        "panoptic": CocoPanopticDataset(p["image_dir"], p["panoptic_json"], p["panoptic_png_dir"], name="synthetic"),
+        "instance": CocoInstanceDataset(p["image_dir"], p["instances_json"], name="synthetic"),
+        "semantic": SemanticFolderDataset(p["image_dir"], p["semantic_dir"], classes=meta.classes,
+                                          isthing=meta.isthing, colors=meta.colors, name="synthetic"),
+    }
+    view = cfg.get("view", "panoptic")
+    if view not in views:
+        raise ValueError(f"data.view must be one of {sorted(views)}, got {view!r}")
+    for ds in views.values():
+        ds.views = views
+    return views[view]
+
+
+def _unwrap(ds):
+    while not hasattr(ds, "meta") or getattr(ds, "meta", None) is None:
+        inner = getattr(ds, "dataset", None)
+        if inner is None:
+            break
+        ds = inner
+    return ds
+
+
+def describe_dataset(ds, max_images: int | None = 200) -> str:
+    """Human-readable class <-> id table with per-class counts, for checking a custom dataset."""
+    base = _unwrap(ds)
+    meta = base.meta
+    counts, unit = None, ""
+    if hasattr(base, "class_counts"):
+        if isinstance(base, SemanticFolderDataset):
+            counts, unit = base.class_counts(max_images), "images"
+            if max_images is not None and len(base) > max_images:
+                unit += f" (first {max_images})"
+        else:
+            counts = base.class_counts()
+            unit = "segments" if isinstance(base, CocoPanopticDataset) else "instances"
+    lines = [
+        f"dataset '{meta.name}' ({type(base).__name__}): {len(ds)} images, {meta.num_classes} classes "
+        f"({len(meta.thing_ids)} thing, {len(meta.stuff_ids)} stuff), ignore index {meta.ignore_index}",
+        f"{'id':>4}  {'dataset_id':>10}  {'kind':<5}  {'name':<24}" + (f"  {unit}" if counts else ""),
+    ]
+    for i, cls in enumerate(meta.classes):
+        kind = "thing" if meta.isthing[i] else "stuff"
+        row = f"{i:>4}  {meta.dataset_ids[i]:>10}  {kind:<5}  {cls:<24}"
+        if counts:
+            row += f"  {counts[i]}"
+        lines.append(row)
+    if counts:
+        missing = [meta.classes[i] for i, c in enumerate(counts) if c == 0]
+        if missing:
+            lines.append(f"classes never seen: {', '.join(missing)}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Run logging: a progress bar (loss, it/s, ETA), metrics.jsonl for plots, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class RunLogger:
+    def __init__(self, output_dir: str | Path, *, total: int, initial: int = 0, tensorboard: bool = False,
+                 enabled: bool = True):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self.jsonl = self.dir / "metrics.jsonl"
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled,
+                        mininterval=1.0)
+        self.tb = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tb"))
+            except ImportError:
+                tqdm.write("tensorboard is not installed: pip install 'omniseg[tensorboard]'; continuing without it")
+
+    def step(self, n: int = 1, **postfix) -> None:
+        if self.enabled:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                     refresh=False)
+
+    def log(self, iteration: int, values: dict) -> None:
+        """Append one record to metrics.jsonl (and TensorBoard)."""
+        if not self.enabled:
+            return
+        rec = {"iter": iteration, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("iter", "time"):
+                    self.tb.add_scalar(k, v, iteration)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v

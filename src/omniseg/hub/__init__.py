@@ -1,0 +1,90 @@
+"""Loading weights from local files, safely, in several published layouts.
+
+Only safetensors and `torch.load(weights_only=True)` are used: a pickle that would execute code is
+refused. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be read or does not fit the model; the message names the file."""
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat tensor dict from .safetensors, or a weights-only torch file (.pt/.pth/.bin).
+
+    Nested checkpoints (`{"model": ...}`, `{"state_dict": ...}`) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # corrupt header, truncated file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: refused to load (only safetensors or plain tensor dicts loadable with "
+            f"torch.load(weights_only=True) are accepted; pickled code is never executed): {e}"
+        ) from e
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a dict of tensors")
+    return obj
+
+
+def report_load(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str, strict: bool = False) -> dict:
+    """load_state_dict with a clear report of missing / unexpected / mis-shaped keys."""
+    own = module.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        details = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5])
+        raise CheckpointError(f"{source}: {len(mismatched)} tensors have the wrong shape: {details}")
+    result = module.load_state_dict(state_dict, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    if strict and (report["missing"] or report["unexpected"]):
+        raise CheckpointError(
+            f"{source}: {len(report['missing'])} missing keys (e.g. {report['missing'][:5]}), "
+            f"{len(report['unexpected'])} unexpected keys (e.g. {report['unexpected'][:5]})"
+        )
+    return report
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict:
+    """Load timm-format backbone weights (e.g. a timm ResNet/Swin checkpoint) into a TimmBackbone.
+
+    Classifier heads in the file are expected and ignored; anything else missing is reported.
+    """
+    sd = load_state_dict_file(path)
+    body = backbone.body
+    # timm's own filter converts original-repo layouts (e.g. Microsoft Swin) to timm's.
+    import timm
+
+    try:
+        model_cls_module = timm.models.get_model_entrypoint(backbone.timm_name).__module__
+        import importlib
+
+        filt = getattr(importlib.import_module(model_cls_module), "checkpoint_filter_fn", None)
+        if filt is not None:
+            sd = filt(sd, body)
+    except Exception:
+        pass
+    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "classifier."))}
+    report = report_load(body, sd, source=str(path))
+    if report["missing"]:
+        raise CheckpointError(f"{path}: {len(report['missing'])} backbone weights missing, e.g. {report['missing'][:5]}")
+    return report

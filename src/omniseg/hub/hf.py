@@ -1,0 +1,92 @@
+"""Load a local HF transformers Mask2Former / MaskFormer checkpoint folder as a full omniseg model.
+
+The folder is what `save_pretrained` writes: config.json + model.safetensors (or pytorch_model.bin).
+Nothing is downloaded. HF configs do not say which classes are "things"; all classes are treated as
+things (HF's own default, no stuff fusion) unless `stuff_classes` names the stuff ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from omniseg.data.meta import DatasetMeta
+from omniseg.hub import CheckpointError, load_state_dict_file, report_load
+
+
+def _read_folder(path: str | os.PathLike) -> tuple[dict, Path]:
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (expected an HF checkpoint folder)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    return hf_config, weights
+
+
+def _settings_and_converter(hf_config: dict):
+    model_type = hf_config.get("model_type")
+    if model_type == "mask2former":
+        from omniseg.hub.hf_mask2former import convert_hf_mask2former_state_dict, hf_mask2former_config_to_omniseg
+
+        settings = hf_mask2former_config_to_omniseg(hf_config)
+        settings["arch"] = "mask2former"
+        kind = (hf_config.get("backbone_config") or {}).get("model_type") or settings["backbone"]
+        return settings, lambda sd: convert_hf_mask2former_state_dict(sd, backbone=kind)
+    if model_type == "maskformer":
+        from omniseg.hub.hf_maskformer import convert_hf_maskformer_state_dict, hf_maskformer_config_to_omniseg
+
+        settings = hf_maskformer_config_to_omniseg(hf_config)
+        return settings, lambda sd: convert_hf_maskformer_state_dict(sd, backbone=settings["backbone_type"])
+    raise CheckpointError(f"HF model_type {model_type!r} is not supported (mask2former, maskformer)")
+
+
+def hf_folder_to_config(path: str | os.PathLike, *, stuff_classes: Iterable[str] = ()) -> tuple[DictConfig, DatasetMeta]:
+    """An omniseg config (the `_base_` defaults + the checkpoint's architecture) and class metadata."""
+    from omniseg.config import load_config
+
+    hf_config, _ = _read_folder(path)
+    settings, _ = _settings_and_converter(hf_config)
+    names = settings.pop("class_names")
+    settings.pop("num_classes")
+    settings.pop("backbone_type", None)
+    settings.setdefault("backbone_norm", "bn")  # eval-mode BatchNorm == HF's (frozen) statistics
+    if settings["arch"] == "maskformer":
+        settings.setdefault("loss", {"class_weight": 1.0, "mask_weight": 20.0, "dice_weight": 1.0, "mask_loss": "focal"})
+    cfg = OmegaConf.merge(load_config("_base_"), {"model": settings})
+    stuff = set(stuff_classes)
+    meta = DatasetMeta(classes=names, isthing=[n not in stuff for n in names], name=Path(path).name)
+    return cfg, meta
+
+
+def read_hf_state_dict_converted(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The folder's weights renamed to omniseg's MaskFormer module names."""
+    hf_config, weights = _read_folder(path)
+    _, convert = _settings_and_converter(hf_config)
+    return convert(load_state_dict_file(weights))
+
+
+def load_hf_checkpoint(path: str | os.PathLike, *, stuff_classes: Iterable[str] = ()):
+    """-> (omniseg model in eval mode, config, DatasetMeta). Every HF tensor must find its place."""
+    from omniseg.models.registry import build_model
+
+    cfg, meta = hf_folder_to_config(path, stuff_classes=stuff_classes)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=meta.num_classes,
+                        thing_ids=meta.thing_ids)
+    state = read_hf_state_dict_converted(path)
+    report = report_load(model, state, source=str(path))
+    missing = [k for k in report["missing"] if not k.startswith("criterion.")]
+    if missing or report["unexpected"]:
+        raise CheckpointError(f"{path}: converted weights do not fit: missing {missing[:5]}, "
+                              f"unexpected {report['unexpected'][:5]}")
+    return model.eval(), cfg, meta

@@ -1,0 +1,245 @@
+"""HF transformers `Mask2FormerForUniversalSegmentation` checkpoints -> omniseg Mask2Former modules.
+
+omniseg names: `backbone.*` (TimmBackbone: `body.*` timm weights, `out_norms.*` for Swin),
+`pixel_decoder.*` (MSDeformAttnPixelDecoder), `predictor.*` (MultiScaleMaskedTransformerDecoder).
+
+A local HF folder (config.json + model.safetensors) loads with `load_hf_mask2former_folder`; nothing
+is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniseg.hub import CheckpointError, load_state_dict_file, report_load
+from omniseg.hub.hf_backbones import (
+    convert_hf_resnet_to_timm,
+    convert_hf_swin_to_timm,
+    hf_resnet_config_to_timm,
+    hf_swin_config_to_timm,
+    hf_swin_output_norms,
+    use_original_swin_windows,
+)
+
+HF_BACKBONE_PREFIX = "model.pixel_level_module.encoder."
+HF_PIXEL_DECODER_PREFIX = "model.pixel_level_module.decoder."
+HF_TRANSFORMER_PREFIX = "model.transformer_module."
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def hf_mask2former_config_to_omniseg(hf_config: dict) -> dict:
+    """HF `Mask2FormerConfig` (config.json as a dict) -> omniseg Mask2Former settings.
+
+    `dec_layers` is the number of decoder layers actually built (HF's `decoder_layers` - 1, like
+    detectron2's DEC_LAYERS - 1); `backbone_kwargs` go to `TimmBackbone(backbone, **backbone_kwargs)`.
+    """
+    if hf_config.get("model_type", "mask2former") != "mask2former":
+        raise CheckpointError(f"not a Mask2Former config (model_type={hf_config.get('model_type')!r})")
+    backbone_cfg = hf_config.get("backbone_config")
+    if backbone_cfg is not None and not isinstance(backbone_cfg, dict):
+        backbone_cfg = backbone_cfg.to_dict()
+    if backbone_cfg is None:
+        if hf_config.get("use_timm_backbone") and hf_config.get("backbone"):
+            backbone, backbone_kwargs = hf_config["backbone"], {}  # weights are timm's already
+        else:
+            # HF's default backbone when none is given: Swin-T-like with depths (2, 2, 18, 2)
+            raise CheckpointError("Mask2Former config without backbone_config is not supported")
+    else:
+        kind = backbone_cfg.get("model_type")
+        out_features = backbone_cfg.get("out_features") or ["stage1", "stage2", "stage3", "stage4"]
+        if list(out_features) != ["stage1", "stage2", "stage3", "stage4"]:
+            raise CheckpointError(f"backbone out_features must be stage1..stage4, got {out_features}")
+        if kind == "resnet":
+            backbone, backbone_kwargs = hf_resnet_config_to_timm(backbone_cfg)
+        elif kind == "swin":
+            backbone, backbone_kwargs = hf_swin_config_to_timm(backbone_cfg)
+            backbone_kwargs["out_norms"] = True  # HF SwinBackbone normalises every returned stage
+        else:
+            raise CheckpointError(f"unsupported Mask2Former backbone type {kind!r} (resnet, swin)")
+    if list(hf_config.get("feature_strides", [4, 8, 16, 32])) != [4, 8, 16, 32]:
+        raise CheckpointError(f"feature_strides must be [4, 8, 16, 32], got {hf_config.get('feature_strides')}")
+    id2label = hf_config.get("id2label") or {}
+    num_classes = len(id2label) if id2label else int(hf_config.get("num_labels", 0))
+    if num_classes <= 0:
+        raise CheckpointError("Mask2Former config has no id2label / num_labels")
+    class_names = [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]
+    return {
+        "backbone": backbone,
+        "backbone_kwargs": backbone_kwargs,
+        "num_classes": num_classes,
+        "hidden_dim": int(hf_config.get("hidden_dim", 256)),
+        "num_queries": int(hf_config.get("num_queries", 100)),
+        "nheads": int(hf_config.get("num_attention_heads", 8)),
+        "dim_feedforward": int(hf_config.get("dim_feedforward", 2048)),
+        "dec_layers": int(hf_config.get("decoder_layers", 10)) - 1,
+        "pre_norm": bool(hf_config.get("pre_norm", False)),
+        "enforce_input_project": bool(hf_config.get("enforce_input_projection", False)),
+        "enc_layers": int(hf_config.get("encoder_layers", 6)),
+        "enc_dim_feedforward": int(hf_config.get("encoder_feedforward_dim", 1024)),
+        "conv_dim": int(hf_config.get("feature_size", 256)),
+        "mask_dim": int(hf_config.get("mask_feature_size", 256)),
+        "common_stride": int(hf_config.get("common_stride", 4)),
+        "enc_num_points": 4,  # hard-coded in HF (and the official configs)
+        "class_names": class_names,
+    }
+
+
+def build_mask2former_modules(cfg: dict, *, backbone_norm: str = "frozen_bn") -> nn.ModuleDict:
+    """omniseg settings (see `hf_mask2former_config_to_omniseg`) -> ModuleDict(backbone, pixel_decoder,
+    predictor) with random weights, named as `convert_hf_mask2former_state_dict` produces them."""
+    from omniseg.models.maskformer.model import MaskFormer
+
+    model = MaskFormer({**cfg, "arch": "mask2former", "backbone_norm": backbone_norm}, num_classes=cfg["num_classes"])
+    return nn.ModuleDict({"backbone": model.backbone, "pixel_decoder": model.pixel_decoder, "predictor": model.predictor})
+
+
+def build_omniseg_modules_from_hf_config(hf_config: dict, *, backbone_norm: str = "frozen_bn") -> nn.ModuleDict:
+    """HF Mask2Former config dict -> ModuleDict(backbone, pixel_decoder, predictor), random weights."""
+    return build_mask2former_modules(hf_mask2former_config_to_omniseg(hf_config), backbone_norm=backbone_norm)
+
+
+# ------------------------------------------------------------------------------------ state dict
+
+_PIXEL_DECODER_LAYER_RENAMES = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "fc2": "linear2",
+                                "final_layer_norm": "norm2"}
+_DECODER_LAYER_RENAMES = {  # HF layer child -> (omniseg ModuleList, child)
+    "self_attn_layer_norm": ("transformer_self_attention_layers", "norm"),
+    "self_attn.out_proj": ("transformer_self_attention_layers", "self_attn.out_proj"),
+    "cross_attn_layer_norm": ("transformer_cross_attention_layers", "norm"),
+    "cross_attn": ("transformer_cross_attention_layers", "multihead_attn"),
+    "fc1": ("transformer_ffn_layers", "linear1"),
+    "fc2": ("transformer_ffn_layers", "linear2"),
+    "final_layer_norm": ("transformer_ffn_layers", "norm"),
+}
+
+
+def _convert_pixel_decoder_key(k: str) -> str | None:
+    if k == "level_embed":
+        return "transformer.level_embed"
+    if k.startswith("input_projections."):
+        return "input_proj." + k[len("input_projections."):]
+    if k.startswith("mask_projection."):
+        return "mask_features." + k[len("mask_projection."):]
+    if re.match(r"(adapter|layer)_\d+\.", k):
+        return k
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.([a-z_0-9]+)\.(.+)", k)
+    if m:
+        child = m[2] if m[2] == "self_attn" else _PIXEL_DECODER_LAYER_RENAMES.get(m[2])
+        if child is not None:
+            return f"transformer.layers.{m[1]}.{child}.{m[3]}"
+    return None
+
+
+def _convert_transformer_key(k: str) -> str | None:
+    simple = {"queries_embedder.weight": "query_embed.weight", "queries_features.weight": "query_feat.weight",
+              "level_embed.weight": "level_embed.weight"}
+    if k in simple:
+        return simple[k]
+    if k.startswith("input_projections."):
+        return "input_proj." + k[len("input_projections."):]
+    if k.startswith("decoder.layernorm."):
+        return "decoder_norm." + k[len("decoder.layernorm."):]
+    m = re.fullmatch(r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)", k)
+    if m:
+        return f"mask_embed.layers.{m[1]}.{m[2]}"
+    m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k)
+    if m:
+        layer, rest = m[1], m[2]
+        for hf_child, (group, child) in _DECODER_LAYER_RENAMES.items():
+            if rest.startswith(hf_child + "."):
+                return f"{group}.{layer}.{child}.{rest[len(hf_child) + 1:]}"
+    return None
+
+
+def _pack_self_attention(hf_sd: dict, out: dict) -> set[str]:
+    """HF's decoder self-attention has separate q/k/v projections; omniseg packs them like
+    nn.MultiheadAttention (rows [q; k; v])."""
+    used = set()
+    pattern = re.compile(re.escape(HF_TRANSFORMER_PREFIX)
+                         + r"decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in hf_sd.items():
+        m = pattern.fullmatch(k)
+        if m:
+            parts.setdefault((m[1], m[3]), {})[m[2]] = v
+            used.add(k)
+    for (layer, kind), qkv in parts.items():
+        if sorted(qkv) != ["k", "q", "v"]:
+            raise CheckpointError(f"decoder layer {layer}: incomplete self-attention q/k/v {kind}")
+        name = "in_proj_weight" if kind == "weight" else "in_proj_bias"
+        out[f"predictor.transformer_self_attention_layers.{layer}.self_attn.{name}"] = torch.cat(
+            [qkv["q"], qkv["k"], qkv["v"]], 0)
+    return used
+
+
+def convert_hf_mask2former_state_dict(hf_sd: dict[str, torch.Tensor], *, backbone: str) -> dict[str, torch.Tensor]:
+    """HF Mask2FormerForUniversalSegmentation state dict -> omniseg `backbone.* / pixel_decoder.* /
+    predictor.*` keys. `backbone` names the family: "resnet..." or "swin..." (an omniseg/timm
+    backbone name or HF model_type). Unknown keys raise CheckpointError; the loss buffer is dropped."""
+    out: dict[str, torch.Tensor] = {}
+    used = _pack_self_attention(hf_sd, out)
+    backbone_sd, unknown = {}, []
+    for k, v in hf_sd.items():
+        if k in used or k == "criterion.empty_weight":
+            continue
+        if k.startswith(HF_BACKBONE_PREFIX):
+            backbone_sd[k[len(HF_BACKBONE_PREFIX):]] = v
+            continue
+        new = None
+        if k.startswith(HF_PIXEL_DECODER_PREFIX):
+            new = _convert_pixel_decoder_key(k[len(HF_PIXEL_DECODER_PREFIX):])
+            new = new and "pixel_decoder." + new
+        elif k.startswith(HF_TRANSFORMER_PREFIX):
+            new = _convert_transformer_key(k[len(HF_TRANSFORMER_PREFIX):])
+            new = new and "predictor." + new
+        elif k.startswith("class_predictor."):
+            new = "predictor.class_embed." + k[len("class_predictor."):]
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} HF Mask2Former weights have no omniseg counterpart, e.g. {unknown[:5]}")
+
+    if any(k.startswith("_backbone.") for k in backbone_sd):  # HF wrapping a timm model: already timm names
+        out.update({"backbone.body." + k[len("_backbone."):]: v for k, v in backbone_sd.items()})
+    elif "swin" in backbone.lower():
+        out.update({"backbone.body." + k: v for k, v in convert_hf_swin_to_timm(backbone_sd).items()})
+        out.update({"backbone.out_norms." + k: v for k, v in hf_swin_output_norms(backbone_sd).items()})
+    elif "resnet" in backbone.lower():
+        out.update({"backbone.body." + k: v for k, v in convert_hf_resnet_to_timm(backbone_sd).items()})
+    else:
+        raise CheckpointError(f"unsupported backbone {backbone!r} for HF Mask2Former conversion (resnet, swin)")
+    return out
+
+
+# ------------------------------------------------------------------------------------ one call
+
+def load_hf_mask2former_folder(path: str | os.PathLike, *, backbone_norm: str = "frozen_bn"
+                               ) -> tuple[nn.ModuleDict, dict]:
+    """A local HF Mask2Former folder (config.json + model.safetensors / pytorch_model.bin) ->
+    (ModuleDict(backbone, pixel_decoder, predictor) with its weights, omniseg settings dict)."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (expected an HF Mask2Former folder)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    cfg = hf_mask2former_config_to_omniseg(hf_config)
+    modules = build_mask2former_modules(cfg, backbone_norm=backbone_norm)
+    backbone_kind = (hf_config.get("backbone_config") or {}).get("model_type") or cfg["backbone"]
+    state = convert_hf_mask2former_state_dict(load_state_dict_file(weights), backbone=backbone_kind)
+    report_load(modules, state, source=str(weights), strict=True)
+    return modules, cfg

@@ -1,0 +1,122 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+
+The official CUDA kernel is replaced by bilinear `grid_sample` (one call per level, all heads batched),
+as HF transformers does; the results match the kernel up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _shapes_as_list(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    if isinstance(spatial_shapes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
+                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Sample every level at the given locations and take the attention-weighted sum.
+
+    value [B, Lv, heads, Dh] (levels concatenated in `spatial_shapes` order),
+    sampling_locations [B, Lq, heads, levels, points, 2] as (x, y) in [0, 1],
+    attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
+    Locations outside [0, 1] read zeros (`padding_mode="zeros"`, `align_corners=False`), like the CUDA kernel.
+    """
+    shapes = _shapes_as_list(spatial_shapes)
+    b, _, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    # [B, Lq, heads, levels, points] -> [B*heads, Lq, levels, points]
+    weights = attention_weights.transpose(1, 2).reshape(b * heads, num_queries, num_levels, num_points)
+    output = None
+    for level, (h, w) in enumerate(shapes):
+        # [B, h*w, heads, Dh] -> [B*heads, Dh, h, w]
+        value_l = value_per_level[level].permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
+        # [B, Lq, heads, points, 2] -> [B*heads, Lq, points, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).reshape(b * heads, num_queries, num_points, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # weighted sum over points as a batched matmul (no [B*heads, Dh, Lq, points] product tensor):
+        # [B*heads, Lq, Dh, points] @ [B*heads, Lq, points, 1] -> [B*heads, Lq, Dh]
+        contribution = torch.matmul(sampled.transpose(1, 2), weights[:, :, level, :, None].to(sampled.dtype))
+        output = contribution.squeeze(-1) if output is None else output + contribution.squeeze(-1)
+    # [B*heads, Lq, Dh] -> [B, Lq, heads*Dh]
+    return output.view(b, heads, num_queries, head_dim).permute(0, 2, 1, 3).reshape(b, num_queries, heads * head_dim)
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to `n_points` learned offsets around its reference point on every level."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Official init: zero offset weights, offset biases on a ring of directions (one per head),
+        scaled by the point index, so training starts from a spread-out sampling pattern."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_input: torch.Tensor,
+                spatial_shapes: torch.Tensor | Sequence[Sequence[int]], level_start_index: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query [B,Lq,C] (position already added), reference_points [B,Lq,levels,2] normalised (x, y)
+        or [B,Lq,levels,4] boxes (cx, cy, w, h), value_input [B,Lv,C], spatial_shapes [levels,2] (h, w)
+        as an int64 tensor or a list (a list avoids a device sync), padding_mask [B,Lv] True = padding.
+
+        `level_start_index` is implied by `spatial_shapes`; it is accepted for the usual signature.
+        """
+        b, num_queries, _ = query.shape
+        _, num_values, _ = value_input.shape
+        shapes = _shapes_as_list(spatial_shapes)
+        if sum(h * w for h, w in shapes) != num_values:
+            raise ValueError(f"spatial_shapes {shapes} do not cover the {num_values} values")
+
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(b, num_values, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(b, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(b, num_queries, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(b, num_queries, self.n_heads, self.n_levels, self.n_points)
+
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (w, h)
+            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 values, got {reference_points.shape[-1]}")
+        output = ms_deform_attn_core(value, shapes, locations, weights)
+        return self.output_proj(output)

@@ -1,0 +1,164 @@
+"""MaskFormer and Mask2Former as configurations of one meta-architecture.
+
+backbone -> pixel decoder -> transformer decoder -> (criterion | post-processing), as in the papers'
+figures. The network proper (`forward_raw`) takes a normalised float batch and returns raw query
+predictions, so it can be exported; `losses` and `predict` wrap it for training and inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from omniseg.models.backbones import build_backbone
+from omniseg.models.maskformer.criterion import SetCriterion
+from omniseg.models.maskformer.matcher import HungarianMatcher
+from omniseg.models.maskformer.postprocess import postprocess
+
+
+def _get(cfg: Mapping, key: str, default=None):
+    return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
+def _to_float(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.float()
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float(v) for v in obj)
+    return obj
+
+
+class MaskFormer(nn.Module):
+    """Mask-classification segmenter. `arch="mask2former"` uses the MSDeformAttn pixel decoder and the
+    masked-attention decoder; `arch="maskformer"` the FPN pixel decoder and a DETR decoder on res5.
+
+    Args:
+        cfg: the `model` section of a config (see configs/_base_.yaml).
+        num_classes: K, the number of classes (no-object is added internally).
+        thing_ids: contiguous ids of thing classes (panoptic / instance post-processing).
+    """
+
+    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__()
+        self.arch = _get(cfg, "arch", "mask2former")
+        self.num_classes = num_classes
+        self.thing_ids = sorted(int(i) for i in thing_ids)
+        hidden = int(_get(cfg, "hidden_dim", 256))
+        conv_dim = int(_get(cfg, "conv_dim", 256))
+        mask_dim = int(_get(cfg, "mask_dim", 256))
+        self.backbone = build_backbone(
+            _get(cfg, "backbone", "resnet50"),
+            norm=_get(cfg, "backbone_norm", "bn"),
+            weights=_get(cfg, "backbone_weights"),
+            drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+            **dict(_get(cfg, "backbone_kwargs", {}) or {}),
+        )
+        specs = self.backbone.specs
+        if self.arch == "mask2former":
+            from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder
+            from omniseg.models.maskformer.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
+
+            self.pixel_decoder = MSDeformAttnPixelDecoder(
+                specs, conv_dim=conv_dim, mask_dim=mask_dim, num_encoder_layers=int(_get(cfg, "enc_layers", 6)),
+                num_heads=int(_get(cfg, "nheads", 8)), dim_feedforward=int(_get(cfg, "enc_dim_feedforward", 1024)),
+                num_points=int(_get(cfg, "enc_num_points", 4)), common_stride=int(_get(cfg, "common_stride", 4)),
+            )
+            self.predictor = MultiScaleMaskedTransformerDecoder(
+                conv_dim, num_classes=num_classes, hidden_dim=hidden, num_queries=int(_get(cfg, "num_queries", 100)),
+                nheads=int(_get(cfg, "nheads", 8)), dim_feedforward=int(_get(cfg, "dim_feedforward", 2048)),
+                dec_layers=int(_get(cfg, "dec_layers", 9)), mask_dim=mask_dim, pre_norm=bool(_get(cfg, "pre_norm", False)),
+                enforce_input_project=bool(_get(cfg, "enforce_input_project", False)),
+            )
+        elif self.arch == "maskformer":
+            from omniseg.models.maskformer.detr_decoder import DetrTransformerPredictor
+            from omniseg.models.maskformer.fpn_pixel_decoder import FPNPixelDecoder
+
+            self.pixel_decoder = FPNPixelDecoder(specs, conv_dim=conv_dim, mask_dim=mask_dim)
+            self.predictor = DetrTransformerPredictor(
+                specs["res5"].channels, num_classes=num_classes, hidden_dim=hidden,
+                num_queries=int(_get(cfg, "num_queries", 100)), nheads=int(_get(cfg, "nheads", 8)),
+                dropout=float(_get(cfg, "dropout", 0.1)), dim_feedforward=int(_get(cfg, "dim_feedforward", 2048)),
+                enc_layers=int(_get(cfg, "enc_layers", 0)), dec_layers=int(_get(cfg, "dec_layers", 6)),
+                pre_norm=bool(_get(cfg, "pre_norm", False)), mask_dim=mask_dim,
+            )
+        else:
+            raise ValueError(f"unknown mask-classification arch {self.arch!r} (mask2former | maskformer)")
+
+        loss = dict(_get(cfg, "loss", {}) or {})
+        mask_loss = loss.get("mask_loss", "bce")
+        num_points = int(loss.get("train_num_points", 12544))
+        weights = {"loss_ce": float(loss.get("class_weight", 2.0)), "loss_mask": float(loss.get("mask_weight", 5.0)),
+                   "loss_dice": float(loss.get("dice_weight", 5.0))}
+        matcher = HungarianMatcher(cost_class=weights["loss_ce"], cost_mask=weights["loss_mask"],
+                                   cost_dice=weights["loss_dice"], num_points=num_points, mask_loss=mask_loss)
+        self.deep_supervision = bool(loss.get("deep_supervision", True))
+        self.criterion = SetCriterion(
+            num_classes, matcher, weight_dict=weights, eos_coef=float(loss.get("no_object_weight", 0.1)),
+            num_points=num_points, oversample_ratio=float(loss.get("oversample_ratio", 3.0)),
+            importance_sample_ratio=float(loss.get("importance_sample_ratio", 0.75)), mask_loss=mask_loss,
+        )
+        test = dict(_get(cfg, "test", {}) or {})
+        self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
+        self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
+        self.topk = int(test.get("topk", 100))
+        mean = _get(cfg, "pixel_mean", [123.675, 116.28, 103.53])
+        std = _get(cfg, "pixel_std", [58.395, 57.12, 57.375])
+        self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # -- network -------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or float [0,255] RGB -> normalised float."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward_raw(self, x: torch.Tensor) -> dict:
+        """Normalised images [B,3,H,W] (H, W multiples of 32) -> raw query predictions."""
+        features = self.backbone(x)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.predictor(multi_scale, mask_features)
+
+    # -- training ------------------------------------------------------------------------------
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """images: uint8 [B,3,Hp,Wp] padded; targets: per image {"labels": [N], "masks": bool [N,Hp,Wp]}."""
+        outputs = self.forward_raw(self.normalize(images))
+        if not self.deep_supervision:
+            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
+        # Matching and losses in fp32 even under autocast: costs and sigmoid-BCE are precision-sensitive.
+        with torch.autocast(images.device.type, enabled=False):
+            outputs = _to_float(outputs)
+            return self.criterion(outputs, targets)
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                output_sizes: Sequence[tuple[int, int]] | None = None,
+                tasks: Sequence[str] = ("semantic", "panoptic", "instance"), *, return_raw: bool = False) -> list[dict]:
+        """Padded uint8 images -> one prediction dict per image (docs/design.md) at `output_sizes`."""
+        outputs = self.forward_raw(self.normalize(images))
+        output_sizes = output_sizes or image_sizes
+        results = []
+        for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
+            pred = postprocess(
+                {"pred_logits": outputs["pred_logits"][i].float(), "pred_masks": outputs["pred_masks"][i].float()},
+                image_size=tuple(image_size), output_size=tuple(out_size), tasks=list(tasks),
+                thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
+                object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
+                topk=self.topk,
+            )
+            if return_raw:
+                pred["raw"] = {k: v[i] for k, v in outputs.items() if k != "aux_outputs"}
+            results.append(pred)
+        return results
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None, **predict_kwargs):
+        """Training mode with targets -> loss dict; otherwise -> predictions (see `predict`)."""
+        if self.training and targets is not None:
+            return self.losses(images, targets)
+        image_sizes = predict_kwargs.pop("image_sizes", [tuple(images.shape[-2:])] * images.shape[0])
+        return self.predict(images, image_sizes, **predict_kwargs)

@@ -1,0 +1,242 @@
+"""Overlays of predictions or ground truth on images, and training curves from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import masks_to_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from omniseg.data.errors import DataError
+from omniseg.data.meta import DatasetMeta
+from omniseg.outputs import atomic_path
+
+# Keys of evaluation lines in metrics.jsonl that get their own subplot, in this order.
+EVAL_METRICS = ("PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "fwIoU", "mAcc", "pAcc", "AP", "AP50", "AP75")
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be uint8 [3,H,W], got {image.dtype} {tuple(image.shape)}")
+
+
+def _palette(meta: DatasetMeta, device: torch.device) -> torch.Tensor:
+    return torch.tensor(meta.colors, dtype=torch.float32, device=device).reshape(-1, 3)
+
+
+def jitter_color(color: Sequence[int], seed: int, amount: float = 0.5) -> tuple[int, int, int]:
+    """A deterministic nearby colour, so instances of one class look related but distinguishable.
+
+    Same recipe as detectron2's Visualizer: add a random vector of norm `amount` (in 0..1 units).
+    """
+    generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    direction = torch.rand(3, generator=generator) - 0.5
+    direction = direction / direction.norm().clamp(min=1e-6) * amount
+    jittered = (torch.tensor(color, dtype=torch.float32) / 255 + direction).clamp(0, 1)
+    return tuple(int(round(v)) for v in (jittered * 255).tolist())
+
+
+def _blend(image: torch.Tensor, colors: torch.Tensor, where: torch.Tensor, alpha: float) -> torch.Tensor:
+    """image uint8 [3,H,W], colors float [3,H,W], where bool [H,W] -> blended uint8, unchanged elsewhere."""
+    mixed = image.float() * (1 - alpha) + colors * alpha
+    return torch.where(where[None], mixed.round().clamp(0, 255).to(torch.uint8), image)
+
+
+def overlay_semantic(image: torch.Tensor, labels: torch.Tensor, meta: DatasetMeta, alpha: float = 0.5) -> torch.Tensor:
+    """Blend class colours over the image; pixels with a label outside 0..K-1 (ignore) stay as they are."""
+    _check_image(image)
+    if tuple(labels.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match image {tuple(image.shape[1:])}")
+    labels = labels.to(image.device).long()
+    valid = (labels >= 0) & (labels < meta.num_classes)
+    colors = _palette(meta, image.device)[labels.clamp(0, meta.num_classes - 1)].permute(2, 0, 1)
+    return _blend(image, colors, valid, alpha)
+
+
+def _inner_boundary(segment_map: torch.Tensor) -> torch.Tensor:
+    """Pixels that have a 4-neighbour with a different id (the segment's own outline)."""
+    edge = torch.zeros_like(segment_map, dtype=torch.bool)
+    vertical = segment_map[1:, :] != segment_map[:-1, :]
+    horizontal = segment_map[:, 1:] != segment_map[:, :-1]
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge
+
+
+def overlay_panoptic(
+    image: torch.Tensor,
+    segment_map: torch.Tensor,
+    segments_info: Sequence[dict],
+    meta: DatasetMeta,
+    alpha: float = 0.5,
+    contours: bool = True,
+) -> torch.Tensor:
+    """Stuff in its class colour, each thing in a jittered class colour with a darker outline.
+
+    Void (id 0) and ids without a `segments_info` entry are left untouched.
+    """
+    _check_image(image)
+    if tuple(segment_map.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"segment_map {tuple(segment_map.shape)} does not match image {tuple(image.shape[1:])}")
+    segment_map = segment_map.to(image.device).long()
+    ids, inverse = torch.unique(segment_map, return_inverse=True)
+    by_id = {int(s["id"]): s for s in segments_info}
+    table = torch.zeros(len(ids), 3)
+    described = torch.zeros(len(ids), dtype=torch.bool)
+    thing = torch.zeros(len(ids), dtype=torch.bool)
+    for i, segment_id in enumerate(ids.tolist()):
+        info = by_id.get(segment_id)
+        if info is None or segment_id == 0:
+            continue
+        category = int(info["category"])
+        is_thing = bool(info.get("isthing", meta.isthing[category]))
+        color = meta.colors[category]
+        table[i] = torch.tensor(jitter_color(color, segment_id) if is_thing else color, dtype=torch.float32)
+        described[i], thing[i] = True, is_thing
+    table, described, thing = table.to(image.device), described.to(image.device), thing.to(image.device)
+    colors = table[inverse].permute(2, 0, 1)
+    out = _blend(image, colors, described[inverse], alpha)
+    if contours:
+        outline = _inner_boundary(segment_map) & thing[inverse]
+        out = torch.where(outline[None], (colors * 0.5).round().to(torch.uint8), out)
+    return out
+
+
+def overlay_instances(
+    image: torch.Tensor,
+    instances: dict,
+    meta: DatasetMeta,
+    score_threshold: float = 0.5,
+    alpha: float = 0.5,
+    draw_boxes: bool = True,
+    draw_labels: bool = True,
+) -> torch.Tensor:
+    """Masks (torchvision `draw_segmentation_masks`) and labelled boxes for instances scoring >= threshold."""
+    _check_image(image)
+    masks = instances["masks"].bool().to(image.device)
+    labels = instances["labels"].long().cpu()
+    scores = instances.get("scores")
+    keep = torch.ones(len(labels), dtype=torch.bool) if scores is None else scores.cpu() >= score_threshold
+    if masks.shape[0] and tuple(masks.shape[1:]) != tuple(image.shape[1:]):
+        raise ValueError(f"masks {tuple(masks.shape)} do not match image {tuple(image.shape[1:])}")
+    keep_index = keep.nonzero().flatten()
+    if len(keep_index) == 0:
+        return image.clone()
+    masks = masks[keep_index.to(masks.device)]
+    labels = labels[keep_index]
+    colors = [jitter_color(meta.colors[int(label)], i) for i, label in enumerate(labels.tolist())]
+    out = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
+    # torchvision truncates the float blend, which can shift untouched pixels by one level.
+    out = torch.where(masks.any(dim=0)[None], out, image)
+    if draw_boxes:
+        has_pixels = masks.flatten(1).any(dim=1).cpu()
+        if instances.get("boxes") is not None:
+            boxes = instances["boxes"].float().cpu()[keep_index]
+        else:
+            boxes = torch.zeros(len(masks), 4)
+            if bool(has_pixels.any()):
+                boxes[has_pixels] = masks_to_boxes(masks[has_pixels.to(masks.device)]).cpu()
+        texts = None
+        if draw_labels:
+            texts = [meta.classes[int(label)] for label in labels.tolist()]
+            if scores is not None:
+                texts = [f"{t} {float(s):.2f}" for t, s in zip(texts, scores.cpu()[keep_index].tolist())]
+        shown = has_pixels | (instances.get("boxes") is not None)
+        if bool(shown.any()):
+            out = draw_bounding_boxes(
+                out.cpu(),
+                boxes[shown],
+                labels=None if texts is None else [t for t, s in zip(texts, shown.tolist()) if s],
+                colors=[c for c, s in zip(colors, shown.tolist()) if s],
+                width=2,
+            ).to(image.device)
+    return out
+
+
+def save_image(path: str | os.PathLike, tensor: torch.Tensor) -> Path:
+    """Save uint8 [3,H,W] / [H,W] (or float in 0..1) as an image; the format follows the suffix."""
+    if tensor.is_floating_point():
+        tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+    if tensor.ndim == 3:
+        array = tensor.detach().cpu().permute(1, 2, 0).numpy()
+        if array.shape[2] == 1:
+            array = array[..., 0]
+    elif tensor.ndim == 2:
+        array = tensor.detach().cpu().numpy()
+    else:
+        raise ValueError(f"expected [3,H,W] or [H,W], got shape {tuple(tensor.shape)}")
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image suffix {path.suffix!r}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format=image_format)
+    return path
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(path, "metrics file not found")
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # the trainer may be writing this very line right now
+            raise DataError(path, f"line {number} is not valid JSON") from None
+        if isinstance(record, dict) and "iter" in record:
+            records.append(record)
+    return records
+
+
+def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """One subplot for the loss, one for the learning rate, one per evaluation metric, all vs iteration."""
+    # The object API renders with Agg and leaves pyplot's global backend alone (safe on headless servers).
+    from matplotlib.figure import Figure
+
+    path = Path(metrics_jsonl_path)
+    records = _read_metrics(path)
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [
+            (float(r["iter"]), float(r[key]))
+            for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))
+        ]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    panels = [(key, *series(key)) for key in ("loss", "lr", *EVAL_METRICS)]
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        raise DataError(path, "no 'loss', 'lr' or evaluation metrics to plot")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis, (key, xs, ys) in zip(axes.flat, panels):
+        axis.plot(xs, ys, marker="o" if key not in ("loss", "lr") else None, markersize=3)
+        axis.set_title(key)
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        if key == "lr":
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return out_png

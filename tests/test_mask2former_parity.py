@@ -1,0 +1,222 @@
+"""Mask2Former network parity with HF transformers (random weights, fully offline).
+
+Every parameter and buffer of a small HF Mask2FormerForUniversalSegmentation is perturbed (HF zeroes
+many biases and offsets at init), converted with omniseg.hub.hf_mask2former, and the backbone maps,
+pixel-decoder outputs and the class/mask logits of every decoder layer are compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig  # noqa: E402
+
+from omniseg.hub import CheckpointError, report_load  # noqa: E402
+from omniseg.hub.hf_mask2former import (  # noqa: E402
+    build_omniseg_modules_from_hf_config,
+    convert_hf_mask2former_state_dict,
+    hf_mask2former_config_to_omniseg,
+    load_hf_mask2former_folder,
+)
+from omniseg.models.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core  # noqa: E402
+from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
+
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+ATOL = 1e-4
+
+
+def _small_config(backbone_config, **overrides) -> Mask2FormerConfig:
+    kwargs = dict(backbone_config=backbone_config, num_labels=5, hidden_dim=64, feature_size=64, mask_feature_size=64,
+                  encoder_layers=2, decoder_layers=5, num_queries=10, encoder_feedforward_dim=128,
+                  dim_feedforward=128)
+    kwargs.update(overrides)
+    return Mask2FormerConfig(**kwargs)
+
+
+def _build_random_hf(config: Mask2FormerConfig, seed: int) -> Mask2FormerForUniversalSegmentation:
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
+def _hf_outputs(model, x) -> dict:
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True, output_auxiliary_logits=True)
+    # HF: auxiliary_logits[0] = initial queries, ..., the final prediction separately
+    logits = [a["class_queries_logits"] for a in out.auxiliary_logits] + [out.class_queries_logits]
+    masks = [a["masks_queries_logits"] for a in out.auxiliary_logits] + [out.masks_queries_logits]
+    return {"features": list(out.encoder_hidden_states), "mask_features": out.pixel_decoder_last_hidden_state,
+            "multi_scale": list(out.pixel_decoder_hidden_states), "logits": logits, "masks": masks}
+
+
+def _omniseg_outputs(modules, x) -> dict:
+    with torch.no_grad():
+        feats = modules["backbone"](x)
+        mask_features, multi_scale = modules["pixel_decoder"](feats)
+        out = modules["predictor"](multi_scale, mask_features)
+    return {"features": [feats[n] for n in ("res2", "res3", "res4", "res5")], "mask_features": mask_features,
+            "multi_scale": multi_scale,
+            "logits": [a["pred_logits"] for a in out["aux_outputs"]] + [out["pred_logits"]],
+            "masks": [a["pred_masks"] for a in out["aux_outputs"]] + [out["pred_masks"]]}
+
+
+def _assert_parity(ours: dict, theirs: dict, num_predictions: int) -> None:
+    for level, (a, b) in enumerate(zip(ours["features"], theirs["features"], strict=True)):
+        assert a.shape == b.shape, f"backbone level {level}"
+        # random BN statistics let ResNet activations grow to 1e3-1e4: compare relative to their scale
+        scale = max(1.0, b.abs().max().item())
+        assert (a - b).abs().max().item() <= ATOL * scale, f"backbone level {level}"
+    torch.testing.assert_close(ours["mask_features"], theirs["mask_features"], atol=ATOL, rtol=0)
+    for a, b in zip(ours["multi_scale"], theirs["multi_scale"], strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert len(ours["logits"]) == len(theirs["logits"]) == num_predictions
+    for i, (a, b) in enumerate(zip(ours["logits"], theirs["logits"])):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"class logits of prediction {i}: {m}")
+    for i, (a, b) in enumerate(zip(ours["masks"], theirs["masks"])):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"mask logits of prediction {i}: {m}")
+
+
+RESNET_CASES = {
+    # R50-like bottlenecks, post-norm, batch of 2, non-square input
+    "bottleneck": (dict(depths=[1, 2, 1, 1], hidden_sizes=[64, 128, 256, 512], layer_type="bottleneck"),
+                   dict(), (2, 3, 96, 128)),
+    # R18-like basic blocks, pre-norm decoder, conv_dim != hidden_dim (decoder input projections)
+    "basic_prenorm": (dict(depths=[1, 1, 2, 1], hidden_sizes=[32, 64, 128, 256], layer_type="basic"),
+                      dict(feature_size=32, mask_feature_size=48, pre_norm=True), (1, 3, 128, 128)),
+}
+
+
+@pytest.mark.parametrize("case", list(RESNET_CASES))
+def test_resnet_mask2former_matches_hf(case):
+    backbone_kwargs, overrides, shape = RESNET_CASES[case]
+    config = _small_config(ResNetConfig(out_features=STAGES, **backbone_kwargs), **overrides)
+    hf = _build_random_hf(config, seed=0)
+
+    modules = build_omniseg_modules_from_hf_config(config.to_dict()).eval()
+    state = convert_hf_mask2former_state_dict(hf.state_dict(), backbone="resnet")
+    report = report_load(modules, state, source="hf", strict=True)
+    assert report == {"missing": [], "unexpected": []}
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    _assert_parity(_omniseg_outputs(modules, x), _hf_outputs(hf, x), num_predictions=config.decoder_layers)
+
+
+def test_swin_mask2former_from_saved_folder_matches_hf(tmp_path):
+    """Goes through save_pretrained: the on-disk Swin names differ from transformers 5's in-memory ones.
+    96x128 input: every Swin stage (24x32 ... 3x4) needs window padding, and shifted blocks run in
+    all stages, which only matches with the original pad-then-shift order."""
+    swin = SwinConfig(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=7, out_features=STAGES)
+    names = {0: "cat", 1: "dog", 2: "sky", 3: "road", 4: "tree"}
+    config = _small_config(swin, id2label=names, label2id={v: k for k, v in names.items()})
+    hf = _build_random_hf(config, seed=10)
+    hf.save_pretrained(tmp_path)
+
+    modules, cfg = load_hf_mask2former_folder(tmp_path)
+    modules.eval()
+    assert cfg["class_names"] == ["cat", "dog", "sky", "road", "tree"]
+    assert (cfg["num_classes"], cfg["dec_layers"], cfg["enc_layers"], cfg["conv_dim"]) == (5, 4, 2, 64)
+
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(4))
+    _assert_parity(_omniseg_outputs(modules, x), _hf_outputs(hf, x), num_predictions=config.decoder_layers)
+
+
+def test_config_conversion_of_default_swin_checkpoint_config():
+    cfg = hf_mask2former_config_to_omniseg(Mask2FormerConfig(num_labels=133).to_dict())
+    assert cfg["backbone"] == "swin_s" and cfg["backbone_kwargs"]["window_size"] == 7
+    assert cfg["backbone_kwargs"]["out_norms"] is True
+    assert (cfg["hidden_dim"], cfg["num_queries"], cfg["nheads"], cfg["dim_feedforward"]) == (256, 100, 8, 2048)
+    assert (cfg["dec_layers"], cfg["enc_layers"], cfg["enc_dim_feedforward"], cfg["enc_num_points"]) == (9, 6, 1024, 4)
+    assert len(cfg["class_names"]) == cfg["num_classes"] == 133
+
+
+def test_converter_rejects_unknown_keys():
+    with pytest.raises(CheckpointError, match="no omniseg counterpart"):
+        convert_hf_mask2former_state_dict({"model.transformer_module.surprise.weight": torch.zeros(1)},
+                                          backbone="resnet")
+
+
+def _naive_deform_attn(value, shapes, locations, weights):
+    """Per-point bilinear sampling written out by hand (zeros outside, pixel centres at (i + 0.5) / size)."""
+    b, _, heads, dh = value.shape
+    _, lq, _, levels, points, _ = locations.shape
+    out = torch.zeros(b, lq, heads, dh, dtype=value.dtype)
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    for n in range(b):
+        for q in range(lq):
+            for m in range(heads):
+                for lvl, (h, w) in enumerate(shapes):
+                    v = value[n, starts[lvl]:starts[lvl] + h * w, m].view(h, w, dh)
+                    for p in range(points):
+                        x = locations[n, q, m, lvl, p, 0].item() * w - 0.5
+                        y = locations[n, q, m, lvl, p, 1].item() * h - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        sample = torch.zeros(dh, dtype=value.dtype)
+                        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            if 0 <= yy < h and 0 <= xx < w:
+                                sample += (1 - abs(x - xx)) * (1 - abs(y - yy)) * v[yy, xx]
+                        out[n, q, m] += weights[n, q, m, lvl, p] * sample
+    return out.flatten(2)
+
+
+def test_ms_deform_attn_core_matches_hand_written_bilinear_sampling():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (2, 2), (1, 3)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, 3, generator=g, dtype=torch.float64)
+    locations = torch.rand(2, 5, 2, 3, 2, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2  # some outside
+    weights = torch.rand(2, 5, 2, 3, 2, generator=g, dtype=torch.float64)
+    expected = _naive_deform_attn(value, shapes, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_core(value, shapes, locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn_core(value, torch.tensor(shapes), locations, weights), expected)
+
+
+def test_ms_deform_attn_official_init():
+    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    bias = attn.sampling_offsets.bias.view(4, 3, 2, 2)  # heads, levels, points, (x, y)
+    # head k points along angle 2*pi*k/4, scaled so the larger component is 1, times the point index
+    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    expected = directions[:, None, None, :] * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)
+    torch.testing.assert_close(bias, expected.expand(4, 3, 2, 2), atol=1e-6, rtol=0)
+    assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.attention_weights.weight.abs().sum() == 0
+    # zero attention logits: uniform weights over levels x points
+    query = torch.randn(1, 4, 32)
+    values = torch.randn(1, 3 * 4 + 2 * 2 + 1, 32)
+    out = attn(query, torch.full((1, 4, 3, 2), 0.5), values, [(3, 4), (2, 2), (1, 1)])
+    assert out.shape == (1, 4, 32)
+
+
+def test_attention_mask_from_prediction_and_empty_rows():
+    logits = torch.tensor([[[[2.0, -1.0], [-3.0, 0.5]],     # query 0: blocked where negative
+                            [[-1.0, -2.0], [-0.1, -5.0]]]])  # query 1: negative everywhere
+    blocked = MultiScaleMaskedTransformerDecoder._attention_mask_from_prediction(logits, (2, 2))
+    assert blocked.tolist() == [[[False, True, True, False], [True, True, True, True]]]
+    unblocked = MultiScaleMaskedTransformerDecoder.unblock_empty_rows(blocked)
+    assert unblocked.tolist() == [[[False, True, True, False], [False, False, False, False]]]
+
+
+def test_decoder_output_structure_and_batch_independence():
+    torch.manual_seed(0)
+    dec = MultiScaleMaskedTransformerDecoder(16, num_classes=3, hidden_dim=16, num_queries=4, nheads=2,
+                                             dim_feedforward=32, dec_layers=3, mask_dim=8).eval()
+    feats = [torch.randn(2, 16, s, s) for s in (2, 4, 8)]
+    mask_features = torch.randn(2, 8, 16, 16)
+    out = dec(feats, mask_features)
+    assert out["pred_logits"].shape == (2, 4, 4) and out["pred_masks"].shape == (2, 4, 16, 16)
+    assert len(out["aux_outputs"]) == 3  # initial queries + layers 0, 1
+    # the second image must not influence the first (no cross-batch leakage)
+    single = dec([f[:1] for f in feats], mask_features[:1])
+    torch.testing.assert_close(single["pred_masks"], out["pred_masks"][:1], atol=1e-5, rtol=0)
