@@ -24,13 +24,7 @@ from omniseg.data.formats.coco_panoptic import id_to_rgb
 SHARED = Path(os.environ.get("OMNISEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small per-image tensor ops are dominated by thread start-up on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small per-image ops: thread start-up dominates
 
 
 def shared(*parts: str) -> Path:

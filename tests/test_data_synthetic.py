@@ -21,12 +21,7 @@ from omniseg.data import synthetic
 from omniseg.data.synthetic import generate, synthetic_paths
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small per-image ops: thread start-up dominates
 
 
 @pytest.fixture(scope="module")

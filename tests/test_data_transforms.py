@@ -23,12 +23,7 @@ PALETTE = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 0], [255, 255, 0], [2
                         [255, 255, 255], [128, 0, 0], [0, 128, 0], [0, 0, 128]], dtype=torch.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small per-image ops: thread start-up dominates
 
 
 def colour_coded_sample(h=48, w=64, block=16, seed=0) -> dict:

@@ -220,3 +220,25 @@ def test_decoder_output_structure_and_batch_independence():
     # the second image must not influence the first (no cross-batch leakage)
     single = dec([f[:1] for f in feats], mask_features[:1])
     torch.testing.assert_close(single["pred_masks"], out["pred_masks"][:1], atol=1e-5, rtol=0)
+
+
+def test_hf_folder_loads_as_full_model_through_the_api(tmp_path):
+    """The user-facing path: `load_model(folder)` / `Predictor(folder)` on a local HF checkpoint."""
+    from omniseg.api import Predictor, load_model
+
+    config = _small_config(ResNetConfig(out_features=STAGES, depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512],
+                                        layer_type="basic"),
+                           id2label={i: f"c{i}" for i in range(5)}, label2id={f"c{i}": i for i in range(5)})
+    hf = _build_random_hf(config, seed=21)
+    hf.save_pretrained(tmp_path)
+    model, cfg, meta = load_model(tmp_path)
+    assert meta.classes == [f"c{i}" for i in range(5)] and cfg.model.arch == "mask2former"
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = model.forward_raw(x)
+        ref = hf(pixel_values=x)
+    torch.testing.assert_close(ours["pred_logits"], ref.class_queries_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours["pred_masks"], ref.masks_queries_logits, atol=ATOL, rtol=0)
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    pred = Predictor(tmp_path, device="cpu")(image)
+    assert pred["semantic"].shape == (50, 70) and pred["panoptic"]["segment_map"].shape == (50, 70)

@@ -82,9 +82,13 @@ class TrainingSet(Dataset):
         index, seed = item
         for attempt in range(len(self.dataset)):
             try:
-                torch.manual_seed(seed)
-                random.seed(seed)
-                sample = self.transforms(self.dataset[(index + attempt) % len(self.dataset)])
+                # Seed augmentation per sample without disturbing the caller's RNG streams.
+                py_state = random.getstate()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    sample = self.transforms(self.dataset[(index + attempt) % len(self.dataset)])
+                random.setstate(py_state)
                 break
             except DataError as e:
                 if not self.skip_bad:
@@ -121,6 +125,17 @@ def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+def _gt_tasks(sample: dict) -> set[str]:
+    tasks = set()
+    if "sem_seg" in sample or "pan_seg" in sample:
+        tasks.add("semantic")
+    if "pan_seg" in sample:
+        tasks.add("panoptic")
+    if "instances" in sample or "pan_seg" in sample:
+        tasks.add("instance")
+    return tasks
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, max_images: int | None = None,
              batch_size: int = 1, progress: bool = True) -> dict:
@@ -128,6 +143,9 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
     from omniseg.evaluation.evaluator import DatasetEvaluator
 
     tasks = list(tasks or cfg.eval_tasks)
+    if len(dataset):  # score only what the dataset has ground truth for (a semantic folder has no panoptic GT)
+        available = _gt_tasks(dataset[0])
+        tasks = [t for t in tasks if t in available]
     device = device or next(model.parameters()).device
     transforms = build_transforms(False, min_size_test=cfg.data.get("min_size_test"))
     evaluator = DatasetEvaluator(meta, tasks)
@@ -226,6 +244,8 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
     ckpt_period = int(cfg.train.checkpoint_period)
     log_period = int(cfg.train.log_period)
     clip = float(cfg.train.get("clip_grad") or 0.0)
+    # Stop this invocation early (checkpointing first), e.g. to fit a long run into job time limits.
+    stop_at = int(cfg.train.get("stop_at_iter") or 0)
     model.train()
     last_metrics: dict = {}
     window: dict[str, float] = {}
@@ -247,7 +267,7 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
                                          + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
             (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
             for k, v in losses.items():
-                loss_terms[k] = loss_terms.get(k, 0.0) + float(v) / accumulate
+                loss_terms[k] = loss_terms.get(k, 0.0) + float(v.detach()) / accumulate
         if scaler:
             scaler.unscale_(optimizer)
         if clip > 0:
@@ -273,7 +293,8 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
             rec.update(lr=scheduler.get_last_lr()[0], sec_per_iter=elapsed / window_n)
             logger.log(done, rec)
             window, window_n, t_window = {}, 0, time.time()
-        if main_process and (done % ckpt_period == 0 or done == max_iters):
+        stopping = done == stop_at
+        if main_process and (done % ckpt_period == 0 or done == max_iters or stopping):
             checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, config_yaml=config_yaml, meta=meta_dict)
         if main_process and "val" in datasets and (done % eval_period == 0 or done == max_iters):
             results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False)
@@ -281,6 +302,11 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
             logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
             logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
                                                        if k in last_metrics))
+        if stopping:
+            logger.write(f"[omniseg] stopping at iteration {done} as asked (train.stop_at_iter); "
+                         f"continue with --resume")
+            logger.close()
+            return last_metrics
     logger.close()
     if main_process:
         final = {"iteration": max_iters, "seconds": round(time.time() - t0, 1), "metrics": last_metrics,

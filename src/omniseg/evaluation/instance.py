@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from omniseg.data.meta import DatasetMeta
-from omniseg.evaluation.semantic import distributed_ready
+from omniseg.evaluation.state import distributed_ready
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from omniseg.data.meta import DatasetMeta
-from omniseg.evaluation.semantic import all_reduce_sum
+from omniseg.evaluation.state import SummedState
 
 VOID = 0
 
@@ -29,7 +29,7 @@ def _segment_table(
     )
 
 
-class PanopticEvaluator:
+class PanopticEvaluator(SummedState):
     """Per-category IoU sum, TP, FP and FN accumulated exactly as panopticapi's `pq_compute_single_core`.
 
     - ground-truth id 0 is VOID; a predicted id 0 is "no segment";
@@ -147,14 +147,6 @@ class PanopticEvaluator:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.iou_sum = state["iou_sum"].clone().double()
         self.tp, self.fp, self.fn = (state[key].clone().long() for key in ("tp", "fp", "fn"))
-
-    def merge(self, other: "PanopticEvaluator") -> None:
-        mine, theirs = self.state(), other.state()
-        self.load_state({key: mine[key] + theirs[key].to(mine[key].device) for key in mine})
-
-    def synced_state(self) -> dict[str, torch.Tensor]:
-        """State summed over DDP ranks (a copy; a no-op without torch.distributed)."""
-        return {key: all_reduce_sum(value) for key, value in self.state().items()}
 
     # --- metrics -------------------------------------------------------------------------------
     def evaluate(self) -> dict:

@@ -226,17 +226,9 @@ def load_hf_mask2former_folder(path: str | os.PathLike, *, backbone_norm: str = 
                                ) -> tuple[nn.ModuleDict, dict]:
     """A local HF Mask2Former folder (config.json + model.safetensors / pytorch_model.bin) ->
     (ModuleDict(backbone, pixel_decoder, predictor) with its weights, omniseg settings dict)."""
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing (expected an HF Mask2Former folder)")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
-    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    from omniseg.hub.hf import _read_folder
+
+    hf_config, weights = _read_folder(path)
     cfg = hf_mask2former_config_to_omniseg(hf_config)
     modules = build_mask2former_modules(cfg, backbone_norm=backbone_norm)
     backbone_kind = (hf_config.get("backbone_config") or {}).get("model_type") or cfg["backbone"]
