@@ -57,7 +57,8 @@ def test_predict_writes_standard_formats(trained, synth_root, tmp_path):
     images = synth_root / "val" / "images"
     out = tmp_path / "pred"
     result = runner.invoke(app, ["predict", "--weights", str(trained / "model_final.safetensors"),
-                                 "--input", str(images), "--output", str(out)])
+                                 "--input", str(images), "--output", str(out),
+                                 "--image-ids", str(synth_root / "annotations" / "instances_val.json")])
     assert result.exit_code == 0, result.output
     names = sorted(p.stem for p in images.glob("*.png"))
     # semantic: one PNG per image, same name, values are the dataset's category ids (or 255)

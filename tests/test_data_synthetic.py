@@ -143,6 +143,11 @@ def test_build_dataset_generates_and_attaches_views(tmp_path):
     assert isinstance(train.views["semantic"], SemanticFolderDataset)
     assert build_dataset({**cfg, "view": "instance"}, "val").meta.num_classes == 4
     assert train[0]["image"].shape == (3, 32, 32)
+    # an existing dataset is read as it is, even when the config would generate a different one
+    before = (tmp_path / "gen" / "manifest.json").read_text()
+    other = build_dataset({**cfg, "num_train": 7, "image_size": 48}, "train")
+    assert len(other) == 4 and other[0]["image"].shape == (3, 32, 32)
+    assert (tmp_path / "gen" / "manifest.json").read_text() == before
 
 
 def test_generation_is_fast(tmp_path):

@@ -128,7 +128,7 @@ def test_gradient_accumulation_matches_larger_batch(make_tiny_config, tmp_path):
     samples = [ts[(i, i)] for i in range(4)]
     torch.manual_seed(0)
     model = build_model_from_config(cfg, meta).eval()  # eval: BatchNorm statistics independent of batch split
-    model.criterion.matcher.num_points = model.criterion.num_points = 10**6  # dense enough to be deterministic
+    model.criterion.matcher.num_points = model.criterion.num_points = 8192  # 2x the pixels: matching is stable
 
     def grads(chunks):
         model.zero_grad()

@@ -127,8 +127,11 @@ class Predictor:
 
         samples = [self.transforms(self._to_sample(im)) for im in images]
         batch = collate(samples, size_divisibility=self.size_divisibility)
-        return self.model.predict(batch.images.to(self.device), batch.image_sizes,
-                                  [(s["height"], s["width"]) for s in samples], tasks=self.tasks)
+        preds = self.model.predict(batch.images.to(self.device), batch.image_sizes,
+                                   [(s["height"], s["width"]) for s in samples], tasks=self.tasks)
+        for pred, s in zip(preds, samples):
+            pred.update(height=s["height"], width=s["width"])
+        return preds
 
     def __call__(self, image) -> dict:
         return self.predict_batch([image])[0]

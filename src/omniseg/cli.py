@@ -73,7 +73,10 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
             tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
             overlay: bool = typer.Option(True, help="also write overlay PNGs"),
             score_threshold: float = typer.Option(0.5, help="instance score threshold for overlays"),
-            batch_size: int = typer.Option(1)):
+            batch_size: int = typer.Option(1),
+            image_ids: Optional[Path] = typer.Option(None, "--image-ids",
+                                                     help="COCO JSON whose image ids the results should use "
+                                                          "(default: 0, 1, ... in file-name order)")):
     """Predict: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance JSON, overlays."""
     from omniseg import outputs as out
     from omniseg import visualize as vis
@@ -88,6 +91,7 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         _fail(f"unknown task(s) {bad}; choose from {TASKS}")
+    ids = _image_ids_from(image_ids) if image_ids else None
     predictor = Predictor(weights, tasks=tasks)
     meta = predictor.meta
     output.mkdir(parents=True, exist_ok=True)
@@ -99,9 +103,8 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
         preds = predictor.predict_batch([str(f) for f in chunk])
         for image_id, (f, pred) in enumerate(zip(chunk, preds), start=start):
             stem = f.stem
-            image = None
-            images_info.append({"id": image_id, "file_name": f.name, "height": int(next(iter(_shape(pred)))[0]),
-                                "width": int(next(iter(_shape(pred)))[1])})
+            image_id = ids.get(f.name, image_id) if ids else image_id
+            images_info.append({"id": image_id, "file_name": f.name, "height": pred["height"], "width": pred["width"]})
             if "semantic" in pred:
                 out.write_semantic_png(output / "semantic" / f"{stem}.png", pred["semantic"], meta)
             if "panoptic" in pred:
@@ -130,14 +133,13 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
     typer.echo(f"wrote predictions for {len(files)} image(s) to {output}")
 
 
-def _shape(pred: dict):
-    for key in ("semantic",):
-        if key in pred:
-            yield tuple(pred[key].shape[-2:])
-    if "panoptic" in pred:
-        yield tuple(pred["panoptic"]["segment_map"].shape)
-    if "instances" in pred:
-        yield tuple(pred["instances"]["masks"].shape[-2:])
+def _image_ids_from(path: Path) -> dict[str, int]:
+    """file_name -> image id from a COCO (instance or panoptic) JSON, so results evaluate against it."""
+    try:
+        images = json.loads(path.read_text())["images"]
+        return {Path(im["file_name"]).name: int(im["id"]) for im in images}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(f"{path}: cannot read image ids from this COCO JSON ({e})")
 
 
 @app.command()

@@ -109,17 +109,29 @@ def build_dataset(data_cfg, split: str) -> Dataset:
     )
 
 
+_NOTED_ROOTS: set[str] = set()
+
+
 def _build_synthetic(cfg: dict, split: str) -> Dataset:
     """Generate (once) and read the synthetic data through the COCO panoptic reader.
 
     The semantic-folder and COCO-instance readings of the same files are attached as `.views` so
     every reader can be exercised on identical data.
     """
-    from omniseg.data.synthetic import generate, synthetic_meta, synthetic_paths
+    from omniseg.data.synthetic import existing_manifest, generate, synthetic_meta, synthetic_paths
 
     root = Path(cfg.get("root") or "datasets/synthetic")
-    generate(root, num_train=int(cfg.get("num_train", 320)), num_val=int(cfg.get("num_val", 80)),
-             image_size=int(cfg.get("image_size", 128)), seed=int(cfg.get("seed", 0)))
+    wanted = dict(num_train=int(cfg.get("num_train", 320)), num_val=int(cfg.get("num_val", 80)),
+                  image_size=int(cfg.get("image_size", 128)), seed=int(cfg.get("seed", 0)))
+    found = existing_manifest(root)
+    if found is None:
+        generate(root, **wanted)
+    elif any(found.get(k) != v for k, v in wanted.items()) and str(root) not in _NOTED_ROOTS:
+        _NOTED_ROOTS.add(str(root))
+        # A finished dataset is data the user pointed at: read it, never regenerate it behind their back.
+        print(f"[omniseg] {root}: using the existing synthetic dataset "
+              f"({ {k: found.get(k) for k in wanted} }); the config's generation settings {wanted} apply only "
+              f"to a missing folder", flush=True)
     if split not in ("train", "val"):
         raise ValueError(f"the synthetic dataset has splits 'train' and 'val', not {split!r}")
     p = synthetic_paths(root, split)

@@ -239,6 +239,18 @@ def is_complete(out_dir: str | os.PathLike, manifest: dict) -> bool:
     return True
 
 
+def existing_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The parameters of the finished synthetic dataset in `out_dir`, or None if there is none."""
+    try:
+        with open(Path(out_dir) / "manifest.json") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    return manifest if is_complete(out_dir, manifest) else None
+
+
 def generate(out_dir: str | os.PathLike, num_train: int = 320, num_val: int = 80, image_size: int = 128,
              seed: int = 0, overwrite: bool = False) -> Path:
     """Write the dataset to `out_dir` (skipped when already complete with the same parameters).

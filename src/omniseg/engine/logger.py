@@ -10,13 +10,15 @@ from tqdm.auto import tqdm
 
 
 class RunLogger:
+    """`enabled` is False on non-main ranks (nothing written); `progress` only controls the bar."""
+
     def __init__(self, output_dir: str | Path, *, total: int, initial: int = 0, tensorboard: bool = False,
-                 enabled: bool = True):
+                 enabled: bool = True, progress: bool = True):
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.jsonl = self.dir / "metrics.jsonl"
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled,
-                        mininterval=1.0)
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                        disable=not (enabled and progress), mininterval=1.0)
         self.tb = None
         if tensorboard and enabled:
             try:
@@ -27,7 +29,7 @@ class RunLogger:
                 tqdm.write("tensorboard is not installed: pip install 'omniseg[tensorboard]'; continuing without it")
 
     def step(self, n: int = 1, **postfix) -> None:
-        if self.enabled:
+        if not self.bar.disable:
             self.bar.update(n)
             if postfix:
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},

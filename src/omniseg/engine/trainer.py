@@ -26,7 +26,7 @@ from omniseg.data.errors import DataError
 from omniseg.data.loader import collate
 from omniseg.data.targets import mask_targets
 from omniseg.data.transforms import build_transforms
-from omniseg.engine.checkpoint import Checkpointer, atomic_write
+from omniseg.engine.checkpoint import Checkpointer, atomic_write, set_rng_state
 from omniseg.engine.logger import RunLogger
 from omniseg.engine.optim import WarmupPolyLR, build_optimizer
 from omniseg.engine.sampling import ResumableBatchSampler
@@ -206,6 +206,7 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
 
     checkpointer = Checkpointer(out_dir)
     start_iter = 0
+    state = None
     if resume:
         state = checkpointer.resume(model, optimizer, scheduler, scaler=scaler)
         if state is None:
@@ -234,12 +235,14 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         collate_fn=lambda s: collate(s, size_divisibility=size_div),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
-    data_iter = iter(loader)
+    data_iter = iter(loader)  # draws a base seed from the global RNG ...
+    if state is not None:
+        set_rng_state(state["rng"])  # ... so the saved RNG state is restored only now, as in an uninterrupted run
 
     meta_dict = meta.to_dict()
     config_yaml = to_yaml(cfg)
     logger = RunLogger(out_dir, total=max_iters, initial=start_iter, tensorboard=bool(cfg.train.get("tensorboard")),
-                       enabled=main_process and progress)
+                       enabled=main_process, progress=progress)
     eval_period = int(cfg.train.eval_period)
     ckpt_period = int(cfg.train.checkpoint_period)
     log_period = int(cfg.train.log_period)
@@ -293,7 +296,7 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
             rec.update(lr=scheduler.get_last_lr()[0], sec_per_iter=elapsed / window_n)
             logger.log(done, rec)
             window, window_n, t_window = {}, 0, time.time()
-        stopping = done == stop_at
+        stopping = done == stop_at and done < max_iters  # at max_iters the normal ending follows
         if main_process and (done % ckpt_period == 0 or done == max_iters or stopping):
             checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, config_yaml=config_yaml, meta=meta_dict)
         if main_process and "val" in datasets and (done % eval_period == 0 or done == max_iters):
