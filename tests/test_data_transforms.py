@@ -8,13 +8,10 @@ import torch
 from omniseg.data import (
     Batch,
     DataError,
-    TransformedDataset,
-    build_dataloader,
     build_transforms,
     collate,
     mask_targets,
     semantic_from_panoptic,
-    set_epoch,
 )
 from omniseg.data.targets import boxes_from_masks, instances_from_panoptic
 
@@ -235,32 +232,40 @@ class _ListDataset(torch.utils.data.Dataset):
         return dict(self.samples[i])
 
 
-def _order(loader) -> list:
-    return [s["image_id"] for batch in loader for s in batch.samples]
+def test_batch_sampler_is_a_pure_function_of_seed_and_batch_index():
+    from omniseg.engine.sampling import ResumableBatchSampler
+
+    s = ResumableBatchSampler(10, 3, seed=5)
+    stream = iter(s)
+    first = [next(stream) for _ in range(6)]  # 3 batches per epoch: crosses into epoch 1
+    assert first == [s.batch(k) for k in range(6)]
+    resumed = iter(ResumableBatchSampler(10, 3, seed=5, start_batch=4))
+    assert next(resumed) == first[4]  # resuming needs nothing but the batch index
+    epoch0 = [i for b in first[:3] for i, _ in b]
+    assert len(set(epoch0)) == 9 and epoch0 != sorted(epoch0)  # a permutation, last partial batch dropped
+    assert [i for b in first[3:] for i, _ in b] != epoch0  # a new permutation per epoch
+    assert ResumableBatchSampler(10, 3, seed=6).batch(0) != first[0]
+    seeds = [seed for b in first for _, seed in b]
+    assert len(set(seeds)) == len(seeds)  # every sample draw gets its own augmentation seed
+    ranks = [ResumableBatchSampler(10, 2, seed=5, rank=r, world_size=2).batch(0) for r in range(2)]
+    assert sorted(i for b in ranks for i, _ in b) == sorted(ResumableBatchSampler(10, 4, seed=5).batch(0)[k][0]
+                                                             for k in range(4))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableBatchSampler(3, 2, world_size=2)
 
 
-def test_dataloader_order_is_seeded_and_epoch_dependent():
-    ds = _ListDataset(10)
-    first = build_dataloader(ds, 3, train=True, seed=5)
-    again = build_dataloader(ds, 3, train=True, seed=5)
-    assert _order(first) == _order(again) and len(_order(first)) == 9  # drop_last in training
-    assert sorted(_order(first)) != _order(first)
-    set_epoch(first, 1)
-    assert _order(first) != _order(again)
-    other = build_dataloader(ds, 3, train=True, seed=6)
-    assert _order(other) != _order(again)
-    assert _order(build_dataloader(ds, 4, train=False)) == list(range(10))
-    batch = next(iter(build_dataloader(ds, 4, train=False, size_divisibility=32)))
-    assert batch.images.shape == (4, 3, 32, 32)
+def test_training_set_augmentation_depends_only_on_the_sample_seed():
+    from omniseg.engine.trainer import TrainingSet
 
-
-def test_transformed_dataset_is_reproducible_per_index_and_epoch():
     ds = _ListDataset(2)
-    tf = build_transforms(True, size=16, scale_range=(0.5, 1.5))
-    a, b = TransformedDataset(ds, tf, seed=3), TransformedDataset(ds, tf, seed=3)
+    ts = TrainingSet(ds, build_transforms(True, size=16, scale_range=(0.5, 1.5)), "panoptic")
     torch.manual_seed(0)
-    x = a[1]
-    torch.manual_seed(123)  # the global RNG state must not matter
-    assert torch.equal(x["image"], b[1]["image"]) and torch.equal(x["sem_seg"], b[1]["sem_seg"])
-    b.set_epoch(1)
-    assert not torch.equal(x["image"], b[1]["image"])
+    x = ts[(1, 77)]
+    torch.manual_seed(123)  # the global RNG state must not matter ...
+    state = torch.get_rng_state()
+    y = ts[(1, 77)]
+    assert torch.equal(torch.get_rng_state(), state)  # ... nor be disturbed
+    assert torch.equal(x["image"], y["image"]) and torch.equal(x["targets"]["masks"], y["targets"]["masks"])
+    assert not torch.equal(x["image"], ts[(1, 78)]["image"])
+    batch = collate([ts[(0, 1)], ts[(1, 2)]], size_divisibility=32)
+    assert batch.images.shape == (2, 3, 32, 32)

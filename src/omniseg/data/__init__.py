@@ -3,7 +3,7 @@
 from omniseg.data.build import build_dataset, describe_dataset
 from omniseg.data.errors import DataError
 from omniseg.data.formats import CocoInstanceDataset, CocoPanopticDataset, SemanticFolderDataset
-from omniseg.data.loader import Batch, TransformedDataset, build_dataloader, collate, set_epoch
+from omniseg.data.loader import Batch, collate
 from omniseg.data.meta import DatasetMeta
 from omniseg.data.synthetic import synthetic_meta
 from omniseg.data.targets import instances_from_panoptic, mask_targets, semantic_from_panoptic
@@ -16,8 +16,6 @@ __all__ = [
     "DataError",
     "DatasetMeta",
     "SemanticFolderDataset",
-    "TransformedDataset",
-    "build_dataloader",
     "build_dataset",
     "build_transforms",
     "collate",
@@ -25,6 +23,5 @@ __all__ = [
     "instances_from_panoptic",
     "mask_targets",
     "semantic_from_panoptic",
-    "set_epoch",
     "synthetic_meta",
 ]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from omniseg.config import to_yaml
 from omniseg.data.build import build_dataset
 from omniseg.data.errors import DataError
-from omniseg.data.loader import collate
+from omniseg.data.loader import PadCollate, collate
 from omniseg.data.targets import mask_targets
 from omniseg.data.transforms import build_transforms
 from omniseg.engine.checkpoint import Checkpointer, atomic_write, set_rng_state
@@ -233,7 +233,7 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
     size_div = int(cfg.data.size_divisibility)
     workers = int(cfg.data.num_workers)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=lambda s: collate(s, size_divisibility=size_div),
+                        collate_fn=PadCollate(size_div),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
     data_iter = iter(loader)  # draws a base seed from the global RNG ...
     if state is not None:

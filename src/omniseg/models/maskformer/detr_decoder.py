@@ -49,7 +49,7 @@ class DetrEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout(self._ffn(src)))
 
 
-class DetrDecoderLayer(nn.Module):
+class DetrDecoderLayer(DetrEncoderLayer):
     """Self-attention over queries -> cross-attention to the memory -> FFN (DETR order), post-norm by default.
 
     Query positions are added to q and k of the self-attention and to q of the cross-attention;
@@ -57,19 +57,9 @@ class DetrDecoderLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        super().__init__(d_model, nheads, dim_feedforward, dropout, pre_norm)
         self.cross_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
-
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor | None,
                 query_pos: torch.Tensor | None) -> torch.Tensor:

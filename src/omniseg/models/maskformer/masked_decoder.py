@@ -63,16 +63,28 @@ class SDPAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
 
 
-class SelfAttentionLayer(nn.Module):
+class _AttentionSublayer(nn.Module):
+    """Residual attention + LayerNorm (post-norm unless `normalize_before`), xavier-initialised.
+
+    The attention module's attribute name follows the official state dicts (`self_attn` /
+    `multihead_attn`), so published checkpoints load by name.
+    """
+
+    attn_name = "self_attn"
+
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
         super().__init__()
-        self.self_attn = SDPAttention(d_model, nhead, dropout)
+        setattr(self, self.attn_name, SDPAttention(d_model, nhead, dropout))
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+
+
+class SelfAttentionLayer(_AttentionSublayer):
+    attn_name = "self_attn"
 
     def forward(self, tgt, query_pos=None, blocked=None):
         x = self.norm(tgt) if self.normalize_before else tgt
@@ -81,16 +93,8 @@ class SelfAttentionLayer(nn.Module):
         return tgt if self.normalize_before else self.norm(tgt)
 
 
-class CrossAttentionLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
-        super().__init__()
-        self.multihead_attn = SDPAttention(d_model, nhead, dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+class CrossAttentionLayer(_AttentionSublayer):
+    attn_name = "multihead_attn"
 
     def forward(self, tgt, memory, pos=None, query_pos=None, blocked=None):
         x = self.norm(tgt) if self.normalize_before else tgt
