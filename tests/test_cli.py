@@ -29,7 +29,8 @@ def trained(synth_root, tmp_path_factory):
 def test_models_lists_presets():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
-    for name in ("mask2former_r50", "mask2former_swin_t", "maskformer_r50", "mask2former_demo"):
+    for name in ("mask2former_r50", "mask2former_swin_t", "maskformer_r50", "mask2former_demo",
+                 "mp_former_r50", "mp_former_swin_t", "mp_former_demo"):
         assert name in result.output
 
 
@@ -47,6 +48,19 @@ def test_eval_prints_all_metrics(trained, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert {"PQ", "SQ", "RQ"} <= set(metrics["panoptic"]) and "mIoU" in metrics["semantic"] and "AP" in metrics["instance"]
+
+
+def test_eval_consistency_reports_per_layer_metrics_and_figure(trained, tmp_path):
+    out, fig = tmp_path / "metrics.json", tmp_path / "layers.png"
+    result = runner.invoke(app, ["eval", "--weights", str(trained / "model_final.safetensors"), "--output", str(out),
+                                 "--max-images", "2", "--task", "semantic", "--consistency", "--figure", str(fig)])
+    assert result.exit_code == 0, result.output
+    consistency = json.loads(out.read_text())["consistency"]
+    assert consistency["images"] == 2 and consistency["objects"] > 0
+    assert len(consistency["Util"]) == 4 and len(consistency["mIoU-Li"]) == 3 and len(consistency["mIoU-Li-gt"]) == 4
+    assert consistency["Util"][-1] == 100.0  # the last set is its own reference
+    assert all(0.0 <= v <= 100.0 for v in consistency["mIoU-Li"])
+    assert Image.open(fig).size[0] > 200
 
 
 def test_predict_writes_standard_formats(trained, synth_root, tmp_path):

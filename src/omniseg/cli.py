@@ -41,8 +41,12 @@ def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .
              overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. data.val.root=DIR"),
              tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
              max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images"),
-             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write metrics JSON here")):
-    """Evaluate weights on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP."""
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="write metrics JSON here"),
+             consistency: bool = typer.Option(False, "--consistency",
+                                              help="also layer consistency (mIoU-Li, Util per decoder layer)"),
+             figure: Optional[Path] = typer.Option(None, "--figure",
+                                                   help="with --consistency: PNG of the first image's masks layer by layer")):
+    """Evaluate weights on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP (and layer consistency)."""
     from omegaconf import OmegaConf
 
     from omniseg.api import load_model
@@ -56,6 +60,13 @@ def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     datasets, _ = build_datasets(cfg, splits=("val",))
     results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images, device=device)
+    if consistency:
+        from omniseg.evaluation.consistency import evaluate_consistency
+
+        results["consistency"] = evaluate_consistency(model, datasets["val"], cfg, max_images=max_images,
+                                                      device=device, figure=str(figure) if figure else None)
+    elif figure:
+        _fail("--figure needs --consistency")
     text = json.dumps(results, indent=2, default=float)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +155,7 @@ def _image_ids_from(path: Path) -> dict[str, int]:
 
 @app.command()
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
-         preset: str = typer.Option("mask2former_demo", help="the preset to train"),
+         preset: str = typer.Option("mp_former_demo", help="the preset to train"),
          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):
     """Generate the synthetic dataset, train the demo model on it, evaluate, and write overlays + curves."""
     from omniseg.demo import run_demo
@@ -161,9 +172,11 @@ def models():
     for name in list_presets():
         cfg = load_config(name)
         m = cfg.model
-        rows.append((name, m.arch, m.backbone, str(m.num_queries), str(m.dec_layers)))
-    widths = [max(len(r[i]) for r in rows + [("preset", "arch", "backbone", "queries", "dec_layers")]) for i in range(5)]
-    for r in [("preset", "arch", "backbone", "queries", "dec_layers")] + rows:
+        arch = "mp_former" if m.get("mp") is not None and m.mp.get("enabled") else m.arch
+        rows.append((name, arch, m.backbone, str(m.num_queries), str(m.dec_layers)))
+    header = ("preset", "arch", "backbone", "queries", "dec_layers")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 
-def run_demo(output: str | Path = "runs/demo", *, preset: str = "mask2former_demo", overrides: list[str] | None = None) -> dict:
+def run_demo(output: str | Path = "runs/demo", *, preset: str = "mp_former_demo", overrides: list[str] | None = None) -> dict:
     from omniseg import visualize as vis
     from omniseg.api import Predictor
     from omniseg.config import load_config

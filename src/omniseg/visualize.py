@@ -240,3 +240,62 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | o
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     return out_png
+
+
+def plot_layer_masks(image: torch.Tensor, sets: Sequence[dict], out_png: str | os.PathLike, *,
+                     labels: torch.Tensor, gt_masks: torch.Tensor, matcher, max_queries: int = 4) -> Path:
+    """One image's masks layer by layer (MP-Former's Figure 3 idea): a row per query that finally owns
+    one of the largest GT segments, a column per prediction set, the GT last. The title of each cell
+    names the query the Hungarian matching assigns that GT to at that set (red when it differs from
+    the final owner), so inconsistent layers are visible at a glance.
+
+    image: uint8 [3, H, W] (unpadded); sets: per set {"pred_logits": [Q, K+1], "pred_masks": [Q, h, w]};
+    labels [N], gt_masks [N, Hp, Wp] at the padded size the predictions refer to."""
+    from matplotlib.figure import Figure
+
+    _check_image(image)
+    h, w = image.shape[-2:]
+    hp, wp = gt_masks.shape[-2:]
+    if len(labels) == 0:
+        raise ValueError("plot_layer_masks: the image has no GT segment")
+    order = gt_masks.flatten(1).sum(1).argsort(descending=True)[:max_queries].tolist()
+    owners = []
+    for s in sets:
+        gen = torch.Generator(device=s["pred_masks"].device).manual_seed(0)
+        rows, cols = matcher({k: v[None] for k, v in s.items()}, [{"labels": labels, "masks": gt_masks}],
+                             generator=gen)[0]
+        owner = torch.empty(len(labels), dtype=torch.int64)
+        owner[cols] = rows
+        owners.append(owner)
+    base = image.permute(1, 2, 0).cpu().numpy().astype(np.float32) / 255.0
+    red = np.array([1.0, 0.15, 0.1], dtype=np.float32)
+
+    def overlay(mask: torch.Tensor) -> np.ndarray:
+        m = mask.cpu().numpy()[..., None].astype(np.float32)
+        # outside the mask the image is dimmed, inside it is tinted: masks stay visible on busy images
+        return (base * 0.3) * (1 - m) + (base * 0.6 + red * 0.4) * m
+
+    n_cols = len(sets) + 1
+    figure = Figure(figsize=(1.6 * n_cols, 1.7 * len(order)))
+    axes = figure.subplots(len(order), n_cols, squeeze=False)
+    for r, j in enumerate(order):
+        q = int(owners[-1][j])
+        for c, s in enumerate(sets):
+            logits = torch.nn.functional.interpolate(s["pred_masks"][q][None, None].float(), size=(hp, wp),
+                                                     mode="bilinear", align_corners=False)[0, 0, :h, :w]
+            axes[r, c].imshow(overlay(logits > 0))
+            matched = int(owners[c][j])
+            axes[r, c].set_title(f"set {c}: q{matched}", fontsize=7, color="black" if matched == q else "red")
+        axes[r, -1].imshow(overlay(gt_masks[j, :h, :w].bool()))
+        axes[r, -1].set_title(f"GT (class {int(labels[j])})", fontsize=7)
+        axes[r, 0].set_ylabel(f"query {q}", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle("masks of the final owner query per layer (title: query matched at that layer)", fontsize=8)
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return out_png

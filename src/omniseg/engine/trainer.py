@@ -284,9 +284,9 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
 
         total = sum(loss_terms.values())
         window["loss"] = window.get("loss", 0.0) + total
-        for k in ("loss_ce", "loss_mask", "loss_dice"):
-            if k in loss_terms:
-                window[k] = window.get(k, 0.0) + loss_terms[k]
+        for k, v in loss_terms.items():
+            if not k[-1].isdigit():  # final-layer terms (loss_ce, loss_mask_mp, ...); aux terms only in the total
+                window[k] = window.get(k, 0.0) + v
         window_n += 1
         logger.step(1, loss=total, lr=optimizer.param_groups[0]["lr"])
         done = it + 1

@@ -102,6 +102,14 @@ class MaskFormer(nn.Module):
             num_points=num_points, oversample_ratio=float(loss.get("oversample_ratio", 3.0)),
             importance_sample_ratio=float(loss.get("importance_sample_ratio", 0.75)), mask_loss=mask_loss,
         )
+        mp = dict(_get(cfg, "mp", {}) or {})
+        self.mask_pilot = None  # MP-Former's mask-piloted training (training only)
+        if mp.get("enabled", False):
+            if self.arch != "mask2former":
+                raise ValueError("model.mp (mask-piloted training) needs arch=mask2former (masked attention)")
+            from omniseg.models.mp_former import MaskPilot, PilotSettings
+
+            self.mask_pilot = MaskPilot(num_classes, hidden, PilotSettings.from_config(mp))
         test = dict(_get(cfg, "test", {}) or {})
         self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
@@ -116,23 +124,36 @@ class MaskFormer(nn.Module):
         """uint8 or float [0,255] RGB -> normalised float."""
         return (images.float() - self.pixel_mean) / self.pixel_std
 
+    def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised images -> (per-pixel mask features, multi-scale features for the decoder)."""
+        return self.pixel_decoder(self.backbone(x))
+
     def forward_raw(self, x: torch.Tensor) -> dict:
         """Normalised images [B,3,H,W] (H, W multiples of 32) -> raw query predictions."""
-        features = self.backbone(x)
-        mask_features, multi_scale = self.pixel_decoder(features)
+        mask_features, multi_scale = self.pixel_features(x)
         return self.predictor(multi_scale, mask_features)
 
     # -- training ------------------------------------------------------------------------------
     def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """images: uint8 [B,3,Hp,Wp] padded; targets: per image {"labels": [N], "masks": bool [N,Hp,Wp]}."""
-        outputs = self.forward_raw(self.normalize(images))
+        targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
+        piloted = None
+        if self.mask_pilot is not None:
+            mask_features, multi_scale = self.pixel_features(self.normalize(images))
+            piloted = self.mask_pilot.run_decoder(self.predictor, multi_scale, mask_features, targets)
+            outputs = piloted.matching
+        else:
+            outputs = self.forward_raw(self.normalize(images))
         if not self.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
         # Matching and losses in fp32 even under autocast: costs and sigmoid-BCE are precision-sensitive.
         with torch.autocast(images.device.type, enabled=False):
-            outputs = _to_float(outputs)
-            return self.criterion(outputs, targets)
+            losses = self.criterion(_to_float(outputs), targets)
+            if piloted is not None:
+                if not self.deep_supervision:
+                    piloted.piloted = piloted.piloted[-1:]
+                losses.update(self.mask_pilot.losses(self.criterion, piloted, targets))
+            return losses
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
