@@ -23,7 +23,7 @@ import torch
 from omniseg.config import load_config
 from omniseg.data.loader import collate
 from omniseg.data.transforms import build_transforms
-from omniseg.engine.trainer import TrainingSet, _pad_targets, build_datasets, build_model_from_config
+from omniseg.engine.trainer import TrainingSet, build_datasets, build_model_from_config, pad_targets
 
 
 def main(argv=None) -> str:
@@ -52,7 +52,7 @@ def main(argv=None) -> str:
     for step in range(args.warmup + args.steps):
         batch = collate([train_set[((step * bs + j) % len(train_set), step * bs + j)] for j in range(bs)],
                         int(cfg.data.size_divisibility))
-        batches.append((batch.images, _pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))))
+        batches.append((batch.images, pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))))
 
     models = {"Mask2Former": plain, "MP-Former": piloted}
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}

@@ -119,7 +119,7 @@ def test_gradient_accumulation_matches_larger_batch(make_tiny_config, tmp_path):
     """batch 2 x accumulate 2 takes the same step as batch 4 when the samples are the same."""
     from omniseg.data.transforms import build_transforms
     from omniseg.data.loader import collate
-    from omniseg.engine.trainer import TrainingSet, _pad_targets
+    from omniseg.engine.trainer import TrainingSet, pad_targets
 
     cfg = make_tiny_config()
     datasets, meta = build_datasets(cfg)
@@ -135,7 +135,7 @@ def test_gradient_accumulation_matches_larger_batch(make_tiny_config, tmp_path):
         for chunk in chunks:
             batch = collate(chunk, 32)
             torch.manual_seed(1)
-            losses = model.losses(batch.images, _pad_targets([s["targets"] for s in chunk], tuple(batch.images.shape[-2:])))
+            losses = model.losses(batch.images, pad_targets([s["targets"] for s in chunk], tuple(batch.images.shape[-2:])))
             (sum(losses.values()) / len(chunks)).backward()
         return model.predictor.class_embed.weight.grad.clone()
 

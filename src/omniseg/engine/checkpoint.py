@@ -114,6 +114,14 @@ class Checkpointer:
         self.dir = Path(output_dir)
         self.keep = keep
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temp files left by a process killed inside `atomic_write` (they were never renamed,
+        so no checkpoint refers to them). Call from the single writing process before training."""
+        stale = [p for p in self.dir.glob(".*.tmp") if p.is_file()] if self.dir.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
     def save(self, iteration: int, model, optimizer, scheduler, *, scaler=None, extra: dict | None = None,
              config_yaml: str = "", meta: dict | None = None, name: str | None = None) -> Path:
         name = name or f"{iteration:07d}"

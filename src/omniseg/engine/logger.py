@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ class RunLogger:
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.jsonl = self.dir / "metrics.jsonl"
+        if enabled:
+            self._rewind(initial)
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                         disable=not (enabled and progress), mininterval=1.0)
         self.tb = None
@@ -27,6 +30,26 @@ class RunLogger:
                 self.tb = SummaryWriter(str(self.dir / "tb"))
             except ImportError:
                 tqdm.write("tensorboard is not installed: pip install 'omniseg[tensorboard]'; continuing without it")
+
+    def _rewind(self, iteration: int) -> None:
+        """Keep only records up to `iteration` (where this run starts or resumes): after a crash the
+        iterations past the last checkpoint are redone and logged again, and a line torn by the kill is
+        dropped, so the log never holds duplicates or garbage."""
+        if not self.jsonl.exists():
+            return
+        lines = self.jsonl.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and int(rec.get("iter", 0)) <= iteration:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.jsonl)
 
     def step(self, n: int = 1, **postfix) -> None:
         if not self.bar.disable:

@@ -64,11 +64,15 @@ def build_model_from_config(cfg: DictConfig, meta) -> torch.nn.Module:
     return build_model(model_cfg, num_classes=meta.num_classes, thing_ids=meta.thing_ids)
 
 
+# Offset between a sample's augmentation seed and its loss-point seed, so the two streams differ.
+POINT_SEED_OFFSET = 0x9E3779B97F4A7C15 >> 2
+
+
 class TrainingSet(Dataset):
     """Augments a raw sample with its own seed and attaches mask-classification targets.
 
-    Bad samples raise DataError; with `skip_bad=True` they are replaced by the next index and counted
-    (each skip is reported), never silently dropped.
+    Bad samples raise DataError; with `skip_bad=True` each is reported and replaced by the next index,
+    and the sample carries the skip messages so the main process counts them (workers cannot).
     """
 
     def __init__(self, dataset, transforms, task: str, *, skip_bad: bool = False):
@@ -80,35 +84,59 @@ class TrainingSet(Dataset):
 
     def __getitem__(self, item):
         index, seed = item
+        skipped = []
         for attempt in range(len(self.dataset)):
+            source = (index + attempt) % len(self.dataset)
+            py_state = random.getstate()
             try:
                 # Seed augmentation per sample without disturbing the caller's RNG streams.
-                py_state = random.getstate()
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     random.seed(seed)
-                    sample = self.transforms(self.dataset[(index + attempt) % len(self.dataset)])
-                random.setstate(py_state)
+                    sample = self.transforms(self.dataset[source])
                 break
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                self.skipped.append(str(e))
-                print(f"[omniseg] skipping bad sample ({len(self.skipped)} so far): {e}", flush=True)
+                skipped.append(str(e))
+                print(f"[omniseg] skipping bad sample {source}: {e}", flush=True)
+            finally:
+                random.setstate(py_state)
+        else:
+            raise DataError(None, f"every one of the {len(self.dataset)} training samples failed to load; "
+                                  f"last error: {skipped[-1]}")
+        self.skipped.extend(skipped)
         sample["targets"] = mask_targets(sample, self.task)
+        # The loss's random points get their own per-sample stream (see MaskFormer.losses).
+        sample["targets"]["seed"] = (seed + POINT_SEED_OFFSET) % (1 << 62)
+        sample["skipped"] = skipped  # travels to the main process, which counts every skip
         for k in ("pan_seg", "segments_info", "instances", "sem_seg"):
             sample.pop(k, None)  # targets carry what training needs; keep batches light
         return sample
 
 
-def _pad_targets(targets: list[dict], padded_hw: tuple[int, int]) -> list[dict]:
+def build_training_data(cfg: DictConfig, dataset, *, start_batch: int = 0, rank: int = 0,
+                        world_size: int = 1) -> tuple[TrainingSet, ResumableBatchSampler]:
+    """The augmented training set and the batch sampler that orders it (rank's share under DDP)."""
+    train_set = TrainingSet(
+        dataset,
+        build_transforms(True, size=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
+                         hflip=bool(cfg.data.hflip), photometric=bool(cfg.data.photometric)),
+        str(cfg.task), skip_bad=bool(cfg.data.get("skip_bad_samples", False)),
+    )
+    sampler = ResumableBatchSampler(len(train_set), int(cfg.data.batch_size), seed=int(cfg.train.seed),
+                                    start_batch=start_batch, rank=rank, world_size=world_size)
+    return train_set, sampler
+
+
+def pad_targets(targets: list[dict], padded_hw: tuple[int, int]) -> list[dict]:
     out = []
     for t in targets:
         m = t["masks"]
         h, w = m.shape[-2:]
         if (h, w) != padded_hw:
             m = torch.nn.functional.pad(m, (0, padded_hw[1] - w, 0, padded_hw[0] - h))
-        out.append({"labels": t["labels"], "masks": m})
+        out.append({**t, "masks": m})
     return out
 
 
@@ -138,8 +166,12 @@ def _gt_tasks(sample: dict) -> set[str]:
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, max_images: int | None = None,
-             batch_size: int = 1, progress: bool = True) -> dict:
-    """Run the model over a dataset and score it (PQ / mIoU / AP) at the original resolution."""
+             batch_size: int = 1, progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+    """Run the model over a dataset and score it (PQ / mIoU / AP) at the original resolution.
+
+    Under DDP pass `rank`/`world_size`: each rank scores images rank, rank + world_size, ... and every
+    rank must call this (the evaluators gather across ranks); all ranks get the global result.
+    """
     from omniseg.evaluation.evaluator import DatasetEvaluator
 
     tasks = list(tasks or cfg.eval_tasks)
@@ -154,8 +186,9 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, mininterval=1.0):
-        samples = [transforms(dataset[i]) for i in range(start, min(n, start + batch_size))]
+    shard = list(range(rank, n, world_size))
+    for start in tqdm(range(0, len(shard), batch_size), desc="eval", disable=not progress, mininterval=1.0):
+        samples = [transforms(dataset[i]) for i in shard[start:start + batch_size]]
         batch = collate(samples, size_divisibility=int(cfg.data.size_divisibility))
         preds = model.predict(batch.images.to(device), batch.image_sizes,
                               [(s["height"], s["width"]) for s in samples], tasks=tasks)
@@ -205,6 +238,10 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
                 if amp in ("bf16", "fp16") else nullcontext())
 
     checkpointer = Checkpointer(out_dir)
+    if main_process:
+        for stale in checkpointer.remove_stale_temp_files():
+            print(f"[omniseg] removed {stale.name}, a checkpoint file left half-written by an interrupted run",
+                  flush=True)
     start_iter = 0
     state = None
     if resume:
@@ -217,23 +254,19 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
 
     train_model = model
     if world > 1:
+        if cfg.train.get("sync_bn"):
+            if device.type != "cuda":
+                raise ValueError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); on CPU "
+                                 "use model.backbone_norm=frozen_bn, whose results do not depend on how the batch is split")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
     accumulate = int(cfg.train.get("accumulate", 1))
-    batch_size = int(cfg.data.batch_size)
-    task = str(cfg.task)
-    train_set = TrainingSet(
-        datasets["train"],
-        build_transforms(True, size=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
-                         hflip=bool(cfg.data.hflip), photometric=bool(cfg.data.photometric)),
-        task, skip_bad=bool(cfg.data.get("skip_bad_samples", False)),
-    )
-    sampler = ResumableBatchSampler(len(train_set), batch_size, seed=int(cfg.train.seed),
-                                    start_batch=start_iter * accumulate, rank=rank, world_size=world)
-    size_div = int(cfg.data.size_divisibility)
+    train_set, sampler = build_training_data(cfg, datasets["train"], start_batch=start_iter * accumulate,
+                                             rank=rank, world_size=world)
     workers = int(cfg.data.num_workers)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=PadCollate(size_div),
+                        collate_fn=PadCollate(int(cfg.data.size_divisibility)),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
     data_iter = iter(loader)  # draws a base seed from the global RNG ...
     if state is not None:
@@ -250,6 +283,7 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
     # Stop this invocation early (checkpointing first), e.g. to fit a long run into job time limits.
     stop_at = int(cfg.train.get("stop_at_iter") or 0)
     model.train()
+    skipped_total = 0
     last_metrics: dict = {}
     window: dict[str, float] = {}
     window_n = 0
@@ -260,8 +294,9 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
         for _ in range(accumulate):
             batch = next(data_iter)
             images = batch.images.to(device, non_blocking=True)
-            targets = _pad_targets([{k: v.to(device) for k, v in s["targets"].items()} for s in batch.samples],
-                                   tuple(images.shape[-2:]))
+            targets = pad_targets([{k: v.to(device) if torch.is_tensor(v) else v for k, v in s["targets"].items()}
+                                    for s in batch.samples], tuple(images.shape[-2:]))
+            skipped_total += sum(len(s.get("skipped", ())) for s in batch.samples)
             with autocast:
                 losses = train_model(images, targets)
             loss = sum(losses.values())
@@ -294,13 +329,17 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
             elapsed = time.time() - t_window
             rec = {k: v / window_n for k, v in window.items()}
             rec.update(lr=scheduler.get_last_lr()[0], sec_per_iter=elapsed / window_n)
+            if skipped_total:
+                rec["skipped_samples"] = skipped_total
             logger.log(done, rec)
             window, window_n, t_window = {}, 0, time.time()
         stopping = done == stop_at and done < max_iters  # at max_iters the normal ending follows
         if main_process and (done % ckpt_period == 0 or done == max_iters or stopping):
             checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, config_yaml=config_yaml, meta=meta_dict)
-        if main_process and "val" in datasets and (done % eval_period == 0 or done == max_iters):
-            results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False)
+        if "val" in datasets and (done % eval_period == 0 or done == max_iters):
+            # Every rank scores its shard; the evaluators sum their state across ranks.
+            results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False,
+                               rank=rank, world_size=world)
             last_metrics = flat_metrics(results)
             logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
             logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
@@ -311,9 +350,16 @@ def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> di
             logger.close()
             return last_metrics
     logger.close()
+    if world > 1:
+        count = torch.tensor([skipped_total], dtype=torch.int64)
+        torch.distributed.all_reduce(count)
+        skipped_total = int(count.item())
+    if skipped_total:
+        logger.write(f"[omniseg] {skipped_total} bad training samples were skipped (data.skip_bad_samples); "
+                     f"each is listed above")
     if main_process:
         final = {"iteration": max_iters, "seconds": round(time.time() - t0, 1), "metrics": last_metrics,
-                 "skipped_samples": len(train_set.skipped)}
+                 "skipped_samples": skipped_total}
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         # A stable name for the trained weights, next to the periodic ones.
         import shutil

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.formats import load_json, load_rgb_image, require_path
+from omniseg.data.formats import check_pixel_count, load_json, load_rgb_image, malformed_entries, require_path
 from omniseg.data.formats.coco_panoptic import meta_from_coco_categories
 from omniseg.data.targets import boxes_from_masks
 
@@ -49,21 +49,22 @@ class CocoInstanceDataset(Dataset):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise DataError(self.instances_json, f"missing top-level key '{key}' (not a COCO instance JSON)")
-        self.meta = meta_from_coco_categories(data["categories"], name or Path(self.instances_json).stem,
-                                              force_thing=True)
-        self.images = list(data["images"])
-        known_images = {img["id"] for img in self.images}
-        self.annotations: dict = defaultdict(list)
-        for ann in data["annotations"]:
-            if not self.meta.has_dataset_id(ann.get("category_id")):
-                raise DataError(self.instances_json, f"annotation {ann.get('id')} has category_id "
-                                                     f"{ann.get('category_id')} which is not among the JSON categories")
-            if ann.get("image_id") not in known_images:
-                raise DataError(self.instances_json, f"annotation {ann.get('id')} refers to image_id "
-                                                     f"{ann.get('image_id')} which is not among the JSON images")
-            if "segmentation" not in ann:
-                raise DataError(self.instances_json, f"annotation {ann.get('id')} has no 'segmentation'")
-            self.annotations[ann["image_id"]].append(ann)
+        with malformed_entries(self.instances_json, "instances JSON"):
+            self.meta = meta_from_coco_categories(data["categories"], name or Path(self.instances_json).stem,
+                                                  force_thing=True)
+            self.images = list(data["images"])
+            known_images = {img["id"] for img in self.images}
+            self.annotations: dict = defaultdict(list)
+            for ann in data["annotations"]:
+                if not self.meta.has_dataset_id(ann.get("category_id")):
+                    raise DataError(self.instances_json, f"annotation {ann.get('id')} has category_id "
+                                                         f"{ann.get('category_id')} which is not among the JSON categories")
+                if ann.get("image_id") not in known_images:
+                    raise DataError(self.instances_json, f"annotation {ann.get('id')} refers to image_id "
+                                                         f"{ann.get('image_id')} which is not among the JSON images")
+                if "segmentation" not in ann:
+                    raise DataError(self.instances_json, f"annotation {ann.get('id')} has no 'segmentation'")
+                self.annotations[ann["image_id"]].append(ann)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,7 +79,9 @@ class CocoInstanceDataset(Dataset):
     def load_instances(self, index: int) -> dict:
         """Decoded instances of one image, at the size recorded in the JSON."""
         img = self.images[index]
-        h, w = int(img["height"]), int(img["width"])
+        with malformed_entries(self.instances_json, "instances JSON"):
+            h, w = int(img["height"]), int(img["width"])
+        check_pixel_count(self.instances_json, w, h, f"image {img.get('id')} (JSON height/width)")
         anns = self.annotations.get(img["id"], [])
         masks = np.zeros((len(anns), h, w), dtype=bool)
         for k, ann in enumerate(anns):

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.formats import check_same_size, load_json, load_png_array, load_rgb_image, require_path
+from omniseg.data.formats import (check_same_size, load_json, load_png_array, load_rgb_image, malformed_entries,
+                                   require_path)
 from omniseg.data.meta import DatasetMeta
 from omniseg.data.targets import instances_from_panoptic, semantic_from_panoptic
 
@@ -64,34 +65,35 @@ class CocoPanopticDataset(Dataset):
         for key in ("annotations", "categories"):
             if key not in data:
                 raise DataError(self.panoptic_json, f"missing top-level key '{key}' (not a COCO panoptic JSON)")
-        self.meta = meta_from_coco_categories(data["categories"], name or Path(self.panoptic_json).stem)
-        images = {img["id"]: img for img in data.get("images", [])}
-        self.records: list[dict] = []
-        for ann in data["annotations"]:
-            img = images.get(ann["image_id"], {})
-            segments = []
-            for s in ann.get("segments_info", []):
-                cid = s.get("category_id")
-                if not self.meta.has_dataset_id(cid):
-                    raise DataError(
-                        self.panoptic_json,
-                        f"image {ann['image_id']}: segment {s.get('id')} has category_id {cid} "
-                        f"which is not among the JSON categories",
-                    )
-                contiguous = self.meta.to_contiguous(cid)
-                segments.append({
-                    "id": int(s["id"]),
-                    "category": contiguous,
-                    "isthing": bool(self.meta.isthing[contiguous]),
-                    "iscrowd": bool(s.get("iscrowd", 0)),
+        with malformed_entries(self.panoptic_json, "panoptic JSON"):
+            self.meta = meta_from_coco_categories(data["categories"], name or Path(self.panoptic_json).stem)
+            images = {img["id"]: img for img in data.get("images", [])}
+            self.records: list[dict] = []
+            for ann in data["annotations"]:
+                img = images.get(ann["image_id"], {})
+                segments = []
+                for s in ann.get("segments_info", []):
+                    cid = s.get("category_id")
+                    if not self.meta.has_dataset_id(cid):
+                        raise DataError(
+                            self.panoptic_json,
+                            f"image {ann['image_id']}: segment {s.get('id')} has category_id {cid} "
+                            f"which is not among the JSON categories",
+                        )
+                    contiguous = self.meta.to_contiguous(cid)
+                    segments.append({
+                        "id": int(s["id"]),
+                        "category": contiguous,
+                        "isthing": bool(self.meta.isthing[contiguous]),
+                        "iscrowd": bool(s.get("iscrowd", 0)),
+                    })
+                image_name = img.get("file_name") or Path(ann["file_name"]).with_suffix(".jpg").name
+                self.records.append({
+                    "image_id": ann["image_id"],
+                    "image_file": image_name,
+                    "png_file": ann["file_name"],
+                    "segments_info": segments,
                 })
-            image_name = img.get("file_name") or Path(ann["file_name"]).with_suffix(".jpg").name
-            self.records.append({
-                "image_id": ann["image_id"],
-                "image_file": image_name,
-                "png_file": ann["file_name"],
-                "segments_info": segments,
-            })
 
     def __len__(self) -> int:
         return len(self.records)

@@ -7,7 +7,7 @@ are normalised to ``[0, 1] x [0, 1]`` as ``(x, y)`` and read with bilinear ``gri
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,19 @@ __all__ = [
     "calculate_uncertainty",
     "get_uncertain_point_coords_with_randomness",
     "random_points",
+    "Generators",
+    "image_generator",
 ]
+
+
+# One RNG for the whole batch, or one per image (then an image's random points do not depend on the
+# other images in its batch or DDP rank).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def image_generator(generator: Generators, index: int) -> torch.Generator | None:
+    """The RNG that image `index` of the batch draws from."""
+    return generator[index] if isinstance(generator, (list, tuple)) else generator
 
 
 def random_points(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniseg.models.layers.point_sampling import (
+    Generators,
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
     point_sample,
@@ -139,9 +140,13 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict],
         indices: Indices,
         num_masks: float,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unweighted (mask, dice) losses of the matched pairs on importance-sampled points."""
+        """Unweighted (mask, dice) losses of the matched pairs on importance-sampled points.
+
+        With one generator per image, image b's points come from generator b only, so the loss of an
+        image does not depend on which other images share its batch (or DDP rank).
+        """
         if sum(len(src) for src, _ in indices) == 0:
             # Nothing to supervise: zero losses that still reach pred_masks (keeps DDP graphs identical).
             zero = pred_masks.sum() * 0.0
@@ -151,14 +156,13 @@ class SetCriterion(nn.Module):
         src = pred_masks[batch_idx.to(device), src_idx.to(device)].float()[:, None]  # [N, 1, h, w]
         tgt = self._matched_target_masks(targets, indices, device)[:, None]  # [N, 1, H, W]
         with torch.no_grad():
-            coords = get_uncertain_point_coords_with_randomness(
-                src,
-                calculate_uncertainty,
-                self.num_points,
-                self.oversample_ratio,
-                self.importance_sample_ratio,
-                generator=generator,
-            )
+            if isinstance(generator, (list, tuple)):
+                counts = [len(src_b) for src_b, _ in indices]
+                coords = torch.cat([
+                    self._sample_coords(chunk, g) for chunk, g in zip(src.split(counts), generator) if len(chunk)
+                ])
+            else:
+                coords = self._sample_coords(src, generator)
             point_labels = point_sample(tgt, coords, align_corners=False)[:, 0]
         point_logits = point_sample(src, coords, align_corners=False)[:, 0]
         if self.mask_loss == "bce":
@@ -166,6 +170,12 @@ class SetCriterion(nn.Module):
         else:
             loss_mask = sigmoid_focal_loss(point_logits, point_labels, num_masks)
         return loss_mask, dice_loss(point_logits, point_labels, num_masks)
+
+    def _sample_coords(self, mask_logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return get_uncertain_point_coords_with_randomness(
+            mask_logits, calculate_uncertainty, self.num_points, self.oversample_ratio,
+            self.importance_sample_ratio, generator=generator,
+        )
 
     @staticmethod
     def _matched_target_masks(targets: Sequence[dict], indices: Indices, device: torch.device) -> torch.Tensor:
@@ -187,7 +197,7 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict],
         indices: Indices,
         num_masks: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, torch.Tensor]:
         """Weighted ``loss_ce`` / ``loss_mask`` / ``loss_dice`` of ONE prediction set for a given assignment.
 
@@ -208,7 +218,7 @@ class SetCriterion(nn.Module):
         outputs: dict,
         targets: Sequence[dict],
         indices: Indices | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, torch.Tensor]:
         """Weighted losses of the final prediction set and every ``aux_outputs`` set.
 
@@ -217,7 +227,8 @@ class SetCriterion(nn.Module):
             targets: per image ``{"labels": int64 [N], "masks": bool/float [N, Hp, Wp]}`` (padded input size).
             indices: optional precomputed assignment for the FINAL set (skips its matching);
                 aux sets are always matched independently.
-            generator: optional RNG for matching points and loss points.
+            generator: optional RNG for matching points and loss points: one generator, or one per
+                image (batch-composition-independent losses; see ``loss_masks``).
 
         Returns:
             ``loss_ce``, ``loss_mask``, ``loss_dice`` and ``loss_ce_{i}`` ... for ``aux_outputs[i]``.

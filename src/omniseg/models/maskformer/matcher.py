@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from omniseg.models.layers.point_sampling import point_sample, random_points
+from omniseg.models.layers.point_sampling import Generators, image_generator, point_sample, random_points
 
 __all__ = ["HungarianMatcher", "pairwise_sigmoid_ce", "pairwise_sigmoid_focal", "pairwise_dice"]
 
@@ -129,14 +129,15 @@ class HungarianMatcher(nn.Module):
         self,
         outputs: dict,
         targets: Sequence[dict],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Match every image of the batch.
 
         Args:
             outputs: ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, h, w], ...}`` (one prediction set).
             targets: per image ``{"labels": int64 [T], "masks": [T, H, W]}``.
-            generator: optional RNG for the sampled points (global RNG when None, as the official code).
+            generator: optional RNG for the sampled points (global RNG when None, as the official code),
+                or one per image.
 
         Returns:
             Per image ``(pred_idx, tgt_idx)`` int64 CPU tensors of length ``min(Q, T)``.
@@ -152,7 +153,7 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            coords = random_points((self.num_points, 2), pred_masks.device, generator)
+            coords = random_points((self.num_points, 2), pred_masks.device, image_generator(generator, b))
             tgt_masks = target["masks"].to(pred_masks.device)
             cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, tgt_masks, coords)
             # Diverged predictions must not crash training: non-finite costs are only chosen as a last resort.

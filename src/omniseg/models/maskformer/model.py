@@ -135,7 +135,12 @@ class MaskFormer(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
     def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """images: uint8 [B,3,Hp,Wp] padded; targets: per image {"labels": [N], "masks": bool [N,Hp,Wp]}."""
+        """images: uint8 [B,3,Hp,Wp] padded; targets: per image {"labels": [N], "masks": bool [N,Hp,Wp]}
+        and optionally an int "seed": then each image's random loss points come from its own RNG, so
+        losses do not depend on how images are grouped into batches or DDP ranks."""
+        generators = None
+        if targets and all("seed" in t for t in targets):
+            generators = [torch.Generator().manual_seed(int(t["seed"])) for t in targets]
         targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
         piloted = None
         if self.mask_pilot is not None:
@@ -148,11 +153,11 @@ class MaskFormer(nn.Module):
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         # Matching and losses in fp32 even under autocast: costs and sigmoid-BCE are precision-sensitive.
         with torch.autocast(images.device.type, enabled=False):
-            losses = self.criterion(_to_float(outputs), targets)
+            losses = self.criterion(_to_float(outputs), targets, generator=generators)
             if piloted is not None:
                 if not self.deep_supervision:
                     piloted.piloted = piloted.piloted[-1:]
-                losses.update(self.mask_pilot.losses(self.criterion, piloted, targets))
+                losses.update(self.mask_pilot.losses(self.criterion, piloted, targets, generators))
             return losses
 
     # -- inference -----------------------------------------------------------------------------

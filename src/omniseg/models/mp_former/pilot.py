@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.data.targets import boxes_from_masks
+from omniseg.masks import boxes_from_masks
+from omniseg.models.layers.point_sampling import Generators
 from omniseg.models.maskformer.criterion import SetCriterion, count_num_masks
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -231,7 +232,8 @@ class MaskPilot(nn.Module):
         return PilotedOutputs(outputs, piloted, indices, num_slots)
 
     # ------------------------------------------------------------------ losses
-    def losses(self, criterion: SetCriterion, piloted: PilotedOutputs, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def losses(self, criterion: SetCriterion, piloted: PilotedOutputs, targets: Sequence[dict],
+               generator: Generators = None) -> dict[str, torch.Tensor]:
         """Weighted class / mask / dice losses of the MP slots at every prediction set, each slot against
         its own GT: `loss_ce_mp` ... for the final set, `loss_ce_mp_{i}` for set i. Mask terms are
         normalised by num_masks x groups (every GT is supervised once per group)."""
@@ -247,7 +249,7 @@ class MaskPilot(nn.Module):
         out = {}
         for k, preds in enumerate(piloted.piloted):
             preds = {key: value.float() for key, value in preds.items()}
-            terms = criterion.compute_losses_for_indices(preds, targets, piloted.indices, num_masks)
+            terms = criterion.compute_losses_for_indices(preds, targets, piloted.indices, num_masks, generator)
             if not self.settings.class_loss:
                 terms["loss_ce"] = terms["loss_ce"] * 0.0
             suffix = "_mp" if k == len(piloted.piloted) - 1 else f"_mp_{k}"
