@@ -242,3 +242,20 @@ def test_hf_folder_loads_as_full_model_through_the_api(tmp_path):
     image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
     pred = Predictor(tmp_path, device="cpu")(image)
     assert pred["semantic"].shape == (50, 70) and pred["panoptic"]["segment_map"].shape == (50, 70)
+
+
+def test_hf_folder_with_missing_weights_names_them(tmp_path):
+    """A truncated or mismatched foreign checkpoint is refused with the keys that do not fit, never half-loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from omniseg.api import load_model
+
+    config = _small_config(ResNetConfig(out_features=STAGES, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
+                                        layer_type="basic"))
+    _build_random_hf(config, seed=2).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    dropped = next(k for k in state if k.endswith("class_predictor.weight"))
+    del state[dropped]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"converted weights do not fit: missing \['predictor\.class_embed\.weight'\]"):
+        load_model(tmp_path)
