@@ -53,7 +53,11 @@ def _train_until_killed(config: Path, run: Path, kill_after: int, delay: float) 
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(make_tiny_config, tmp_path):
     common = ("train.max_iters=10", "train.checkpoint_period=1", "train.log_period=1", "data.num_workers=1",
               "train.eval_period=10")
-    train(make_tiny_config(*common, out_dir=tmp_path / "straight"), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count everywhere: same float reduction order
+    straight_config = tmp_path / "straight.yaml"
+    straight_config.write_text(to_yaml(make_tiny_config(*common, out_dir=tmp_path / "straight")))
+    subprocess.run([sys.executable, "-m", "omniseg.cli", "train", str(straight_config)], env=env,
+                   capture_output=True, check=True, timeout=600)
 
     run = tmp_path / "killed"
     config = tmp_path / "killed.yaml"
@@ -64,7 +68,6 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(make_tiny_config, tm
         code = _train_until_killed(config, run, kill_after, delay=rng.uniform(0.0, 0.3))
         kills += code == -signal.SIGKILL
     assert kills >= 2, "the runs finished before they could be killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "omniseg.cli", "train", str(config), "--resume"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
