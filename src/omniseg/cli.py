@@ -154,6 +154,26 @@ def _image_ids_from(path: Path) -> dict[str, int]:
 
 
 @app.command()
+def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .safetensors or HF checkpoint folder"),
+           output: Path = typer.Option(..., "--output", "-o", help="file to write (.pt2 for torch-export, .onnx)"),
+           fmt: str = typer.Option("torch-export", "--format", "-f", help="torch-export | onnx"),
+           height: int = typer.Option(512, help="input height (multiple of 32)"),
+           width: int = typer.Option(512, help="input width (multiple of 32)"),
+           batch: int = typer.Option(1, help="batch size of the exported graph")):
+    """Export the inference network (uint8 images -> class and mask logits) for deployment."""
+    from omniseg.api import load_model
+    from omniseg.export import FORMATS, export_model
+
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if height % 32 or width % 32:
+        _fail(f"--height/--width must be multiples of 32, got {height}x{width}")
+    model, _, meta = load_model(weights)
+    path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta)
+    typer.echo(f"wrote {path} and {path}.json (input uint8 [{batch}, 3, {height}, {width}])")
+
+
+@app.command()
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
          preset: str = typer.Option("mp_former_demo", help="the preset to train"),
          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):

@@ -1,0 +1,120 @@
+"""Export the inference network of a MaskFormer / Mask2Former / MP-Former model (torch.export or ONNX).
+
+The exported graph is the network only: uint8 RGB images [B, 3, H, W] (H, W fixed at export time;
+pad or resize to them) -> class logits [B, Q, K+1] and mask logits [B, Q, H/4, W/4]. Normalisation
+is inside the graph. Post-processing (which keeps a data-dependent number of segments) stays in
+Python: `omniseg.export.postprocess_exported` turns the two outputs into the usual prediction dict,
+so a deployment needs no omniseg model code. MP-Former exports exactly as Mask2Former: mask piloting
+exists only in training.
+
+A JSON sidecar (`<output>.json`) records the input size, output names, class names and thing ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+FORMATS = ("torch-export", "onnx")
+OUTPUT_NAMES = ("pred_logits", "pred_masks")
+
+
+TRAINING_ONLY = ("criterion", "mask_pilot")  # loss modules and MP-Former's piloting: not part of inference
+
+
+class InferenceGraph(nn.Module):
+    """uint8 images -> (pred_logits, pred_masks) of the last decoder layer; nothing training-only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # A shallow copy without the training-only children, so their weights stay out of the export.
+        inference = copy.copy(model)
+        inference._modules = {k: v for k, v in model._modules.items() if k not in TRAINING_ONLY}
+        self.model = inference
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model.forward_raw(self.model.normalize(images))
+        return outputs["pred_logits"], outputs["pred_masks"]
+
+
+def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "torch-export",
+                 height: int = 512, width: int = 512, batch: int = 1, meta=None) -> Path:
+    """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    divisor = 32
+    if height % divisor or width % divisor:
+        raise ValueError(f"export size {height}x{width} must be a multiple of {divisor} (the backbone's stride); "
+                         f"pad images to it")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    graph = InferenceGraph(model).eval()
+    example = torch.zeros((batch, 3, height, width), dtype=torch.uint8)
+    with torch.no_grad():
+        if fmt == "torch-export":
+            program = torch.export.export(graph, (example,))
+            torch.export.save(program, output)
+        else:
+            try:
+                import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
+            except ImportError:
+                raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'") from None
+            torch.onnx.export(graph, (example,), str(output), dynamo=True, input_names=["images"],
+                              output_names=list(OUTPUT_NAMES), verbose=False)
+    sidecar = {
+        "format": fmt,
+        "input": {"name": "images", "shape": [batch, 3, height, width], "dtype": "uint8", "layout": "RGB"},
+        "outputs": {"pred_logits": "[B, Q, K+1] class logits (last = no object)",
+                    "pred_masks": "[B, Q, H/4, W/4] mask logits"},
+        "classes": list(meta.classes) if meta is not None else None,
+        "thing_ids": list(getattr(model, "thing_ids", []) or []),
+        "object_mask_threshold": float(getattr(model, "object_mask_threshold", 0.8)),
+        "overlap_threshold": float(getattr(model, "overlap_threshold", 0.8)),
+        "topk": int(getattr(model, "topk", 100)),
+    }
+    Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=2))
+    return output
+
+
+def load_exported(path: str | os.PathLike):
+    """A callable images -> (pred_logits, pred_masks) for a torch-export (.pt2) or ONNX file."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import numpy as np
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, masks = session.run(list(OUTPUT_NAMES), {"images": np.ascontiguousarray(images.numpy())})
+            return torch.from_numpy(logits), torch.from_numpy(masks)
+
+        return run
+    module = torch.export.load(path).module()
+    return lambda images: tuple(module(images))
+
+
+def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, sidecar: dict,
+                         image_sizes: Sequence[tuple[int, int]],
+                         tasks: Sequence[str] = ("semantic", "panoptic", "instance")) -> list[dict]:
+    """The exported outputs -> omniseg prediction dicts (same as `model.predict`), per image.
+
+    `image_sizes[i]` is the (h, w) of image i's content inside the padded input.
+    """
+    from omniseg.models.maskformer.postprocess import postprocess
+
+    padded = tuple(sidecar["input"]["shape"][-2:])
+    return [
+        postprocess({"pred_logits": pred_logits[i].float(), "pred_masks": pred_masks[i].float()},
+                    image_size=tuple(size), output_size=tuple(size), tasks=list(tasks),
+                    thing_ids=sidecar["thing_ids"], padded_size=padded,
+                    object_mask_threshold=sidecar["object_mask_threshold"],
+                    overlap_threshold=sidecar["overlap_threshold"], topk=sidecar["topk"])
+        for i, size in enumerate(image_sizes)
+    ]
