@@ -182,6 +182,19 @@ def test_postprocess_cheap_path():
     assert torch.equal(big["instances"]["boxes"], masks_to_boxes(big["instances"]["masks"]))
 
 
+def test_panoptic_with_no_confident_query_is_empty_not_an_error():
+    """Every query predicts no-object (an untrained model, an empty image): panoptic keeps nothing."""
+    outputs = _random_outputs(3)
+    outputs["pred_logits"][:, -1] = 50.0  # no-object wins everywhere
+    for semantic_first in (False, True):
+        result = postprocess(outputs, (40, 50), (40, 50), ["panoptic", "instance"], {0, 1},
+                             semantic_before_inference=semantic_first)
+        assert result["panoptic"]["segments_info"] == []
+        assert result["panoptic"]["segment_map"].shape == (40, 50) and int(result["panoptic"]["segment_map"].max()) == 0
+    only = postprocess(outputs, (40, 50), (40, 50), ["panoptic"], {0, 1})
+    assert only["panoptic"]["segments_info"] == []
+
+
 def test_postprocess_rejects_bad_arguments():
     outputs = _random_outputs(0)
     with pytest.raises(ValueError, match="thing_ids"):

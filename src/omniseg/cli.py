@@ -174,6 +174,46 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
 
 
 @app.command()
+def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_swin_t | mask2former_r50 (and mp_former_*)"),
+          size: int = typer.Option(512, help="square input size"),
+          batch: int = typer.Option(1, help="inference batch"),
+          train_batch: int = typer.Option(2, help="training-step batch"),
+          threads: int = typer.Option(2, help="torch threads"),
+          dtype: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
+          num_classes: int = typer.Option(133),
+          num_queries: int = typer.Option(100),
+          warmup: int = typer.Option(2),
+          repeats: int = typer.Option(5),
+          train_steps: int = typer.Option(3, help="timed training steps per side"),
+          hf: bool = typer.Option(True, help="compare with HF transformers (when installed)"),
+          train: bool = typer.Option(True, help="also time training steps and peak memory"),
+          peak_gflops: Optional[float] = typer.Option(None, help="the machine's matmul peak for --dtype, GFLOP/s"),
+          output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the table (markdown) here")):
+    """Speed and memory of omniseg vs HF transformers Mask2Former, same weights, one table."""
+    from omniseg.bench import BenchSettings, run_bench
+
+    if dtype not in ("fp32", "bf16"):
+        _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            typer.echo("transformers is not installed: omniseg only (pip install transformers to compare)")
+            hf = False
+    settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
+                             dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
+                             repeats=repeats, train_steps=train_steps, hf=hf, train=train, peak_gflops=peak_gflops)
+    try:
+        table = run_bench(settings, progress=lambda msg: typer.echo(msg, err=True)).table()
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table)
+
+
+@app.command()
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
          preset: str = typer.Option("mp_former_demo", help="the preset to train"),
          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):

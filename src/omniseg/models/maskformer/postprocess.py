@@ -167,6 +167,8 @@ def resize_mask_logits(
     output_size: Sequence[int],
 ) -> torch.Tensor:
     """[N, h, w] logits -> [N, H, W]: upsample to the padded input, crop the image, resize to the output."""
+    if mask_pred.shape[0] == 0:  # nothing kept (e.g. every query predicts no-object): interpolate rejects N=0
+        return mask_pred.new_zeros((0, *output_size), dtype=torch.float32)
     x = mask_pred.float()[None]
     if tuple(x.shape[-2:]) != tuple(padded_size):
         x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)

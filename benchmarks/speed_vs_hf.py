@@ -1,0 +1,58 @@
+"""omniseg vs HF transformers Mask2Former on this machine: forward, post-processing, predict, training step, memory.
+
+    python benchmarks/speed_vs_hf.py [--preset mask2former_swin_t] [--size 512] [--threads 2] [--dtypes fp32 bf16]
+                                     [--out docs/benchmarks/speed_vs_hf.md]
+
+One table per dtype (same weights on both sides, outputs checked first), written to --out with the
+command and machine. `omniseg bench` runs one configuration of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from omniseg.bench import BenchSettings, run_bench
+
+# Matmul peaks measured on the reference machine (2-core Intel with AMX): used for "% of peak".
+PEAK_GFLOPS = {"fp32": 400.0, "bf16": 2400.0}
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mask2former_swin_t")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/speed_vs_hf.md"))
+    args = ap.parse_args(argv)
+    parts = [
+        "# omniseg vs HF transformers: Mask2Former speed and memory",
+        "",
+        f"Command: `python benchmarks/speed_vs_hf.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
+        "",
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, no GPU; "
+        f"% of peak uses this machine's matmul peaks {PEAK_GFLOPS} GFLOP/s.",
+        "",
+    ]
+    for dtype in args.dtypes:
+        settings = BenchSettings(preset=args.preset, size=args.size, threads=args.threads, dtype=dtype,
+                                 repeats=args.repeats, train_steps=args.train_steps, peak_gflops=PEAK_GFLOPS[dtype])
+        table = run_bench(settings, progress=lambda msg: print(msg, file=sys.stderr)).table()
+        print(table)
+        parts += [f"## {dtype}", "", table]
+    text = "\n".join(parts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""`omniseg bench`: omniseg vs HF transformers Mask2Former, side by side in one run, identical weights.
+
+Both sides load the same randomly initialised checkpoint (written in HF's format, read by omniseg's
+converter), so the outputs must agree; the benchmark asserts it before timing. Every figure is the
+median of `repeats` runs after `warmup` runs. Training steps run in a fresh subprocess per side so
+that peak RSS belongs to that side alone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Backbones HF builds natively, as they appear in omniseg's presets.
+HF_BACKBONES = {
+    "swin_t": lambda: _swin(96, [2, 2, 6, 2], [3, 6, 12, 24]),
+    "resnet50": lambda: _resnet(),
+}
+PRESET_BACKBONE = {"mask2former_swin_t": "swin_t", "mp_former_swin_t": "swin_t",
+                   "mask2former_r50": "resnet50", "mp_former_r50": "resnet50"}
+
+
+def _swin(embed_dim, depths, heads):
+    from transformers import SwinConfig
+
+    return SwinConfig(embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=7, drop_path_rate=0.0,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+def _resnet():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
+                        out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+@dataclass
+class BenchSettings:
+    preset: str = "mask2former_swin_t"
+    size: int = 512
+    batch: int = 1
+    train_batch: int = 2
+    threads: int = 2
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    num_classes: int = 133
+    num_queries: int = 100
+    warmup: int = 2
+    repeats: int = 5
+    train_steps: int = 3
+    hf: bool = True
+    train: bool = True
+    peak_gflops: float | None = None  # the machine's matmul peak for `dtype` (None: not reported)
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    settings: BenchSettings
+    rows: list[tuple[str, float | None, float | None, str]] = field(default_factory=list)  # name, ours, hf, unit
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        s = self.settings
+        head = (f"omniseg bench {s.preset}: {s.size}x{s.size}, batch {s.batch} (train {s.train_batch}), {s.threads} "
+                f"threads, {s.dtype}, {s.num_classes} classes, {s.num_queries} queries, median of {s.repeats} "
+                f"after {s.warmup} warm-up | torch {torch.__version__} | {platform.machine()}")
+        lines = [head, "", "| measure | omniseg | HF transformers | HF / omniseg |", "|---|---|---|---|"]
+        for name, ours, theirs, unit in self.rows:
+            fmt = (lambda v: "-" if v is None else f"{v:.1f} {unit}" if unit != "s" else f"{v:.2f} s")
+            ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+            lines.append(f"| {name} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+        return "\n".join(lines + [""] + self.notes) + "\n"
+
+
+def _median_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def build_hf_checkpoint(settings: BenchSettings, folder: Path):
+    """A random HF Mask2Former for the preset's backbone, saved to `folder`; returns the HF model."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    backbone = PRESET_BACKBONE.get(settings.preset)
+    if backbone is None:
+        raise ValueError(f"bench compares Mask2Former presets with HF: one of {sorted(PRESET_BACKBONE)}, "
+                         f"got {settings.preset!r}")
+    names = {i: f"class_{i}" for i in range(settings.num_classes)}
+    config = Mask2FormerConfig(backbone_config=HF_BACKBONES[backbone](), num_labels=settings.num_classes,
+                               num_queries=settings.num_queries, id2label=names,
+                               label2id={v: k for k, v in names.items()})
+    torch.manual_seed(settings.seed)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def build_omniseg_checkpoint(settings: BenchSettings, folder: Path) -> Path:
+    """Without transformers: the preset itself with random weights, saved as an omniseg weights file."""
+    from omegaconf import OmegaConf
+
+    from omniseg.config import load_config, to_yaml
+    from omniseg.data.meta import DatasetMeta
+    from omniseg.engine.checkpoint import save_weights
+    from omniseg.models.registry import build_model
+
+    cfg = load_config(settings.preset, [f"model.num_queries={settings.num_queries}"])
+    meta = DatasetMeta(classes=[f"class_{i}" for i in range(settings.num_classes)],
+                       isthing=[True] * settings.num_classes, name="bench")
+    torch.manual_seed(settings.seed)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=meta.num_classes,
+                        thing_ids=meta.thing_ids)
+    path = folder / "model.safetensors"
+    save_weights(path, model, config_yaml=to_yaml(cfg), meta=meta.to_dict())
+    return path
+
+
+def _autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def _random_targets(batch: int, size: int, num_classes: int, generator: torch.Generator):
+    """8 random boxes per image with random classes: bool masks [8, size, size] and labels [8]."""
+    targets = []
+    for _ in range(batch):
+        masks = torch.zeros((8, size, size), dtype=torch.bool)
+        for k in range(8):
+            y0, x0 = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            h, w = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
+            masks[k, y0:y0 + h, x0:x0 + w] = True
+        targets.append({"labels": torch.randint(0, num_classes, (8,), generator=generator), "masks": masks})
+    return targets
+
+
+def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[float, float]:
+    """One side's training steps (run in a fresh process): (median step seconds, peak RSS MiB)."""
+    torch.set_num_threads(settings.threads)
+    g = torch.Generator().manual_seed(settings.seed)
+    images = torch.randint(0, 256, (settings.train_batch, 3, settings.size, settings.size), dtype=torch.uint8,
+                           generator=g)
+    targets = _random_targets(settings.train_batch, settings.size, settings.num_classes, g)
+    if side == "omniseg":
+        from omniseg.api import load_model
+
+        model, _, _ = load_model(folder)
+        model.train()
+
+        def loss_fn():
+            return sum(model(images, targets).values())
+    else:
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+        model.train()
+        mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+        std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+        pixels = (images.float() - mean) / std
+        mask_labels = [t["masks"].float() for t in targets]
+        class_labels = [t["labels"] for t in targets]
+
+        def loss_fn():
+            return model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels).loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    times = []
+    for step in range(1 + settings.train_steps):
+        t0 = time.perf_counter()
+        with _autocast(settings.dtype):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > 0:  # the first step pays one-off allocations
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_step(side: str, folder: Path, settings: BenchSettings) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "omniseg.bench", side, str(folder), json.dumps(asdict(settings))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} training-step subprocess failed:\n{proc.stderr[-3000:]}")
+    step, rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    return step, rss
+
+
+if __name__ == "__main__":  # the training-step worker: python -m omniseg.bench SIDE FOLDER SETTINGS_JSON
+    _side, _folder, _settings = sys.argv[1:4]
+    print(json.dumps(_train_worker(_side, _folder, BenchSettings(**json.loads(_settings)))))
+
+
+def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
+    from omniseg.api import load_model
+    from omniseg.models.maskformer.postprocess import postprocess
+
+    torch.set_num_threads(settings.threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # HF's post-processors log a notice per call
+    except ImportError:
+        pass
+    result = BenchResult(settings)
+    s = settings
+    with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
+        folder = Path(tmp)
+        progress("building a random checkpoint ...")
+        if s.hf:
+            hf_model = build_hf_checkpoint(s, folder)
+            checkpoint = folder
+        else:
+            hf_model = None
+            checkpoint = build_omniseg_checkpoint(s, folder)
+        model, _, _ = load_model(checkpoint)
+        model.eval()
+        g = torch.Generator().manual_seed(s.seed + 1)
+        images = torch.randint(0, 256, (s.batch, 3, s.size, s.size), dtype=torch.uint8, generator=g)
+        pixels = model.normalize(images)
+
+        def ours_forward():
+            with torch.no_grad(), _autocast(s.dtype):
+                return model.forward_raw(pixels)
+
+        def hf_forward():
+            with torch.no_grad(), _autocast(s.dtype):
+                return hf_model(pixel_values=pixels)
+
+        raw = ours_forward()
+        if hf_model is not None:
+            with torch.no_grad():
+                ref = hf_model(pixel_values=pixels)
+                fp32 = model.forward_raw(pixels)
+            diff = max((fp32["pred_logits"] - ref.class_queries_logits).abs().max().item(),
+                       (fp32["pred_masks"] - ref.masks_queries_logits).abs().max().item())
+            if diff > 1e-3:
+                raise AssertionError(f"omniseg and HF outputs differ by {diff:.3g} (fp32); timing would be meaningless")
+            result.notes.append(f"Outputs checked before timing: max |omniseg - HF| = {diff:.2e} (fp32 logits).")
+            if s.dtype == "bf16":
+                bf = raw["pred_masks"].float()
+                result.notes.append(f"bf16 vs fp32 omniseg mask logits: max |diff| = "
+                                    f"{(bf - fp32['pred_masks']).abs().max().item():.3g}.")
+
+        progress("forward ...")
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # (its module tracker needs autograd on)
+            model.forward_raw(pixels)
+        gflop = counter.get_total_flops() / 1e9
+        t_ours = _median_ms(ours_forward, s.warmup, s.repeats)
+        t_hf = _median_ms(hf_forward, s.warmup, s.repeats) if hf_model is not None else None
+        result.rows.append(("forward", t_ours, t_hf, "ms"))
+        achieved = gflop / (t_ours / 1000)
+        note = f"Forward: {gflop:.0f} GFLOP (matmul/conv) per batch; omniseg achieves {achieved:.0f} GFLOP/s"
+        if s.peak_gflops:
+            note += f" = {100 * achieved / s.peak_gflops:.0f}% of the {s.peak_gflops:.0f} GFLOP/s {s.dtype} peak"
+        result.notes.append(note + ".")
+
+        progress("post-processing ...")
+        # Random weights make every query "no object", and post-processing would then keep nothing: give
+        # half of the queries a confident class so both sides do the work a trained model causes.
+        logits = raw["pred_logits"][:1].float().clone()
+        half = logits.shape[1] // 2
+        chosen = torch.randint(0, logits.shape[2] - 1, (half,), generator=g)
+        logits[0, torch.arange(half), chosen] += 12.0
+        out0 = {"pred_logits": logits[0], "pred_masks": raw["pred_masks"][0].float()}
+        result.notes.append(f"Post-processing inputs: the model's outputs with {half} of {logits.shape[1]} queries "
+                            f"given a confident class (random weights alone keep no segment).")
+        hw = (s.size, s.size)
+        processor = None
+        if hf_model is not None:
+            from transformers import Mask2FormerImageProcessor
+
+            processor = Mask2FormerImageProcessor(do_resize=False)
+            with torch.no_grad(), _autocast(s.dtype):
+                hf_out = hf_model(pixel_values=pixels[:1])
+            hf_out.class_queries_logits = logits
+            hf_out.masks_queries_logits = raw["pred_masks"][:1].float()
+        for task, hf_call in (("semantic", "post_process_semantic_segmentation"),
+                              ("panoptic", "post_process_panoptic_segmentation"),
+                              ("instance", "post_process_instance_segmentation")):
+            ours_ms = _median_ms(lambda: postprocess(out0, image_size=hw, output_size=hw, tasks=[task],
+                                                     thing_ids=model.thing_ids, padded_size=hw),
+                                 s.warmup, s.repeats)
+            theirs_ms = None
+            if processor is not None:
+                fn = getattr(processor, hf_call)
+                theirs_ms = _median_ms(lambda: fn(hf_out, target_sizes=[hw]), s.warmup, s.repeats)
+            result.rows.append((f"post-processing {task}", ours_ms, theirs_ms, "ms"))
+
+        progress("end-to-end predict ...")
+        one = images[:1]
+
+        def ours_predict():
+            with _autocast(s.dtype):
+                return model.predict(one, [hw], tasks=["panoptic"])
+
+        def hf_predict():
+            inputs = processor(images=[one[0].permute(1, 2, 0).numpy()], return_tensors="pt")
+            with torch.no_grad(), _autocast(s.dtype):
+                out = hf_model(**inputs)
+            out.class_queries_logits = out.class_queries_logits.float()
+            out.masks_queries_logits = out.masks_queries_logits.float()
+            return processor.post_process_panoptic_segmentation(out, target_sizes=[hw])
+
+        result.rows.append(("predict (uint8 image -> panoptic), 1 image",
+                            _median_ms(ours_predict, s.warmup, s.repeats),
+                            _median_ms(hf_predict, s.warmup, s.repeats) if hf_model is not None else None, "ms"))
+        del hf_model
+        if s.train:
+            progress("training steps (a subprocess per side) ...")
+            ours_step, ours_rss = _train_step("omniseg", checkpoint, s)
+            theirs = _train_step("hf", folder, s) if s.hf else (None, None)
+            result.rows.append((f"training step, batch {s.train_batch}", ours_step, theirs[0], "s"))
+            result.rows.append(("training peak RSS (whole process)", ours_rss, theirs[1], "MiB"))
+    return result

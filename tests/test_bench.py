@@ -1,0 +1,35 @@
+"""`omniseg bench`: both sides run on the same weights (checked), and the table reports every measure."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from omniseg.bench import BenchSettings, run_bench
+from omniseg.cli import app
+
+SMALL = dict(preset="mask2former_r50", size=64, num_classes=5, num_queries=10, warmup=0, repeats=1, threads=1)
+
+
+def test_bench_against_hf_same_outputs_and_full_table():
+    pytest.importorskip("transformers", reason="HF transformers is a test extra")
+    result = run_bench(BenchSettings(**SMALL, train_steps=1, peak_gflops=400.0), progress=lambda _: None)
+    names = [r[0] for r in result.rows]
+    assert names == ["forward", "post-processing semantic", "post-processing panoptic", "post-processing instance",
+                     "predict (uint8 image -> panoptic), 1 image", "training step, batch 2",
+                     "training peak RSS (whole process)"]
+    for name, ours, theirs, _ in result.rows:
+        assert ours > 0 and theirs > 0, name
+    assert any(n.startswith("Outputs checked before timing: max |omniseg - HF|") for n in result.notes)
+    table = result.table()
+    assert "| forward |" in table and "% of the 400 GFLOP/s fp32 peak" in table
+
+
+def test_bench_without_hf_and_cli_errors(tmp_path):
+    result = run_bench(BenchSettings(**SMALL, hf=False, train=False), progress=lambda _: None)
+    assert [r[2] for r in result.rows] == [None] * 5 and all(r[1] > 0 for r in result.rows)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "maskformer_r50", "--size", "64"])
+    assert bad.exit_code == 2 and "Mask2Former presets" in bad.output
+    bad = runner.invoke(app, ["bench", "--dtype", "fp8"])
+    assert bad.exit_code == 2 and "fp32 or bf16" in bad.output
