@@ -20,7 +20,7 @@ def test_bench_against_hf_same_outputs_and_full_table():
                      "training peak RSS (whole process)"]
     for name, ours, theirs, _ in result.rows:
         assert ours > 0 and theirs > 0, name
-    assert any(n.startswith("Outputs checked before timing: max |omniseg - HF|") for n in result.notes)
+    assert any(n.startswith("Outputs checked before timing (fp32): max |omniseg - HF|") for n in result.notes)
     table = result.table()
     assert "| forward |" in table and "% of the 400 GFLOP/s fp32 peak" in table
 
