@@ -44,12 +44,10 @@ def dataset_overrides(name: str, camvid_root: str | None, synth_root: str) -> li
 
 
 def read_curve(run: Path, metric: str) -> list[tuple[int, float]]:
-    points = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if isinstance(rec.get(metric), (int, float)) and "iter" in rec:
-            points.append((int(rec["iter"]), float(rec[metric])))
-    return points
+    from omniseg.engine.logger import read_metrics
+
+    return [(int(r["iter"]), float(r[metric])) for r in read_metrics(run / "metrics.jsonl")
+            if isinstance(r.get(metric), (int, float))]
 
 
 def first_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -103,8 +101,7 @@ def main(argv=None) -> None:
         figure = args.out / f"layer_masks_{key}.png" if args.dataset == "synthetic" else None
         consistency = evaluate_consistency(model, datasets["val"], cfg, max_images=args.consistency_images,
                                            figure=str(figure) if figure else None, progress=False)
-        steps = [json.loads(line)["sec_per_iter"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                 if "sec_per_iter" in line]
+        steps = [seconds for _, seconds in read_curve(run, "sec_per_iter")]
         results["models"][key] = {"name": MODELS[key][0], "curve": curve, "final": curve[-1][1] if curve else None,
                                   "consistency": consistency,
                                   "median_sec_per_iter": sorted(steps)[len(steps) // 2] if steps else None}

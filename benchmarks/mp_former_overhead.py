@@ -23,7 +23,7 @@ import torch
 from omniseg.config import load_config
 from omniseg.data.loader import collate
 from omniseg.data.transforms import build_transforms
-from omniseg.engine.trainer import TrainingSet, build_datasets, build_model_from_config, pad_targets
+from omniseg.engine.trainer import build_datasets, build_model_from_config, build_training_data, pad_targets
 
 
 def main(argv=None) -> str:
@@ -45,13 +45,12 @@ def main(argv=None) -> str:
     piloted = build_model_from_config(mp_cfg, meta).train()
     piloted.load_state_dict(plain.state_dict(), strict=False)  # same network weights; label_enc is extra
 
-    train_set = TrainingSet(datasets["train"], build_transforms(True, size=cfg.data.crop_size,
-                                                                scale_range=tuple(cfg.data.scale_range)), str(cfg.task))
-    bs = int(cfg.data.batch_size)
+    # The batches `omniseg train` would draw (same augmentation, sampler and padding).
+    train_set, sampler = build_training_data(cfg, datasets["train"])
+    order = iter(sampler)
     batches = []
-    for step in range(args.warmup + args.steps):
-        batch = collate([train_set[((step * bs + j) % len(train_set), step * bs + j)] for j in range(bs)],
-                        int(cfg.data.size_divisibility))
+    for _ in range(args.warmup + args.steps):
+        batch = collate([train_set[item] for item in next(order)], int(cfg.data.size_divisibility))
         batches.append((batch.images, pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))))
 
     models = {"Mask2Former": plain, "MP-Former": piloted}
@@ -90,7 +89,7 @@ def main(argv=None) -> str:
     med = {k: statistics.median(v) for k, v in times.items()}
     inf = {k: statistics.median(v) for k, v in infer.items()}
     lines = [
-        f"preset `{args.preset}` {' '.join(args.overrides)} | batch {bs} | crop {cfg.data.crop_size} | "
+        f"preset `{args.preset}` {' '.join(args.overrides)} | batch {cfg.data.batch_size} | crop {cfg.data.crop_size} | "
         f"{args.steps} timed steps (median) | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"{platform.processor() or platform.machine()}",
         "",

@@ -11,7 +11,6 @@ Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from omniseg.engine.logger import read_metrics
 
 SMALL_MODEL = [
     "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [16, 32, 64, 64]}",
@@ -56,16 +57,10 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def last_iter(jsonl: Path) -> int:
-    try:
-        lines = jsonl.read_text().splitlines()
-    except FileNotFoundError:
+    """Newest logged iteration (0 before the first record)."""
+    if not jsonl.is_file():
         return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["iter"])
-        except (ValueError, KeyError):
-            continue
-    return 0
+    return max((int(r["iter"]) for r in read_metrics(jsonl)), default=0)
 
 
 def main(argv=None) -> str:

@@ -43,7 +43,7 @@ def test_resume_is_bit_exact(make_tiny_config, tmp_path):
     train(straight, progress=False)
     interrupted = tmp_path / "interrupted"
     for stop in (2, 4, 6):
-        cfg = make_tiny_config(f"train.max_iters=6", out_dir=interrupted)
+        cfg = make_tiny_config("train.max_iters=6", out_dir=interrupted)
         cfg.train.stop_at_iter = stop  # stop (as if killed) right after the checkpoint at `stop`
         train(cfg, resume=stop > 2, progress=False)
     a = load_state_dict_file(tmp_path / "straight" / "model_final.safetensors")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from omniseg.config import to_yaml
+from omniseg.engine.logger import read_metrics
 from omniseg.engine.trainer import train
 from omniseg.hub import load_state_dict_file
 
@@ -22,17 +23,8 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs PO
 
 
 def _last_logged_iter(run: Path) -> int:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    iters = [0]
-    for line in lines:
-        try:
-            iters.append(int(json.loads(line)["iter"]))
-        except (ValueError, KeyError):
-            pass  # a line being written right now
-    return max(iters)
+    path = run / "metrics.jsonl"
+    return max((int(r["iter"]) for r in read_metrics(path)), default=0) if path.is_file() else 0
 
 
 def _train_until_killed(config: Path, run: Path, kill_after: int, delay: float) -> int:

@@ -3,7 +3,6 @@ fixed-assignment losses, and inference identical to Mask2Former."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

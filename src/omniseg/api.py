@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ def load_model(weights: str | os.PathLike, *, device: str | torch.device = "cpu"
                config: DictConfig | None = None) -> tuple[torch.nn.Module, DictConfig, DatasetMeta]:
     """Load a trained model from an omniseg weights file (config and classes are stored inside it) or a
     local HF transformers Mask2Former / MaskFormer checkpoint folder (config.json + weights)."""
-    from omniseg.config import from_yaml, load_config
+    from omniseg.config import from_yaml
     from omniseg.engine.checkpoint import read_weights_metadata
 
     path = Path(weights)

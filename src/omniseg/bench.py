@@ -62,6 +62,10 @@ class BenchSettings:
     peak_gflops: float | None = None  # the machine's matmul peak for `dtype` (None: not reported)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+
 
 @dataclass
 class BenchResult:
@@ -113,21 +117,17 @@ def build_hf_checkpoint(settings: BenchSettings, folder: Path):
 
 def build_omniseg_checkpoint(settings: BenchSettings, folder: Path) -> Path:
     """Without transformers: the preset itself with random weights, saved as an omniseg weights file."""
-    from omegaconf import OmegaConf
-
     from omniseg.config import load_config, to_yaml
     from omniseg.data.meta import DatasetMeta
     from omniseg.engine.checkpoint import save_weights
-    from omniseg.models.registry import build_model
+    from omniseg.engine.trainer import build_model_from_config
 
     cfg = load_config(settings.preset, [f"model.num_queries={settings.num_queries}"])
     meta = DatasetMeta(classes=[f"class_{i}" for i in range(settings.num_classes)],
                        isthing=[True] * settings.num_classes, name="bench")
     torch.manual_seed(settings.seed)
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=meta.num_classes,
-                        thing_ids=meta.thing_ids)
     path = folder / "model.safetensors"
-    save_weights(path, model, config_yaml=to_yaml(cfg), meta=meta.to_dict())
+    save_weights(path, build_model_from_config(cfg, meta), config_yaml=to_yaml(cfg), meta=meta.to_dict())
     return path
 
 
@@ -328,7 +328,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         result.rows.append(("predict (uint8 image -> panoptic), 1 image",
                             _median_ms(ours_predict, s.warmup, s.repeats),
                             _median_ms(hf_predict, s.warmup, s.repeats) if hf_model is not None else None, "ms"))
-        del hf_model
+        hf_model = None  # free it before the training subprocesses
         if s.train:
             progress("training steps (a subprocess per side) ...")
             ours_step, ours_rss = _train_step("omniseg", checkpoint, s)

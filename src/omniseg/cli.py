@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -162,12 +163,12 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
            batch: int = typer.Option(1, help="batch size of the exported graph")):
     """Export the inference network (uint8 images -> class and mask logits) for deployment."""
     from omniseg.api import load_model
-    from omniseg.export import FORMATS, export_model
+    from omniseg.export import check_export_request, export_model
 
-    if fmt not in FORMATS:
-        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if height % 32 or width % 32:
-        _fail(f"--height/--width must be multiples of 32, got {height}x{width}")
+    try:
+        check_export_request(fmt, height, width)
+    except ValueError as e:
+        _fail(str(e))
     model, _, meta = load_model(weights)
     path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta)
     typer.echo(f"wrote {path} and {path}.json (input uint8 [{batch}, 3, {height}, {width}])")
@@ -192,18 +193,14 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
     """Speed and memory of omniseg vs HF transformers Mask2Former, same weights, one table."""
     from omniseg.bench import BenchSettings, run_bench
 
-    if dtype not in ("fp32", "bf16"):
-        _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
     if hf:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("transformers") is None:
             typer.echo("transformers is not installed: omniseg only (pip install transformers to compare)")
             hf = False
-    settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
-                             dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
-                             repeats=repeats, train_steps=train_steps, hf=hf, train=train, peak_gflops=peak_gflops)
     try:
+        settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
+                                 dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
+                                 repeats=repeats, train_steps=train_steps, hf=hf, train=train, peak_gflops=peak_gflops)
         table = run_bench(settings, progress=lambda msg: typer.echo(msg, err=True)).table()
     except ValueError as e:
         _fail(str(e))

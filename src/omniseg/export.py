@@ -13,6 +13,7 @@ A JSON sidecar (`<output>.json`) records the input size, output names, class nam
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -43,15 +44,19 @@ class InferenceGraph(nn.Module):
         return outputs["pred_logits"], outputs["pred_masks"]
 
 
+def check_export_request(fmt: str, height: int, width: int) -> None:
+    """ValueError unless `fmt` is known and the size is a multiple of the backbone's stride (32)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if height % 32 or width % 32:
+        raise ValueError(f"--height/--width must be multiples of 32 (the backbone's stride; pad images to it), "
+                         f"got {height}x{width}")
+
+
 def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "torch-export",
                  height: int = 512, width: int = 512, batch: int = 1, meta=None) -> Path:
     """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-    divisor = 32
-    if height % divisor or width % divisor:
-        raise ValueError(f"export size {height}x{width} must be a multiple of {divisor} (the backbone's stride); "
-                         f"pad images to it")
+    check_export_request(fmt, height, width)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     graph = InferenceGraph(model).eval()
@@ -61,10 +66,8 @@ def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "tor
             program = torch.export.export(graph, (example,))
             torch.export.save(program, output)
         else:
-            try:
-                import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
-            except ImportError:
-                raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'") from None
+            if importlib.util.find_spec("onnxscript") is None:  # the ONNX exporter needs it
+                raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'")
             torch.onnx.export(graph, (example,), str(output), dynamo=True, input_names=["images"],
                               output_names=list(OUTPUT_NAMES), verbose=False)
     sidecar = {

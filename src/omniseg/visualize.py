@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from omniseg.data.errors import DataError
 from omniseg.data.meta import DatasetMeta
+from omniseg.engine.logger import read_metrics
 from omniseg.outputs import atomic_path
 
 # Keys of evaluation lines in metrics.jsonl that get their own subplot, in this order.
@@ -183,32 +183,13 @@ def save_image(path: str | os.PathLike, tensor: torch.Tensor) -> Path:
     return path
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(path, "metrics file not found")
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue  # the trainer may be writing this very line right now
-            raise DataError(path, f"line {number} is not valid JSON") from None
-        if isinstance(record, dict) and "iter" in record:
-            records.append(record)
-    return records
-
-
 def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     """One subplot for the loss, one for the learning rate, one per evaluation metric, all vs iteration."""
     # The object API renders with Agg and leaves pyplot's global backend alone (safe on headless servers).
     from matplotlib.figure import Figure
 
     path = Path(metrics_jsonl_path)
-    records = _read_metrics(path)
+    records = read_metrics(path)
 
     def series(key: str) -> tuple[list[float], list[float]]:
         points = [

@@ -9,6 +9,30 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from omniseg.data.errors import DataError
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (the writer is at it, or was killed mid-line)
+    is skipped; any other broken line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "metrics file not found")
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise DataError(path, f"line {number} is not valid JSON") from None
+        if isinstance(record, dict) and "iter" in record:
+            records.append(record)
+    return records
+
 
 class RunLogger:
     """`enabled` is False on non-main ranks (nothing written); `progress` only controls the bar."""
@@ -37,19 +61,10 @@ class RunLogger:
         dropped, so the log never holds duplicates or garbage."""
         if not self.jsonl.exists():
             return
-        lines = self.jsonl.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and int(rec.get("iter", 0)) <= iteration:
-                kept.append(line)
-        if len(kept) != len(lines):
-            tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.jsonl)
+        kept = [r for r in read_metrics(self.jsonl) if int(r["iter"]) <= iteration]
+        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.jsonl)
 
     def step(self, n: int = 1, **postfix) -> None:
         if not self.bar.disable:

@@ -77,7 +77,6 @@ class TrainingSet(Dataset):
 
     def __init__(self, dataset, transforms, task: str, *, skip_bad: bool = False):
         self.dataset, self.transforms, self.task, self.skip_bad = dataset, transforms, task, skip_bad
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -105,7 +104,6 @@ class TrainingSet(Dataset):
         else:
             raise DataError(None, f"every one of the {len(self.dataset)} training samples failed to load; "
                                   f"last error: {skipped[-1]}")
-        self.skipped.extend(skipped)
         sample["targets"] = mask_targets(sample, self.task)
         # The loss's random points get their own per-sample stream (see MaskFormer.losses).
         sample["targets"]["seed"] = (seed + POINT_SEED_OFFSET) % (1 << 62)

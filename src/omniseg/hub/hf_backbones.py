@@ -12,11 +12,8 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from omniseg.hub import CheckpointError
-from omniseg.models.backbones import OriginalWindowSwinBlock, use_original_swin_windows  # noqa: F401 (re-export)
 
 # ------------------------------------------------------------------------------------------ ResNet
 

@@ -9,10 +9,8 @@ is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,7 +22,6 @@ from omniseg.hub.hf_backbones import (
     hf_resnet_config_to_timm,
     hf_swin_config_to_timm,
     hf_swin_output_norms,
-    use_original_swin_windows,
 )
 
 HF_BACKBONE_PREFIX = "model.pixel_level_module.encoder."

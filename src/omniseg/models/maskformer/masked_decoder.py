@@ -11,6 +11,8 @@ Tensors are batch-first [B, Q, C] throughout; attention runs through
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -123,6 +125,17 @@ class FFNLayer(nn.Module):
         return tgt if self.normalize_before else self.norm(tgt)
 
 
+class ExtraQueries(Protocol):
+    """Queries placed before the learnable ones for one decoder pass (see `forward`)."""
+
+    content: torch.Tensor  # [B, P, C] initial query features
+    pos: torch.Tensor  # [B, P, C] query positional embeddings
+    self_attn_blocked: torch.Tensor | None  # [P+Q, P+Q] bool, True = not attended, extra rows first
+
+    def attention_mask(self, layer: int, size: tuple[int, int]) -> torch.Tensor | None:
+        """[B, P, h*w] blocked cross-attention for `layer`, or None: use their own predictions."""
+
+
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     """`dec_layers` masked-attention layers; predictions from the initial queries and after every layer
     (1 + dec_layers in total, all meant to be supervised)."""
@@ -212,29 +225,37 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return self.transformer_ffn_layers[i](output)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor,
+                extra: ExtraQueries | None = None) -> dict:
+        """-> {"pred_logits", "pred_masks", "aux_outputs"} of the learnable queries.
+
+        `extra` (training-time, e.g. MP-Former's mask-piloted queries) prepends P queries that go through
+        the same layers; their predictions come back as "extra_outputs" (one dict per prediction set).
+        """
         memory, memory_pos, sizes = self.prepare_memory(multi_scale_features)
         b = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+        num_extra, self_blocked = 0, None
+        if extra is not None:
+            num_extra, self_blocked = extra.content.shape[1], extra.self_attn_blocked
+            output = torch.cat([extra.content, output], dim=1)
+            query_pos = torch.cat([extra.pos, query_pos], dim=1)
 
-        predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, blocked = self.forward_prediction_heads(output, mask_features, sizes[0])
-        predictions_class.append(outputs_class)
-        predictions_mask.append(outputs_mask)
-
+        sets = [self.forward_prediction_heads(output, mask_features, sizes[0])]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
+            blocked = sets[-1][2]
+            forced = extra.attention_mask(i, sizes[level]) if num_extra else None
+            if forced is not None:
+                blocked = torch.cat([forced.to(blocked.device), blocked[:, num_extra:]], dim=1)
             output = self.forward_layer(i, output, memory[level], memory_pos[level], query_pos,
-                                        self.unblock_empty_rows(blocked))
-            next_size = sizes[(i + 1) % self.num_feature_levels]
-            outputs_class, outputs_mask, blocked = self.forward_prediction_heads(output, mask_features, next_size)
-            predictions_class.append(outputs_class)
-            predictions_mask.append(outputs_mask)
+                                        self.unblock_empty_rows(blocked), self_blocked)
+            sets.append(self.forward_prediction_heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels]))
 
-        return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
-            "aux_outputs": [{"pred_logits": c, "pred_masks": m}
-                            for c, m in zip(predictions_class[:-1], predictions_mask[:-1])],
-        }
+        learnable = [{"pred_logits": c[:, num_extra:], "pred_masks": m[:, num_extra:]} for c, m, _ in sets]
+        out = {**learnable[-1], "aux_outputs": learnable[:-1]}
+        if extra is not None:
+            out["extra_outputs"] = [{"pred_logits": c[:, :num_extra], "pred_masks": m[:, :num_extra]}
+                                    for c, m, _ in sets]
+        return out

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
 from omniseg.models.maskformer.criterion import SetCriterion

@@ -19,7 +19,7 @@ Nothing here runs at inference: `MaskFormer.predict` never touches this module.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -74,6 +74,27 @@ class PilotedOutputs:
     piloted: list[dict]  # per prediction set (initial queries, then after each layer): MP queries' outputs
     indices: list[tuple[torch.Tensor, torch.Tensor]]  # per image (slot index, GT index), fixed
     num_slots: int  # P = groups x largest GT count in the batch
+
+
+@dataclass
+class PilotedQueries:
+    """The MP queries of one batch, in the form the decoder's `extra` argument takes (`ExtraQueries`)."""
+
+    pilot: "MaskPilot"
+    targets: Sequence[dict]
+    max_num: int
+    content: torch.Tensor  # [B, P, C] label embeddings
+    pos: torch.Tensor  # [B, P, C] zeros: MP queries carry no positional query
+    self_attn_blocked: torch.Tensor  # [P+Q, P+Q]
+    coverage: dict = field(default_factory=dict)  # level size -> GT coverage, resized once per level
+
+    def attention_mask(self, layer: int, size: tuple[int, int]) -> torch.Tensor | None:
+        """GT masks (noised afresh) as the MP rows' cross-attention mask, or None past `piloted_layers`."""
+        if not self.content.shape[1] or not self.pilot.is_piloted(layer):
+            return None
+        if size not in self.coverage:
+            self.coverage[size] = self.pilot.gt_coverage(self.targets, self.max_num, size)
+        return self.pilot.piloted_blocked(self.coverage[size])
 
 
 class MaskPilot(nn.Module):
@@ -197,39 +218,15 @@ class MaskPilot(nn.Module):
     # ------------------------------------------------------------------ decoder pass
     def run_decoder(self, decoder: MultiScaleMaskedTransformerDecoder, multi_scale_features: list[torch.Tensor],
                     mask_features: torch.Tensor, targets: Sequence[dict]) -> PilotedOutputs:
-        """One decoder pass with MP slots prepended to the learnable queries.
-
-        The learnable queries go through the very same layers and masks as in
-        `MultiScaleMaskedTransformerDecoder.forward`; the MP rows only add rows and keys they cannot see.
-        """
-        memory, memory_pos, sizes = decoder.prepare_memory(multi_scale_features)
-        b = mask_features.shape[0]
+        """One decoder pass with MP slots prepended to the learnable queries (the decoder's `extra`
+        queries): the learnable queries go through exactly Mask2Former's computation."""
         max_num, indices = self.slot_layout(targets)
         content = self.query_content(targets, max_num)
-        num_slots = content.shape[1]
-        queries = decoder.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
-        query_pos = decoder.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
-        output = torch.cat([content, queries], dim=1)
-        query_pos = torch.cat([query_pos.new_zeros((b, num_slots, query_pos.shape[-1])), query_pos], dim=1)
-        self_blocked = self.self_attention_mask(num_slots, decoder.num_queries, mask_features.device)
-        coverage = {size: self.gt_coverage(targets, max_num, size) for size in set(sizes)}
-
-        sets = [decoder.forward_prediction_heads(output, mask_features, sizes[0])]
-        for i in range(decoder.num_layers):
-            level = i % decoder.num_feature_levels
-            blocked = sets[-1][2]
-            if num_slots and self.is_piloted(i):
-                blocked = torch.cat([self.piloted_blocked(coverage[sizes[level]]).to(blocked.device),
-                                     blocked[:, num_slots:]], dim=1)
-            output = decoder.forward_layer(i, output, memory[level], memory_pos[level], query_pos,
-                                           decoder.unblock_empty_rows(blocked), self_blocked)
-            sets.append(decoder.forward_prediction_heads(output, mask_features,
-                                                         sizes[(i + 1) % decoder.num_feature_levels]))
-
-        matching = [{"pred_logits": c[:, num_slots:], "pred_masks": m[:, num_slots:]} for c, m, _ in sets]
-        piloted = [{"pred_logits": c[:, :num_slots], "pred_masks": m[:, :num_slots]} for c, m, _ in sets]
-        outputs = {**matching[-1], "aux_outputs": matching[:-1]}
-        return PilotedOutputs(outputs, piloted, indices, num_slots)
+        extra = PilotedQueries(self, targets, max_num, content, content.new_zeros(content.shape),
+                               self.self_attention_mask(content.shape[1], decoder.num_queries, mask_features.device))
+        outputs = decoder(multi_scale_features, mask_features, extra=extra)
+        piloted = outputs.pop("extra_outputs")
+        return PilotedOutputs(outputs, piloted, indices, content.shape[1])
 
     # ------------------------------------------------------------------ losses
     def losses(self, criterion: SetCriterion, piloted: PilotedOutputs, targets: Sequence[dict],
