@@ -13,34 +13,32 @@ import torch
 
 from omniseg.config import load_config
 from omniseg.data.loader import collate
-from omniseg.engine.trainer import (_maybe_init_distributed, build_datasets, build_model_from_config,
-                                    build_training_data, pad_targets, seed_everything)
+from omniseg.engine.trainer import (build_datasets, build_model_from_config, build_training_data,
+                                    distributed_session, pad_targets, seed_everything)
 
 
 def main(config_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     cfg = load_config(config_path)
-    rank, world = _maybe_init_distributed(torch.device("cpu"))
-    seed_everything(int(cfg.train.seed))
-    datasets, meta = build_datasets(cfg)
-    model = build_model_from_config(cfg, meta)
-    model.train()
-    step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    train_set, sampler = build_training_data(cfg, datasets["train"], rank=rank, world_size=world)
-    batch = collate([train_set[item] for item in next(iter(sampler))], int(cfg.data.size_divisibility))
-    targets = pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))
-    losses = step_model(batch.images, targets)
-    sum(losses.values()).backward()
-    terms = torch.stack([v.detach() for v in losses.values()])
-    if world > 1:
-        torch.distributed.all_reduce(terms)
-        terms /= world
-    if rank == 0:
-        torch.save({"losses": dict(zip(losses, terms)),
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                    "image_ids": [s["image_id"] for s in batch.samples], "world": world}, out_path)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    with distributed_session(torch.device("cpu")) as (rank, world):
+        seed_everything(int(cfg.train.seed))
+        datasets, meta = build_datasets(cfg)
+        model = build_model_from_config(cfg, meta)
+        model.train()
+        step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        train_set, sampler = build_training_data(cfg, datasets["train"], rank=rank, world_size=world)
+        batch = collate([train_set[item] for item in next(iter(sampler))], int(cfg.data.size_divisibility))
+        targets = pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))
+        losses = step_model(batch.images, targets)
+        sum(losses.values()).backward()
+        terms = torch.stack([v.detach() for v in losses.values()])
+        if world > 1:
+            torch.distributed.all_reduce(terms)
+            terms /= world
+        if rank == 0:
+            torch.save({"losses": dict(zip(losses, terms)),
+                        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        "image_ids": [s["image_id"] for s in batch.samples], "world": world}, out_path)
 
 
 if __name__ == "__main__":

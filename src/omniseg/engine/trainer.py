@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -142,13 +142,22 @@ def _is_dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not _is_dist():
+@contextmanager
+def distributed_session(device: torch.device):
+    """(rank, world size) for this process. Under torchrun (WORLD_SIZE > 1) joins the process group,
+    and on leaving waits for every rank and tears the group down (a process that exits with a live
+    gloo group can abort at interpreter shutdown). A group set up by the caller is left alone."""
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _is_dist():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if _is_dist():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        created = True
+    try:
+        yield (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _is_dist() else (0, 1)
+        if created:
+            torch.distributed.barrier()
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
 
 
 def _gt_tasks(sample: dict) -> set[str]:
@@ -208,9 +217,13 @@ def flat_metrics(results: dict) -> dict:
 
 def train(cfg: DictConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train as configured; returns the final evaluation metrics (flat dict)."""
-    t0 = time.time()
     device = resolve_device(cfg.train.get("device", "auto"))
-    rank, world = _maybe_init_distributed(device)
+    with distributed_session(device) as (rank, world):
+        return _train(cfg, device, rank, world, resume=resume, progress=progress)
+
+
+def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resume: bool, progress: bool) -> dict:
+    t0 = time.time()
     out_dir = Path(cfg.train.output_dir)
     main_process = rank == 0
     if main_process:
