@@ -96,6 +96,20 @@ def test_predict_writes_standard_formats(trained, synth_root, tmp_path):
     assert len(list((out / "overlay").glob("*_panoptic.png"))) == len(names)
 
 
+def test_predict_fast_postprocessing_writes_the_same_panoptic_pngs(trained, synth_root, tmp_path):
+    images = synth_root / "val" / "images"
+    maps = {}
+    for flag in ([], ["--fast"]):
+        out = tmp_path / ("fast" if flag else "official")
+        result = runner.invoke(app, ["predict", "--weights", str(trained / "model_final.safetensors"), "--input",
+                                     str(images), "--output", str(out), "--task", "panoptic", "--no-overlay", *flag])
+        assert result.exit_code == 0, result.output
+        maps[bool(flag)] = {p.name: np.array(Image.open(p)) for p in sorted((out / "panoptic").glob("*.png"))}
+    assert maps[True].keys() == maps[False].keys() and maps[True]
+    agree = np.mean([(maps[True][k] == maps[False][k]).all(-1).mean() for k in maps[True]])
+    assert agree > 0.999  # identical decisions; only pixels within float rounding of a tie may differ
+
+
 def test_predict_reports_bad_inputs(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

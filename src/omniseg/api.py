@@ -96,13 +96,19 @@ class Predictor:
 
     def __init__(self, weights: str | os.PathLike, *, device: str = "auto",
                  tasks: Sequence[str] = ("semantic", "panoptic", "instance"), min_size_test: int | None = None,
-                 config: DictConfig | None = None):
+                 config: DictConfig | None = None, postprocess: str | None = None):
         from omniseg.data.transforms import build_transforms
         from omniseg.engine.trainer import resolve_device
 
         self.device = resolve_device(device)
         self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
         self.tasks = list(tasks)
+        if postprocess is not None:  # "official" | "fast" (overrides the checkpoint's model.test.postprocess)
+            from omniseg.models.maskformer.postprocess import MODES
+
+            if postprocess not in MODES:
+                raise ValueError(f"postprocess must be one of {MODES}, got {postprocess!r}")
+            self.model.postprocess_mode = postprocess
         if min_size_test is None:
             min_size_test = self.cfg.data.get("min_size_test") if "data" in self.cfg else None
         self.transforms = build_transforms(False, min_size_test=min_size_test)

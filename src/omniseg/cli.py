@@ -86,6 +86,8 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
             overlay: bool = typer.Option(True, help="also write overlay PNGs"),
             score_threshold: float = typer.Option(0.5, help="instance score threshold for overlays"),
             batch_size: int = typer.Option(1),
+            fast: bool = typer.Option(False, "--fast", help="fast post-processing: the official decisions "
+                                      "without full-resolution mask stacks (see docs/results.md)"),
             image_ids: Optional[Path] = typer.Option(None, "--image-ids",
                                                      help="COCO JSON whose image ids the results should use "
                                                           "(default: 0, 1, ... in file-name order)")):
@@ -104,7 +106,7 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
     if bad:
         _fail(f"unknown task(s) {bad}; choose from {TASKS}")
     ids = _image_ids_from(image_ids) if image_ids else None
-    predictor = Predictor(weights, tasks=tasks)
+    predictor = Predictor(weights, tasks=tasks, postprocess="fast" if fast else None)
     meta = predictor.meta
     output.mkdir(parents=True, exist_ok=True)
     panoptic_annotations, instance_results, images_info = [], [], []

@@ -105,10 +105,11 @@ def load_exported(path: str | os.PathLike):
 
 def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, sidecar: dict,
                          image_sizes: Sequence[tuple[int, int]],
-                         tasks: Sequence[str] = ("semantic", "panoptic", "instance")) -> list[dict]:
+                         tasks: Sequence[str] = ("semantic", "panoptic", "instance"),
+                         mode: str = "official") -> list[dict]:
     """The exported outputs -> omniseg prediction dicts (same as `model.predict`), per image.
 
-    `image_sizes[i]` is the (h, w) of image i's content inside the padded input.
+    `image_sizes[i]` is the (h, w) of image i's content inside the padded input; `mode` as in `postprocess`.
     """
     from omniseg.models.maskformer.postprocess import postprocess
 
@@ -118,6 +119,6 @@ def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, si
                     image_size=tuple(size), output_size=tuple(size), tasks=list(tasks),
                     thing_ids=sidecar["thing_ids"], padded_size=padded,
                     object_mask_threshold=sidecar["object_mask_threshold"],
-                    overlap_threshold=sidecar["overlap_threshold"], topk=sidecar["topk"])
+                    overlap_threshold=sidecar["overlap_threshold"], topk=sidecar["topk"], mode=mode)
         for i, size in enumerate(image_sizes)
     ]

@@ -27,7 +27,7 @@ from omniseg.data.loader import PadCollate, collate
 from omniseg.data.targets import mask_targets
 from omniseg.data.transforms import build_transforms
 from omniseg.engine.checkpoint import Checkpointer, atomic_write, set_rng_state
-from omniseg.engine.logger import RunLogger
+from omniseg.engine.logger import RunLogger, read_metrics
 from omniseg.engine.optim import WarmupPolyLR, build_optimizer
 from omniseg.engine.sampling import ResumableBatchSampler
 from omniseg.models.registry import build_model
@@ -293,9 +293,26 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     clip = float(cfg.train.get("clip_grad") or 0.0)
     # Stop this invocation early (checkpointing first), e.g. to fit a long run into job time limits.
     stop_at = int(cfg.train.get("stop_at_iter") or 0)
+    def run_evaluation(done: int, log: bool = True) -> dict:
+        # Every rank scores its shard; the evaluators sum their state across ranks.
+        results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False, rank=rank, world_size=world)
+        metrics = flat_metrics(results)
+        if log:
+            logger.log(done, {k: metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in metrics})
+            logger.write(f"[iter {done}] " + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
+                                                       if k in metrics))
+        return metrics
+
+    last_metrics: dict = {}
+    if "val" in datasets and start_iter > 0 and (start_iter % eval_period == 0 or start_iter == max_iters):
+        # A run killed between saving this checkpoint and finishing its evaluation lost that evaluation:
+        # redo it (every rank, whatever the log says, since it is collective); log it only if it is missing.
+        log_file = out_dir / "metrics.jsonl"
+        logged = main_process and log_file.is_file() and any(int(r["iter"]) == start_iter and "loss" not in r
+                                                             for r in read_metrics(log_file))
+        last_metrics = run_evaluation(start_iter, log=not logged)
     model.train()
     skipped_total = 0
-    last_metrics: dict = {}
     window: dict[str, float] = {}
     window_n = 0
     t_window = time.time()
@@ -348,13 +365,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         if main_process and (done % ckpt_period == 0 or done == max_iters or stopping):
             checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, config_yaml=config_yaml, meta=meta_dict)
         if "val" in datasets and (done % eval_period == 0 or done == max_iters):
-            # Every rank scores its shard; the evaluators sum their state across ranks.
-            results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False,
-                               rank=rank, world_size=world)
-            last_metrics = flat_metrics(results)
-            logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
-            logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
-                                                       if k in last_metrics))
+            last_metrics = run_evaluation(done)
         if stopping:
             logger.write(f"[omniseg] stopping at iteration {done} as asked (train.stop_at_iter); "
                          f"continue with --resume")

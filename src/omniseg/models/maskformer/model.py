@@ -113,6 +113,7 @@ class MaskFormer(nn.Module):
         self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
         self.topk = int(test.get("topk", 100))
+        self.postprocess_mode = str(test.get("postprocess", "official"))
         mean = _get(cfg, "pixel_mean", [123.675, 116.28, 103.53])
         std = _get(cfg, "pixel_std", [58.395, 57.12, 57.375])
         self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -174,7 +175,7 @@ class MaskFormer(nn.Module):
                 image_size=tuple(image_size), output_size=tuple(out_size), tasks=list(tasks),
                 thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
                 object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
-                topk=self.topk,
+                topk=self.topk, mode=self.postprocess_mode,
             )
             if return_raw:
                 pred["raw"] = {k: v[i] for k, v in outputs.items() if k != "aux_outputs"}

@@ -1,0 +1,178 @@
+"""Decisions on bilinearly resized maps without resizing them.
+
+Post-processing asks questions like "which of N maps is largest at this output pixel?" or "is this
+mask logit positive here?" about maps that are bilinearly upsampled from the 1/4-resolution
+predictions. Resizing all N maps to full resolution costs N x H x W work. But a resized value is a
+convex combination of a few low-resolution values (its *window*), so it lies between the window's
+minimum and maximum: wherever those bounds already decide the question -- almost everywhere except
+near boundaries -- the answer holds for every output pixel of the window. Only the undecided pixels
+are evaluated exactly, from the same interpolation weights.
+
+`ResizeGrid` describes one resize chain (upsample to the padded input, crop the image, resize to the
+output size, as :func:`omniseg.models.maskformer.postprocess.resize_mask_logits`). Both axes are
+independent linear maps, so the chain is captured by applying it to identity matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _Axis:
+    """One axis of the resize chain. Window i = the output indices whose support starts at low index i;
+    its taps are i .. i+L-1 (clamped), a superset of each member's support, so window bounds hold."""
+
+    taps: int  # L, the widest support
+    window: torch.Tensor  # [n_out] window (= first low-resolution index of the support) of each output index
+    window_pixels: torch.Tensor  # [n_low, P] output indices in each window (padded; see window_count)
+    window_weights: torch.Tensor  # [n_low, P, L] their interpolation weights on the window's taps
+    window_count: torch.Tensor  # [n_low] number of output indices in each window (may be 0)
+
+
+def _axis_matrix(low: int, padded: int, image: int, output: int) -> torch.Tensor:
+    """[output, low]: row o = weights of the low-resolution samples that make output sample o."""
+    x = torch.eye(low, dtype=torch.float64)[None]  # [1, low (one delta per channel), low]
+    if low != padded:
+        x = F.interpolate(x, size=padded, mode="linear", align_corners=False)
+    x = x[..., :image]
+    if image != output:
+        x = F.interpolate(x, size=output, mode="linear", align_corners=False)
+    return x[0].T.contiguous()
+
+
+def _build_axis(low: int, padded: int, image: int, output: int, device) -> _Axis:
+    matrix = _axis_matrix(low, padded, image, output)
+    nonzero = matrix != 0
+    positions = torch.arange(low).expand_as(matrix)
+    lo = torch.where(nonzero, positions, low).min(1).values
+    hi = torch.where(nonzero, positions, -1).max(1).values
+    taps = int((hi - lo).max()) + 1
+    count = torch.bincount(lo, minlength=low)
+    order = torch.argsort(lo, stable=True)
+    starts = torch.cumsum(count, 0) - count
+    slots = torch.arange(max(int(count.max()), 1))
+    pixels = order[(starts[:, None] + torch.minimum(slots, (count[:, None] - 1).clamp(min=0))).clamp(max=output - 1)]
+    tap_index = torch.arange(low)[:, None] + torch.arange(taps)  # [n_low, L], unclamped
+    weights = matrix[pixels[:, :, None], tap_index.clamp(max=low - 1)[:, None, :]]
+    weights = torch.where((tap_index < low)[:, None, :], weights, 0.0)  # clamped taps repeat a row: weigh 0
+    return _Axis(taps, lo.to(device), pixels.to(device), weights.float().to(device), count.to(device))
+
+
+def _run_min_max(maps: torch.Tensor, dim: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of maps[i .. i+taps-1] (clamped) along `dim` for every start i, by shifted slices."""
+    low, high = maps.clone(), maps.clone()
+    n = maps.shape[dim]
+    for t in range(1, min(taps, n)):
+        head, tail = maps.narrow(dim, t, n - t), low.narrow(dim, 0, n - t)
+        torch.minimum(tail, head, out=tail)
+        tail = high.narrow(dim, 0, n - t)
+        torch.maximum(tail, head, out=tail)
+    return low, high
+
+
+class ResizeGrid:
+    """The resize chain low (h, w) -> padded -> crop to image -> output, seen through its windows.
+
+    Windows are indexed like the low-resolution map itself ([..., h, w]); every output pixel belongs to
+    exactly one. Exact values are computed a window *block* at a time: the [P, P'] output pixels of one
+    window from its [L, L] taps.
+    """
+
+    def __init__(self, low_size: Sequence[int], padded_size: Sequence[int], image_size: Sequence[int],
+                 output_size: Sequence[int], device: torch.device | str = "cpu"):
+        self.low_size = (int(low_size[0]), int(low_size[1]))
+        self.output_size = (int(output_size[0]), int(output_size[1]))
+        self.rows = _build_axis(self.low_size[0], int(padded_size[0]), int(image_size[0]), self.output_size[0], device)
+        self.cols = _build_axis(self.low_size[1], int(padded_size[1]), int(image_size[1]), self.output_size[1], device)
+        self.nonempty = self.window_pixel_count > 0  # [h, w]: windows that own output pixels (select only these)
+
+    @property
+    def window_pixel_count(self) -> torch.Tensor:
+        """[n_win_rows, n_win_cols] number of output pixels in each window."""
+        return self.rows.window_count[:, None] * self.cols.window_count[None, :]
+
+    def exact_work_exceeds_dense(self, selected: torch.Tensor, fraction: float = 0.25) -> bool:
+        """Whether evaluating the output pixels of the `selected` [N, h, w] windows exactly costs more than
+        `fraction` of resizing all N maps (per-pixel evaluation is several times dearer than a dense
+        resize; maps with edges everywhere, e.g. from random weights, are cheaper resized)."""
+        pixels = (selected & self.nonempty).flatten(1).float() @ self.window_pixel_count.flatten().float()
+        dense = selected.shape[0] * self.output_size[0] * self.output_size[1]
+        return bool(pixels.sum() > fraction * dense)
+
+    def window_min_max(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """maps [N, h, w] -> (min, max) over each window's taps, [N, h, w]."""
+        rmin, rmax = _run_min_max(maps, 1, self.rows.taps)
+        return _run_min_max(rmin, 2, self.cols.taps)[0], _run_min_max(rmax, 2, self.cols.taps)[1]
+
+    def to_pixels(self, window_map: torch.Tensor) -> torch.Tensor:
+        """[..., h, w] -> [..., H, W]: every output pixel takes its window's value. Both expansions run
+        as row gathers (a column gather on CPU is several times slower)."""
+        cols = window_map.transpose(-1, -2).index_select(-2, self.cols.window)  # [..., W, w]
+        return cols.transpose(-1, -2).contiguous().index_select(-2, self.rows.window)
+
+    def block_pixels(self, wr: torch.Tensor, wc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat output pixel index [M, P, P'] of the blocks of non-empty windows (wr, wc), and which
+        entries are real (the others repeat a real pixel of the same block, with the same value)."""
+        rows, cols = self.rows.window_pixels[wr], self.cols.window_pixels[wc]
+        pixel = rows[:, :, None] * self.output_size[1] + cols[:, None, :]
+        slots_r = torch.arange(rows.shape[1], device=rows.device)
+        slots_c = torch.arange(cols.shape[1], device=cols.device)
+        valid = ((slots_r < self.rows.window_count[wr, None])[:, :, None]
+                 & (slots_c < self.cols.window_count[wc, None])[:, None, :])
+        return pixel, valid
+
+    def block_values(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor,
+                     wc: torch.Tensor) -> torch.Tensor:
+        """Exact resized values of map `channel` [M] on the blocks of windows (wr, wc): [M, P, P']."""
+        h, w = self.low_size
+        rows = (wr[:, None] + torch.arange(self.rows.taps, device=wr.device)).clamp(max=h - 1)  # [M, L]
+        cols = (wc[:, None] + torch.arange(self.cols.taps, device=wc.device)).clamp(max=w - 1)
+        taps = maps.reshape(-1)[((channel[:, None] * h + rows)[:, :, None] * w + cols[:, None, :])]  # [M, L, L]
+        along_cols = (taps[:, :, None, :] * self.cols.window_weights[wc][:, None, :, :]).sum(-1)  # [M, L, P']
+        return (self.rows.window_weights[wr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [M, P, P']
+
+    def resized_argmax(self, maps: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, value_at=None):
+        """Per output pixel, the channel whose (monotone-in-the-map) value is largest; ties -> lowest channel.
+
+        `lower`/`upper` [N, wr, wc] bound each channel's value over each window; `value_at(resized,
+        channel) -> values` turns exact resized map values into values (identity when None). A window is
+        decided when its best lower bound beats every other channel's upper bound; in the others only the
+        channels whose upper bound reaches that lower bound are evaluated. Returns (argmax [H, W], window
+        winner [wr, wc], decided [wr, wc], (flat pixels evaluated exactly [M], the winner's resized map
+        value there [M])).
+        """
+        best_lower, winner = lower.max(0)
+        if upper.shape[0] > 1:
+            top2, top2_idx = upper.topk(2, dim=0)
+            rival = torch.where(top2_idx[0] == winner, top2[1], top2[0])
+        else:
+            rival = torch.full_like(best_lower, -torch.inf)
+        decided = (best_lower > rival) | ~self.nonempty
+        argmax = self.to_pixels(winner)
+        wr, wc = torch.nonzero(~decided, as_tuple=True)
+        pixels, valid = self.block_pixels(wr, wc)
+        pixels = pixels[valid]
+        if len(wr) == 0:
+            return argmax, winner, decided, (pixels, maps.new_zeros(0))
+        # candidate (channel, window) pairs of the undecided windows
+        channel, which = torch.nonzero(upper[:, wr, wc] >= best_lower[wr, wc], as_tuple=True)
+        resized = self.block_values(maps, channel, wr[which], wc[which]).flatten(1)  # [C, P*P']
+        values = resized if value_at is None else value_at(resized, channel[:, None])
+        pixel = self.block_pixels(wr[which], wc[which])[0].flatten(1)
+        channel = channel[:, None].expand_as(pixel)
+        size = self.output_size[0] * self.output_size[1]
+        best = torch.full((size,), -torch.inf, device=maps.device).scatter_reduce(0, pixel.flatten(), values.flatten(), "amax")
+        at_best = values == best[pixel]
+        first = torch.full((size,), maps.shape[0], dtype=torch.int64, device=maps.device)
+        first = first.scatter_reduce(0, pixel[at_best], channel[at_best], "amin")
+        flat = argmax.view(-1)
+        flat[pixels] = first[pixels]
+        won = channel == first[pixel]
+        winner_value = torch.zeros(size, device=maps.device)
+        winner_value[pixel[won]] = resized[won]
+        return argmax, winner, decided, (pixels, winner_value[pixels])

@@ -1,0 +1,47 @@
+"""ResizeGrid: exact resized values without resizing, and window bounds that really bound them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniseg.models.layers.resize_grid import ResizeGrid
+from omniseg.models.maskformer.postprocess import resize_mask_logits
+
+CHAINS = [((8, 10), (32, 40), (32, 40), (32, 40)),  # plain 4x upsample
+          ((8, 10), (32, 40), (29, 33), (50, 21)),  # upsample, crop, resize (up and down)
+          ((8, 10), (8, 10), (8, 10), (3, 4)),  # pure downsample
+          ((6, 7), (24, 28), (24, 28), (24, 28))]
+
+
+@pytest.mark.parametrize("low, padded, image, output", CHAINS)
+def test_every_pixel_from_its_window_block_equals_the_resize_chain(low, padded, image, output):
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, *low, generator=g)
+    grid = ResizeGrid(low, padded, image, output)
+    reference = resize_mask_logits(maps, padded, image, output)  # [3, H, W]
+    wr, wc = torch.nonzero(grid.nonempty, as_tuple=True)
+    assert int(grid.window_pixel_count.sum()) == output[0] * output[1]  # the windows partition the output
+    for channel in range(3):
+        values = grid.block_values(maps, torch.full_like(wr, channel), wr, wc)
+        pixels, valid = grid.block_pixels(wr, wc)
+        got = torch.full((output[0] * output[1],), float("nan"))
+        got[pixels[valid]] = values[valid]
+        assert torch.allclose(got.view(output), reference[channel], atol=1e-5)
+        # every output pixel lies between its window's bounds
+        low_b, high_b = grid.window_min_max(maps)
+        assert (grid.to_pixels(low_b)[channel] <= reference[channel] + 1e-5).all()
+        assert (grid.to_pixels(high_b)[channel] >= reference[channel] - 1e-5).all()
+
+
+@pytest.mark.parametrize("low, padded, image, output", CHAINS)
+def test_resized_argmax_equals_argmax_of_the_resized_maps(low, padded, image, output):
+    g = torch.Generator().manual_seed(1)
+    # smooth maps: most windows are decided by their bounds, the rest evaluated exactly
+    maps = F.interpolate(torch.randn(1, 6, 3, 3, generator=g), size=low, mode="bilinear")[0] * 3
+    grid = ResizeGrid(low, padded, image, output)
+    lower, upper = grid.window_min_max(maps)
+    argmax, _, decided, _ = grid.resized_argmax(maps, lower, upper)
+    assert torch.equal(argmax, resize_mask_logits(maps, padded, image, output).argmax(0))
+    assert decided.any() and (~decided).any()  # both routes were taken
