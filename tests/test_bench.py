@@ -13,7 +13,7 @@ SMALL = dict(preset="mask2former_r50", size=64, num_classes=5, num_queries=10, w
 
 def test_bench_against_hf_same_outputs_and_full_table():
     pytest.importorskip("transformers", reason="HF transformers is a test extra")
-    result = run_bench(BenchSettings(**SMALL, train_steps=1, peak_gflops=400.0), progress=lambda _: None)
+    result = run_bench(BenchSettings(**SMALL, train_steps=1), progress=lambda _: None)
     names = [r[0] for r in result.rows]
     post = [f"post-processing {task}, {mode}, {inputs}" for task in ("semantic", "panoptic", "instance")
             for inputs in ("model outputs", "shaped outputs") for mode in ("official", "fast")]
@@ -26,8 +26,7 @@ def test_bench_against_hf_same_outputs_and_full_table():
     assert len(agreement) == 6  # asserted >= 99.9% inside the bench for panoptic and instance
     assert any(n.startswith("Outputs checked before timing (fp32): max |omniseg - HF|") for n in result.notes)
     table = result.table()
-    assert "| forward |" in table and "% of the stated 400 GFLOP/s peak" in table
-    assert "measured fp32 GEMM throughput" in table
+    assert "| forward |" in table and "measured fp32 GEMM throughput" in table
 
 
 def test_bench_without_hf_and_cli_errors(tmp_path):

@@ -204,6 +204,9 @@ def test_fast_mode_with_edges_everywhere_takes_the_dense_route_and_agrees():
     fast = postprocess(outputs, (90, 120), (90, 120), ["panoptic", "instance"], {0, 1}, topk=5, mode="fast")
     assert torch.equal(fast["panoptic"]["segment_map"], official["panoptic"]["segment_map"])
     assert torch.equal(fast["instances"]["masks"], official["instances"]["masks"])
+    sem = postprocess(outputs, (90, 120), (90, 120), ["semantic"], mode="fast")["semantic"]
+    low_scores = semantic_inference(outputs["pred_logits"], outputs["pred_masks"])
+    assert torch.equal(sem, _official_full_resolution({"pred_masks": low_scores}, (96, 128), (90, 120), (90, 120)).argmax(0))
 
 
 def test_panoptic_with_no_confident_query_is_empty_not_an_error():

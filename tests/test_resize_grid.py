@@ -41,7 +41,9 @@ def test_resized_argmax_equals_argmax_of_the_resized_maps(low, padded, image, ou
     # smooth maps: most windows are decided by their bounds, the rest evaluated exactly
     maps = F.interpolate(torch.randn(1, 6, 3, 3, generator=g), size=low, mode="bilinear")[0] * 3
     grid = ResizeGrid(low, padded, image, output)
-    lower, upper = grid.window_min_max(maps)
-    argmax, _, decided, _ = grid.resized_argmax(maps, lower, upper)
-    assert torch.equal(argmax, resize_mask_logits(maps, padded, image, output).argmax(0))
+    winner, decided, candidates = grid.argmax_candidates(*grid.window_min_max(maps))
+    argmax, _ = grid.resized_argmax(maps, winner, decided, candidates)
+    assert torch.equal(argmax, grid.resize(maps).argmax(0))
     assert decided.any() and (~decided).any()  # both routes were taken
+    # only channels that can win are evaluated: never more than all of them, usually far fewer
+    assert candidates[:, ~decided].sum(0).min() >= 1 and candidates.sum() < maps.shape[0] * (~decided).sum()

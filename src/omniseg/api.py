@@ -104,11 +104,9 @@ class Predictor:
         self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
         self.tasks = list(tasks)
         if postprocess is not None:  # "official" | "fast" (overrides the checkpoint's model.test.postprocess)
-            from omniseg.models.maskformer.postprocess import MODES
+            from omniseg.models.maskformer.postprocess import check_mode
 
-            if postprocess not in MODES:
-                raise ValueError(f"postprocess must be one of {MODES}, got {postprocess!r}")
-            self.model.postprocess_mode = postprocess
+            self.model.postprocess_mode = check_mode(postprocess)
         if min_size_test is None:
             min_size_test = self.cfg.data.get("min_size_test") if "data" in self.cfg else None
         self.transforms = build_transforms(False, min_size_test=min_size_test)

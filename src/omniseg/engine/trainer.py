@@ -27,7 +27,7 @@ from omniseg.data.loader import PadCollate, collate
 from omniseg.data.targets import mask_targets
 from omniseg.data.transforms import build_transforms
 from omniseg.engine.checkpoint import Checkpointer, atomic_write, set_rng_state
-from omniseg.engine.logger import RunLogger, read_metrics
+from omniseg.engine.logger import RunLogger
 from omniseg.engine.optim import WarmupPolyLR, build_optimizer
 from omniseg.engine.sampling import ResumableBatchSampler
 from omniseg.models.registry import build_model
@@ -293,26 +293,22 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     clip = float(cfg.train.get("clip_grad") or 0.0)
     # Stop this invocation early (checkpointing first), e.g. to fit a long run into job time limits.
     stop_at = int(cfg.train.get("stop_at_iter") or 0)
-    def run_evaluation(done: int, log: bool = True) -> dict:
-        # Every rank scores its shard; the evaluators sum their state across ranks.
-        results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False, rank=rank, world_size=world)
-        metrics = flat_metrics(results)
-        if log:
-            logger.log(done, {k: metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in metrics})
-            logger.write(f"[iter {done}] " + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
-                                                       if k in metrics))
-        return metrics
+    # A checkpoint records a finished iteration: trained, then evaluated if due, with the latest metrics
+    # and the bad-sample count in its state. A run killed mid-evaluation redoes that iteration; one killed
+    # after its last checkpoint still knows its final metrics and how many samples were skipped.
+    saved = (state or {}).get("extra", {})
+    last_metrics: dict = dict(saved.get("metrics", {}))
+    skipped_before = int(saved.get("skipped_samples", 0))  # all ranks, before this invocation
+    skipped_total = 0  # this rank, this invocation
 
-    last_metrics: dict = {}
-    if "val" in datasets and start_iter > 0 and (start_iter % eval_period == 0 or start_iter == max_iters):
-        # A run killed between saving this checkpoint and finishing its evaluation lost that evaluation:
-        # redo it (every rank, whatever the log says, since it is collective); log it only if it is missing.
-        log_file = out_dir / "metrics.jsonl"
-        logged = main_process and log_file.is_file() and any(int(r["iter"]) == start_iter and "loss" not in r
-                                                             for r in read_metrics(log_file))
-        last_metrics = run_evaluation(start_iter, log=not logged)
+    def skipped_so_far() -> int:
+        """Bad samples skipped by all ranks since the run began (a collective under DDP)."""
+        count = torch.tensor([skipped_total], dtype=torch.int64, device=device)  # gloo: CPU, nccl: CUDA
+        if world > 1:
+            torch.distributed.all_reduce(count)
+        return skipped_before + int(count.item())
+
     model.train()
-    skipped_total = 0
     window: dict[str, float] = {}
     window_n = 0
     t_window = time.time()
@@ -357,25 +353,31 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
             elapsed = time.time() - t_window
             rec = {k: v / window_n for k, v in window.items()}
             rec.update(lr=scheduler.get_last_lr()[0], sec_per_iter=elapsed / window_n)
-            if skipped_total:
-                rec["skipped_samples"] = skipped_total
+            if skipped_before + skipped_total:
+                rec["skipped_samples"] = skipped_before + skipped_total  # this rank's view
             logger.log(done, rec)
             window, window_n, t_window = {}, 0, time.time()
         stopping = done == stop_at and done < max_iters  # at max_iters the normal ending follows
-        if main_process and (done % ckpt_period == 0 or done == max_iters or stopping):
-            checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, config_yaml=config_yaml, meta=meta_dict)
         if "val" in datasets and (done % eval_period == 0 or done == max_iters):
-            last_metrics = run_evaluation(done)
+            # Every rank scores its shard; the evaluators sum their state across ranks.
+            results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False,
+                               rank=rank, world_size=world)
+            last_metrics = flat_metrics(results)
+            logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
+            logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
+                                                       if k in last_metrics))
+        if done % ckpt_period == 0 or done == max_iters or stopping:
+            extra = {"metrics": last_metrics, "skipped_samples": skipped_so_far()}  # every rank joins the sum
+            if main_process:
+                checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, extra=extra,
+                                  config_yaml=config_yaml, meta=meta_dict)
         if stopping:
             logger.write(f"[omniseg] stopping at iteration {done} as asked (train.stop_at_iter); "
                          f"continue with --resume")
             logger.close()
             return last_metrics
     logger.close()
-    if world > 1:
-        count = torch.tensor([skipped_total], dtype=torch.int64)
-        torch.distributed.all_reduce(count)
-        skipped_total = int(count.item())
+    skipped_total = skipped_so_far()
     if skipped_total:
         logger.write(f"[omniseg] {skipped_total} bad training samples were skipped (data.skip_bad_samples); "
                      f"each is listed above")

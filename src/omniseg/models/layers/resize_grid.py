@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +35,32 @@ class _Axis:
     window_count: torch.Tensor  # [n_low] number of output indices in each window (may be 0)
 
 
+def resize_chain(maps: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
+                 output_size: Sequence[int]) -> torch.Tensor:
+    """[N, h, w] -> [N, H, W]: bilinear upsample to the padded input, crop the image, bilinear resize to
+    the output (Mask2Former's official order). The one definition of the chain: dense post-processing
+    and ResizeGrid's weights both come from it."""
+    if maps.shape[0] == 0:  # interpolate rejects N=0
+        return maps.new_zeros((0, *output_size))
+    x = maps[None]
+    if tuple(x.shape[-2:]) != tuple(padded_size):
+        x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    x = x[..., : image_size[0], : image_size[1]]
+    if tuple(x.shape[-2:]) != tuple(output_size):
+        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return x[0]
+
+
 def _axis_matrix(low: int, padded: int, image: int, output: int) -> torch.Tensor:
-    """[output, low]: row o = weights of the low-resolution samples that make output sample o."""
-    x = torch.eye(low, dtype=torch.float64)[None]  # [1, low (one delta per channel), low]
-    if low != padded:
-        x = F.interpolate(x, size=padded, mode="linear", align_corners=False)
-    x = x[..., :image]
-    if image != output:
-        x = F.interpolate(x, size=output, mode="linear", align_corners=False)
-    return x[0].T.contiguous()
+    """[output, low]: row o = weights of the low-resolution samples that make output sample o (the chain
+    applied to one delta per channel, along one axis; the other axis has size 1)."""
+    deltas = torch.eye(low, dtype=torch.float64)[:, :, None]  # [low, low, 1]
+    return resize_chain(deltas, (padded, 1), (image, 1), (output, 1))[:, :, 0].T.contiguous()
 
 
-def _build_axis(low: int, padded: int, image: int, output: int, device) -> _Axis:
+@lru_cache(maxsize=32)
+def _build_axis(low: int, padded: int, image: int, output: int, device: str) -> _Axis:
+    """Cached: every image of a size shares it (the tensors are only read)."""
     matrix = _axis_matrix(low, padded, image, output)
     nonzero = matrix != 0
     positions = torch.arange(low).expand_as(matrix)
@@ -87,6 +102,9 @@ class ResizeGrid:
                  output_size: Sequence[int], device: torch.device | str = "cpu"):
         self.low_size = (int(low_size[0]), int(low_size[1]))
         self.output_size = (int(output_size[0]), int(output_size[1]))
+        device = str(torch.device(device))
+        self.padded_size = (int(padded_size[0]), int(padded_size[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.rows = _build_axis(self.low_size[0], int(padded_size[0]), int(image_size[0]), self.output_size[0], device)
         self.cols = _build_axis(self.low_size[1], int(padded_size[1]), int(image_size[1]), self.output_size[1], device)
         self.nonempty = self.window_pixel_count > 0  # [h, w]: windows that own output pixels (select only these)
@@ -96,10 +114,11 @@ class ResizeGrid:
         """[n_win_rows, n_win_cols] number of output pixels in each window."""
         return self.rows.window_count[:, None] * self.cols.window_count[None, :]
 
-    def exact_work_exceeds_dense(self, selected: torch.Tensor, fraction: float = 0.25) -> bool:
+    def exact_work_exceeds_dense(self, selected: torch.Tensor, fraction: float = 0.04) -> bool:
         """Whether evaluating the output pixels of the `selected` [N, h, w] windows exactly costs more than
-        `fraction` of resizing all N maps (per-pixel evaluation is several times dearer than a dense
-        resize; maps with edges everywhere, e.g. from random weights, are cheaper resized)."""
+        `fraction` of resizing all N maps densely. Exact evaluation costs about 25x a dense resize per
+        pixel on CPU (gathers and scatters), hence 4% by default: trained-model-like masks need ~1%,
+        random-weight masks ~12% (break-evens measured with `omniseg bench --no-hf --no-train`)."""
         pixels = (selected & self.nonempty).flatten(1).float() @ self.window_pixel_count.flatten().float()
         dense = selected.shape[0] * self.output_size[0] * self.output_size[1]
         return bool(pixels.sum() > fraction * dense)
@@ -136,16 +155,22 @@ class ResizeGrid:
         along_cols = (taps[:, :, None, :] * self.cols.window_weights[wc][:, None, :, :]).sum(-1)  # [M, L, P']
         return (self.rows.window_weights[wr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [M, P, P']
 
-    def resized_argmax(self, maps: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, value_at=None):
-        """Per output pixel, the channel whose (monotone-in-the-map) value is largest; ties -> lowest channel.
+    def edge_blocks(self, maps: torch.Tensor, selected: torch.Tensor):
+        """Exact values of map k on the blocks of the windows where `selected` [N, h, w] is True (typically
+        where a threshold lies between the window's bounds): (k [M], flat pixel [M, P, P'], valid
+        [M, P, P'], values [M, P, P'])."""
+        k, wr, wc = torch.nonzero(selected & self.nonempty, as_tuple=True)
+        pixel, valid = self.block_pixels(wr, wc)
+        return k, pixel, valid, self.block_values(maps, k, wr, wc)
 
-        `lower`/`upper` [N, wr, wc] bound each channel's value over each window; `value_at(resized,
-        channel) -> values` turns exact resized map values into values (identity when None). A window is
-        decided when its best lower bound beats every other channel's upper bound; in the others only the
-        channels whose upper bound reaches that lower bound are evaluated. Returns (argmax [H, W], window
-        winner [wr, wc], decided [wr, wc], (flat pixels evaluated exactly [M], the winner's resized map
-        value there [M])).
-        """
+    def resize(self, maps: torch.Tensor) -> torch.Tensor:
+        """The dense route: [N, h, w] -> [N, H, W] through the whole chain."""
+        return resize_chain(maps, self.padded_size, self.image_size, self.output_size)
+
+    def argmax_candidates(self, lower: torch.Tensor, upper: torch.Tensor):
+        """From per-window bounds [N, h, w] of each channel's value: (winner [h, w] by lower bound, decided
+        [h, w]: its lower bound beats every other channel's upper bound, candidates [N, h, w]: in undecided
+        windows, the channels whose upper bound reaches the best lower bound -- the only possible winners)."""
         best_lower, winner = lower.max(0)
         if upper.shape[0] > 1:
             top2, top2_idx = upper.topk(2, dim=0)
@@ -153,26 +178,34 @@ class ResizeGrid:
         else:
             rival = torch.full_like(best_lower, -torch.inf)
         decided = (best_lower > rival) | ~self.nonempty
+        return winner, decided, (upper >= best_lower) & ~decided
+
+    def resized_argmax(self, maps: torch.Tensor, winner: torch.Tensor, decided: torch.Tensor,
+                       candidates: torch.Tensor, value_at=None):
+        """Per output pixel, the channel whose (monotone-in-the-map) value is largest; ties -> lowest channel.
+
+        Takes `argmax_candidates`' answer; `value_at(resized, channel) -> values` turns exact resized map
+        values into values (identity when None). Decided windows take their winner; in the others the
+        candidates are evaluated exactly. Returns (argmax [H, W], (flat pixels evaluated exactly [M], the
+        winner's resized map value there [M])).
+        """
         argmax = self.to_pixels(winner)
         wr, wc = torch.nonzero(~decided, as_tuple=True)
         pixels, valid = self.block_pixels(wr, wc)
         pixels = pixels[valid]
         if len(wr) == 0:
-            return argmax, winner, decided, (pixels, maps.new_zeros(0))
-        # candidate (channel, window) pairs of the undecided windows
-        channel, which = torch.nonzero(upper[:, wr, wc] >= best_lower[wr, wc], as_tuple=True)
-        resized = self.block_values(maps, channel, wr[which], wc[which]).flatten(1)  # [C, P*P']
+            return argmax, (pixels, maps.new_zeros(0))
+        channel, pixel, _, resized = self.edge_blocks(maps, candidates)
+        pixel, resized = pixel.flatten(1), resized.flatten(1)  # [C, P*P']
         values = resized if value_at is None else value_at(resized, channel[:, None])
-        pixel = self.block_pixels(wr[which], wc[which])[0].flatten(1)
         channel = channel[:, None].expand_as(pixel)
         size = self.output_size[0] * self.output_size[1]
         best = torch.full((size,), -torch.inf, device=maps.device).scatter_reduce(0, pixel.flatten(), values.flatten(), "amax")
         at_best = values == best[pixel]
         first = torch.full((size,), maps.shape[0], dtype=torch.int64, device=maps.device)
         first = first.scatter_reduce(0, pixel[at_best], channel[at_best], "amin")
-        flat = argmax.view(-1)
-        flat[pixels] = first[pixels]
+        argmax.view(-1)[pixels] = first[pixels]
         won = channel == first[pixel]
         winner_value = torch.zeros(size, device=maps.device)
         winner_value[pixel[won]] = resized[won]
-        return argmax, winner, decided, (pixels, winner_value[pixels])
+        return argmax, (pixels, winner_value[pixels])

@@ -15,7 +15,7 @@ from torch import nn
 from omniseg.models.backbones import build_backbone
 from omniseg.models.maskformer.criterion import SetCriterion
 from omniseg.models.maskformer.matcher import HungarianMatcher
-from omniseg.models.maskformer.postprocess import postprocess
+from omniseg.models.maskformer.postprocess import check_mode, postprocess
 
 
 def _get(cfg: Mapping, key: str, default=None):
@@ -113,7 +113,7 @@ class MaskFormer(nn.Module):
         self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
         self.topk = int(test.get("topk", 100))
-        self.postprocess_mode = str(test.get("postprocess", "official"))
+        self.postprocess_mode = check_mode(str(test.get("postprocess", "official")))
         mean = _get(cfg, "pixel_mean", [123.675, 116.28, 103.53])
         std = _get(cfg, "pixel_std", [58.395, 57.12, 57.375])
         self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from omniseg.masks import boxes_from_masks
-from omniseg.models.layers.resize_grid import ResizeGrid
+from omniseg.models.layers.resize_grid import ResizeGrid, resize_chain
 
 __all__ = [
     "semantic_inference",
@@ -42,16 +42,24 @@ TASKS = ("semantic", "panoptic", "instance")
 MODES = ("official", "fast")
 
 
+def check_mode(mode: str) -> str:
+    """The post-processing mode, or a ValueError naming the choices (config, API and CLI all call this)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown post-processing mode {mode!r}; expected one of {MODES}")
+    return mode
+
+
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
     """Per-class scores [K, h, w] = sum_q p_q(c) * sigmoid(mask_q) (no-object dropped)."""
     probs = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
     return torch.einsum("qc,qhw->chw", probs, mask_pred.float().sigmoid())
 
 
-def _panoptic_keep(mask_cls: torch.Tensor, object_mask_threshold: float) -> torch.Tensor:
-    """Queries predicting a real class with max-softmax score above the threshold."""
+def _panoptic_selection(mask_cls: torch.Tensor, object_mask_threshold: float):
+    """(keep, scores, classes): queries predicting a real class with max-softmax score above the
+    threshold, and every query's max-softmax score and class."""
     scores, labels = F.softmax(mask_cls.float(), dim=-1).max(-1)
-    return labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold)
+    return labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold), scores, labels
 
 
 def panoptic_inference(
@@ -73,10 +81,7 @@ def panoptic_inference(
         ``segment_map`` int64 [h, w] and ``segments_info`` ``[{"id", "category", "isthing", "score"}]``
         (``score`` = class probability of the query that created the segment).
     """
-    thing_ids = {int(t) for t in thing_ids}
-    probs = F.softmax(mask_cls.float(), dim=-1)
-    scores, labels = probs.max(-1)
-    keep = labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold)
+    keep, scores, labels = _panoptic_selection(mask_cls, object_mask_threshold)
     cur_scores = scores[keep]
     cur_classes = labels[keep]
     cur_masks = mask_pred[keep].float().sigmoid()
@@ -203,16 +208,8 @@ def resize_mask_logits(
     image_size: Sequence[int],
     output_size: Sequence[int],
 ) -> torch.Tensor:
-    """[N, h, w] logits -> [N, H, W]: upsample to the padded input, crop the image, resize to the output."""
-    if mask_pred.shape[0] == 0:  # nothing kept (e.g. every query predicts no-object): interpolate rejects N=0
-        return mask_pred.new_zeros((0, *output_size), dtype=torch.float32)
-    x = mask_pred.float()[None]
-    if tuple(x.shape[-2:]) != tuple(padded_size):
-        x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
-    x = x[..., : image_size[0], : image_size[1]]
-    if tuple(x.shape[-2:]) != tuple(output_size):
-        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return x[0]
+    """[N, h, w] logits -> [N, H, W] float32: upsample to the padded input, crop the image, resize to the output."""
+    return resize_chain(mask_pred.float(), padded_size, image_size, output_size)
 
 
 def postprocess(
@@ -272,9 +269,7 @@ def postprocess(
     if instance_things_only and thing_ids is None:
         raise ValueError("instance_things_only=True needs thing_ids")
 
-    if mode not in MODES:
-        raise ValueError(f"unknown post-processing mode {mode!r}; expected one of {MODES}")
-    if mode == "fast":
+    if check_mode(mode) == "fast":
         if return_semantic_scores:
             raise ValueError("return_semantic_scores needs mode='official' (fast mode never forms [K, H, W] scores)")
         return _postprocess_fast(mask_cls, mask_pred, padded_size, image_size, output_size, tasks, thing_ids,
@@ -300,7 +295,7 @@ def postprocess(
             result["semantic_scores"] = sem_scores
 
     if "panoptic" in tasks:
-        keep = torch.nonzero(_panoptic_keep(mask_cls, object_mask_threshold)).flatten()
+        keep = torch.nonzero(_panoptic_selection(mask_cls, object_mask_threshold)[0]).flatten()
         kept_masks = all_resized[keep] if all_resized is not None else resize(mask_pred[keep])
         segment_map, segments_info = panoptic_inference(
             mask_cls[keep], kept_masks, thing_ids=thing_ids,
@@ -323,80 +318,78 @@ def postprocess(
 
 def _postprocess_fast(mask_cls, mask_pred, padded_size, image_size, output_size, tasks, thing_ids,
                       object_mask_threshold, overlap_threshold, topk, instance_things_only) -> dict:
-    """``mode="fast"``: every decision from window bounds, exact values only where they are undecided."""
+    """``mode="fast"``: every decision from window bounds, exact values only where they are undecided.
+    Where undecided windows are so many that exact evaluation would cost more than a dense resize
+    (maps with edges everywhere, e.g. from random weights), a task takes the dense route instead."""
     grid = ResizeGrid(mask_pred.shape[-2:], padded_size, image_size, output_size, device=mask_pred.device)
     mask_pred = mask_pred.float()
-
-    def resize(selected: torch.Tensor) -> torch.Tensor:  # the dense route, when edges are everywhere
-        return resize_mask_logits(selected, padded_size, image_size, output_size)
-
     result: dict = {}
     if "semantic" in tasks:
         probs = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
         scores = torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())  # [K, h, w]
-        lower, upper = grid.window_min_max(scores)
-        result["semantic"] = grid.resized_argmax(scores, lower, upper)[0]
+        winner, decided, candidates = grid.argmax_candidates(*grid.window_min_max(scores))
+        if grid.exact_work_exceeds_dense(candidates):
+            result["semantic"] = grid.resize(scores).argmax(0)
+        else:
+            result["semantic"] = grid.resized_argmax(scores, winner, decided, candidates)[0]
     if "panoptic" in tasks:
-        keep = _panoptic_keep(mask_cls, object_mask_threshold)
-        result["panoptic"] = _fast_panoptic(grid, F.softmax(mask_cls[keep].float(), dim=-1).max(-1),
-                                            mask_pred[keep], thing_ids, overlap_threshold, resize)
+        keep, scores, classes = _panoptic_selection(mask_cls, object_mask_threshold)
+        result["panoptic"] = _fast_panoptic(grid, scores[keep], classes[keep], mask_pred[keep], thing_ids,
+                                            overlap_threshold)
     if "instance" in tasks:
         num_classes = mask_cls.shape[-1] - 1
         scores, labels, query_idx = _instance_selection(
             mask_cls, num_classes, topk, thing_ids if instance_things_only else None
         )
-        result["instances"] = _fast_instances(grid, scores, labels, query_idx, mask_pred, resize)
+        result["instances"] = _fast_instances(grid, scores, labels, query_idx, mask_pred)
     return result
 
 
-def _fast_panoptic(grid: ResizeGrid, scores_labels, logits: torch.Tensor, thing_ids, overlap_threshold,
-                   resize) -> dict:
+def _fast_panoptic(grid: ResizeGrid, scores: torch.Tensor, classes: torch.Tensor, logits: torch.Tensor, thing_ids,
+                   overlap_threshold) -> dict:
     """Official panoptic merge of the kept queries' resized logits, without resizing them."""
-    scores, classes = scores_labels
     n = logits.shape[0]
     if n == 0:
         return {"segment_map": torch.zeros(grid.output_size, dtype=torch.int64, device=logits.device),
                 "segments_info": []}
     low, high = grid.window_min_max(logits)  # logit bounds per window
-    if grid.exact_work_exceeds_dense((low < 0) & (high >= 0)):
-        segment_map, segments_info = _merge_kept(scores, classes, resize(logits).sigmoid(), thing_ids, overlap_threshold)
-        return {"segment_map": segment_map, "segments_info": segments_info}
+    straddles = (low < 0) & (high >= 0)  # windows where "logit >= 0" is not decided by the bounds
     s = scores.view(-1, 1, 1)
-    winner, window_winner, decided, (pixels, winner_logit) = grid.resized_argmax(
-        logits, s * low.sigmoid(), s * high.sigmoid(), value_at=lambda u, k: scores[k] * u.sigmoid())
-    # Is the winner's logit >= 0? Decided windows: from the winner's bounds (exactly where mixed).
-    w_low = low.gather(0, window_winner[None])[0]
-    w_high = high.gather(0, window_winner[None])[0]
-    confident = grid.to_pixels(w_low >= 0)
+    window_winner, decided, candidates = grid.argmax_candidates(s * low.sigmoid(), s * high.sigmoid())
+    # the dense route does more per pixel here (sigmoid, score product, argmax over N): break-even ~10%
+    if grid.exact_work_exceeds_dense(straddles | candidates, fraction=0.10):
+        segment_map, segments_info = _merge_kept(scores, classes, grid.resize(logits).sigmoid(), thing_ids,
+                                                 overlap_threshold)
+        return {"segment_map": segment_map, "segments_info": segments_info}
+    winner, (pixels, winner_logit) = grid.resized_argmax(logits, window_winner, decided, candidates,
+                                                         value_at=lambda u, k: scores[k] * u.sigmoid())
+    # Is the winner's logit >= 0? From the winner's bounds where they decide, exactly elsewhere.
+    confident = grid.to_pixels(low.gather(0, window_winner[None])[0] >= 0)
     flat = confident.view(-1)
-    flat[pixels] = winner_logit >= 0
-    wr, wc = torch.nonzero(decided & grid.nonempty & (w_low < 0) & (w_high >= 0), as_tuple=True)
-    block = grid.block_pixels(wr, wc)[0]
-    flat[block.flatten()] = (grid.block_values(logits, window_winner[wr, wc], wr, wc) >= 0).flatten()
-    # Each query's area with logit >= 0: whole windows from the bounds, mixed windows pixel by pixel.
+    flat[pixels] = winner_logit >= 0  # windows without a decided winner
+    winner_straddles = torch.zeros_like(straddles).scatter_(0, window_winner[None], decided[None]) & straddles
+    _, block, _, values = grid.edge_blocks(logits, winner_straddles)
+    flat[block.flatten()] = (values >= 0).flatten()
+    # Each query's area with logit >= 0: whole windows from the bounds, straddling windows pixel by pixel.
     area = ((low >= 0) * grid.window_pixel_count).flatten(1).sum(1)
-    k, wr, wc = torch.nonzero((low < 0) & (high >= 0) & grid.nonempty, as_tuple=True)
-    valid = grid.block_pixels(wr, wc)[1]
-    positive = ((grid.block_values(logits, k, wr, wc) >= 0) & valid).flatten(1).sum(1)
-    area = area + torch.zeros_like(area).index_add_(0, k, positive)
+    k, _, valid, values = grid.edge_blocks(logits, straddles)
+    area = area.index_add(0, k, ((values >= 0) & valid).flatten(1).sum(1))
     segment_map, segments_info = merge_segments(winner, confident, area, scores, classes, thing_ids=thing_ids,
                                                 overlap_threshold=overlap_threshold)
     return {"segment_map": segment_map, "segments_info": segments_info}
 
 
-def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred, resize,
-                    threshold: float = 0.0) -> dict:
+def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred, threshold: float = 0.0) -> dict:
     """Resized masks (logit > threshold) of the selected queries and their mean-sigmoid scores."""
     unique_queries, inverse = torch.unique(query_idx, return_inverse=True)
     logits = mask_pred[unique_queries]
     low, high = grid.window_min_max(logits)
-    if grid.exact_work_exceeds_dense((low <= threshold) & (high > threshold)):
-        return _instances_from_selected(class_scores, labels, resize(logits)[inverse], threshold)
+    straddles = (low <= threshold) & (high > threshold)
+    if grid.exact_work_exceeds_dense(straddles):
+        return _instances_from_selected(class_scores, labels, grid.resize(logits)[inverse], threshold)
     inside = low > threshold
     masks = grid.to_pixels(inside)
-    k, wr, wc = torch.nonzero((low <= threshold) & (high > threshold) & grid.nonempty, as_tuple=True)
-    block, valid = grid.block_pixels(wr, wc)
-    values = grid.block_values(logits, k, wr, wc)
+    k, block, valid, values = grid.edge_blocks(logits, straddles)
     above = values > threshold  # padded block entries repeat a real pixel with its value: safe to write
     masks.view(-1)[(block + (k * masks[0].numel())[:, None, None]).flatten()] = above.flatten()
     positive = above & valid  # ... but not to count
