@@ -17,17 +17,7 @@ from pathlib import Path
 
 import torch
 
-from omniseg.bench import BenchSettings, native_bf16_matmul, run_bench
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from omniseg.bench import BenchSettings, cpu_model, native_bf16_matmul, run_bench
 
 
 def main(argv=None) -> str:

@@ -30,7 +30,8 @@ def test_models_lists_presets():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
     for name in ("mask2former_r50", "mask2former_swin_t", "maskformer_r50", "mask2former_demo",
-                 "mp_former_r50", "mp_former_swin_t", "mp_former_demo"):
+                 "mp_former_r50", "mp_former_swin_t", "mp_former_demo", "oneformer_r50", "oneformer_swin_t",
+                 "oneformer_demo"):
         assert name in result.output
 
 

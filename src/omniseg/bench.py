@@ -144,6 +144,17 @@ def matmul_peak_gflops(dtype: str, size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def native_bf16_matmul() -> bool:
     """Whether the CPU has bf16 matmul instructions (AMX or AVX512-BF16); without them bf16 is emulated."""
     try:

@@ -162,7 +162,9 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
            fmt: str = typer.Option("torch-export", "--format", "-f", help="torch-export | onnx"),
            height: int = typer.Option(512, help="input height (multiple of 32)"),
            width: int = typer.Option(512, help="input width (multiple of 32)"),
-           batch: int = typer.Option(1, help="batch size of the exported graph")):
+           batch: int = typer.Option(1, help="batch size of the exported graph"),
+           task: Optional[str] = typer.Option(None, "--task", help="OneFormer: the task the graph predicts "
+                                              "(semantic / instance / panoptic; default model.test.task)")):
     """Export the inference network (uint8 images -> class and mask logits) for deployment."""
     from omniseg.api import load_model
     from omniseg.export import check_export_request, export_model
@@ -171,8 +173,13 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
         check_export_request(fmt, height, width)
     except ValueError as e:
         _fail(str(e))
+    if task is not None and task not in TASKS:
+        _fail(f"unknown task {task!r}; choose from {TASKS}")
     model, _, meta = load_model(weights)
-    path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta)
+    try:
+        path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta, task=task)
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"wrote {path} and {path}.json (input uint8 [{batch}, 3, {height}, {width}])")
 
 

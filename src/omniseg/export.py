@@ -5,7 +5,8 @@ pad or resize to them) -> class logits [B, Q, K+1] and mask logits [B, Q, H/4, W
 is inside the graph. Post-processing (which keeps a data-dependent number of segments) stays in
 Python: `omniseg.export.postprocess_exported` turns the two outputs into the usual prediction dict,
 so a deployment needs no omniseg model code. MP-Former exports exactly as Mask2Former: mask piloting
-exists only in training.
+exists only in training. OneFormer exports one graph per task (the task token is a constant of the
+graph); its text mapper, training-only, is left out.
 
 A JSON sidecar (`<output>.json`) records the input size, output names, class names and thing ids.
 """
@@ -26,21 +27,25 @@ FORMATS = ("torch-export", "onnx")
 OUTPUT_NAMES = ("pred_logits", "pred_masks")
 
 
-TRAINING_ONLY = ("criterion", "mask_pilot")  # loss modules and MP-Former's piloting: not part of inference
+TRAINING_ONLY = ("criterion", "mask_pilot", "text_mapper")  # losses, MP-Former's piloting, OneFormer's text mapper
 
 
 class InferenceGraph(nn.Module):
     """uint8 images -> (pred_logits, pred_masks) of the last decoder layer; nothing training-only."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task: str | None = None):
         super().__init__()
+        if task is not None and getattr(model, "default_task", None) is None:
+            raise ValueError("--task applies to task-conditioned models (OneFormer) only")
+        self.task = task  # OneFormer: the task token baked into the graph (None: model.test.task)
         # A shallow copy without the training-only children, so their weights stay out of the export.
         inference = copy.copy(model)
         inference._modules = {k: v for k, v in model._modules.items() if k not in TRAINING_ONLY}
         self.model = inference
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.model.forward_raw(self.model.normalize(images))
+        x = self.model.normalize(images)
+        outputs = self.model.forward_raw(x) if self.task is None else self.model.forward_raw(x, self.task)
         return outputs["pred_logits"], outputs["pred_masks"]
 
 
@@ -54,12 +59,13 @@ def check_export_request(fmt: str, height: int, width: int) -> None:
 
 
 def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "torch-export",
-                 height: int = 512, width: int = 512, batch: int = 1, meta=None) -> Path:
-    """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file."""
+                 height: int = 512, width: int = 512, batch: int = 1, meta=None, task: str | None = None) -> Path:
+    """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file.
+    `task` (OneFormer only) picks the task token baked into the graph."""
     check_export_request(fmt, height, width)
+    graph = InferenceGraph(model, task).eval()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    graph = InferenceGraph(model).eval()
     example = torch.zeros((batch, 3, height, width), dtype=torch.uint8)
     with torch.no_grad():
         if fmt == "torch-export":
@@ -75,6 +81,7 @@ def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "tor
         "input": {"name": "images", "shape": [batch, 3, height, width], "dtype": "uint8", "layout": "RGB"},
         "outputs": {"pred_logits": "[B, Q, K+1] class logits (last = no object)",
                     "pred_masks": "[B, Q, H/4, W/4] mask logits"},
+        "task": task or getattr(model, "default_task", None),
         "classes": list(meta.classes) if meta is not None else None,
         "thing_ids": list(getattr(model, "thing_ids", []) or []),
         "object_mask_threshold": float(getattr(model, "object_mask_threshold", 0.8)),

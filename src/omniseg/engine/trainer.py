@@ -24,7 +24,7 @@ from omniseg.config import to_yaml
 from omniseg.data.build import build_dataset
 from omniseg.data.errors import DataError
 from omniseg.data.loader import PadCollate, collate
-from omniseg.data.targets import mask_targets
+from omniseg.data.targets import TASKS, mask_targets
 from omniseg.data.transforms import build_transforms
 from omniseg.engine.checkpoint import Checkpointer, atomic_write, set_rng_state
 from omniseg.engine.logger import RunLogger
@@ -104,7 +104,11 @@ class TrainingSet(Dataset):
         else:
             raise DataError(None, f"every one of the {len(self.dataset)} training samples failed to load; "
                                   f"last error: {skipped[-1]}")
-        sample["targets"] = mask_targets(sample, self.task)
+        task = self.task
+        if task == "sampled":  # OneFormer: each image draws one task its annotation supports, uniformly
+            task = random.Random(seed).choice([t for t in TASKS if t in _gt_tasks(sample)])
+        sample["targets"] = mask_targets(sample, task)
+        sample["targets"]["task"] = task
         # The loss's random points get their own per-sample stream (see MaskFormer.losses).
         sample["targets"]["seed"] = (seed + POINT_SEED_OFFSET) % (1 << 62)
         sample["skipped"] = skipped  # travels to the main process, which counts every skip

@@ -121,7 +121,8 @@ def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     for i in tqdm(range(n), desc="consistency", disable=not progress, mininterval=1.0):
         sample = transforms(dataset[i])
-        target = mask_targets(sample, str(cfg.task))
+        # A task-sampling model (OneFormer) is scored on what forward_raw predicts by default: panoptic.
+        target = mask_targets(sample, "panoptic" if str(cfg.task) == "sampled" else str(cfg.task))
         batch = collate([sample], size_divisibility=int(cfg.data.size_divisibility))
         images = batch.images.to(device)
         raw = model.forward_raw(model.normalize(images))

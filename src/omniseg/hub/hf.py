@@ -1,4 +1,4 @@
-"""Load a local HF transformers Mask2Former / MaskFormer checkpoint folder as a full omniseg model.
+"""Load a local HF transformers Mask2Former / MaskFormer / OneFormer checkpoint folder as a full omniseg model.
 
 The folder is what `save_pretrained` writes: config.json + model.safetensors (or pytorch_model.bin).
 Nothing is downloaded. HF configs do not say which classes are "things"; all classes are treated as
@@ -48,7 +48,13 @@ def _settings_and_converter(hf_config: dict):
 
         settings = hf_maskformer_config_to_omniseg(hf_config)
         return settings, lambda sd: convert_hf_maskformer_state_dict(sd, backbone=settings["backbone_type"])
-    raise CheckpointError(f"HF model_type {model_type!r} is not supported (mask2former, maskformer)")
+    if model_type == "oneformer":
+        from omniseg.hub.hf_oneformer import convert_hf_oneformer_state_dict, hf_oneformer_config_to_omniseg
+
+        settings = hf_oneformer_config_to_omniseg(hf_config)
+        kind = (hf_config.get("backbone_config") or {}).get("model_type") or settings["backbone"]
+        return settings, lambda sd: convert_hf_oneformer_state_dict(sd, backbone=kind)
+    raise CheckpointError(f"HF model_type {model_type!r} is not supported (mask2former, maskformer, oneformer)")
 
 
 def hf_folder_to_config(path: str | os.PathLike, *, stuff_classes: Iterable[str] = ()) -> tuple[DictConfig, DatasetMeta]:
@@ -85,7 +91,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, stuff_classes: Iterable[str] 
                         thing_ids=meta.thing_ids)
     state = read_hf_state_dict_converted(path)
     report = report_load(model, state, source=str(path))
-    missing = [k for k in report["missing"] if not k.startswith("criterion.")]
+    # Inference checkpoints lack training-only weights (loss buffers; OneFormer's text mapper, which
+    # then starts from its initialisation if the model is fine-tuned).
+    missing = [k for k in report["missing"] if not k.startswith(("criterion.", "text_mapper.", "logit_scale"))]
     if missing or report["unexpected"]:
         raise CheckpointError(f"{path}: converted weights do not fit: missing {missing[:5]}, "
                               f"unexpected {report['unexpected'][:5]}")

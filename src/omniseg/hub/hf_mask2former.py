@@ -31,6 +31,37 @@ HF_TRANSFORMER_PREFIX = "model.transformer_module."
 
 # ------------------------------------------------------------------------------------------ config
 
+def hf_backbone_settings(hf_config: dict, family: str) -> tuple[str, dict]:
+    """The backbone of an HF Mask2Former / OneFormer config -> (omniseg backbone name, its kwargs)."""
+    backbone_cfg = hf_config.get("backbone_config")
+    if backbone_cfg is not None and not isinstance(backbone_cfg, dict):
+        backbone_cfg = backbone_cfg.to_dict()
+    if backbone_cfg is None:
+        if hf_config.get("use_timm_backbone") and hf_config.get("backbone"):
+            return hf_config["backbone"], {}  # weights are timm's already
+        raise CheckpointError(f"{family} config without backbone_config is not supported")
+    kind = backbone_cfg.get("model_type")
+    out_features = backbone_cfg.get("out_features") or ["stage1", "stage2", "stage3", "stage4"]
+    if list(out_features) != ["stage1", "stage2", "stage3", "stage4"]:
+        raise CheckpointError(f"backbone out_features must be stage1..stage4, got {out_features}")
+    if kind == "resnet":
+        return hf_resnet_config_to_timm(backbone_cfg)
+    if kind == "swin":
+        backbone, backbone_kwargs = hf_swin_config_to_timm(backbone_cfg)
+        backbone_kwargs["out_norms"] = True  # HF SwinBackbone normalises every returned stage
+        return backbone, backbone_kwargs
+    raise CheckpointError(f"unsupported {family} backbone type {kind!r} (resnet, swin)")
+
+
+def hf_class_names(hf_config: dict, family: str) -> list[str]:
+    """Class names from `id2label` (or `class_i` for `num_labels` classes without names)."""
+    id2label = hf_config.get("id2label") or {}
+    num_classes = len(id2label) if id2label else int(hf_config.get("num_labels", 0))
+    if num_classes <= 0:
+        raise CheckpointError(f"{family} config has no id2label / num_labels")
+    return [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]
+
+
 def hf_mask2former_config_to_omniseg(hf_config: dict) -> dict:
     """HF `Mask2FormerConfig` (config.json as a dict) -> omniseg Mask2Former settings.
 
@@ -39,34 +70,11 @@ def hf_mask2former_config_to_omniseg(hf_config: dict) -> dict:
     """
     if hf_config.get("model_type", "mask2former") != "mask2former":
         raise CheckpointError(f"not a Mask2Former config (model_type={hf_config.get('model_type')!r})")
-    backbone_cfg = hf_config.get("backbone_config")
-    if backbone_cfg is not None and not isinstance(backbone_cfg, dict):
-        backbone_cfg = backbone_cfg.to_dict()
-    if backbone_cfg is None:
-        if hf_config.get("use_timm_backbone") and hf_config.get("backbone"):
-            backbone, backbone_kwargs = hf_config["backbone"], {}  # weights are timm's already
-        else:
-            # HF's default backbone when none is given: Swin-T-like with depths (2, 2, 18, 2)
-            raise CheckpointError("Mask2Former config without backbone_config is not supported")
-    else:
-        kind = backbone_cfg.get("model_type")
-        out_features = backbone_cfg.get("out_features") or ["stage1", "stage2", "stage3", "stage4"]
-        if list(out_features) != ["stage1", "stage2", "stage3", "stage4"]:
-            raise CheckpointError(f"backbone out_features must be stage1..stage4, got {out_features}")
-        if kind == "resnet":
-            backbone, backbone_kwargs = hf_resnet_config_to_timm(backbone_cfg)
-        elif kind == "swin":
-            backbone, backbone_kwargs = hf_swin_config_to_timm(backbone_cfg)
-            backbone_kwargs["out_norms"] = True  # HF SwinBackbone normalises every returned stage
-        else:
-            raise CheckpointError(f"unsupported Mask2Former backbone type {kind!r} (resnet, swin)")
+    backbone, backbone_kwargs = hf_backbone_settings(hf_config, "Mask2Former")
     if list(hf_config.get("feature_strides", [4, 8, 16, 32])) != [4, 8, 16, 32]:
         raise CheckpointError(f"feature_strides must be [4, 8, 16, 32], got {hf_config.get('feature_strides')}")
-    id2label = hf_config.get("id2label") or {}
-    num_classes = len(id2label) if id2label else int(hf_config.get("num_labels", 0))
-    if num_classes <= 0:
-        raise CheckpointError("Mask2Former config has no id2label / num_labels")
-    class_names = [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]
+    class_names = hf_class_names(hf_config, "Mask2Former")
+    num_classes = len(class_names)
     return {
         "backbone": backbone,
         "backbone_kwargs": backbone_kwargs,
@@ -117,7 +125,7 @@ _DECODER_LAYER_RENAMES = {  # HF layer child -> (omniseg ModuleList, child)
 }
 
 
-def _convert_pixel_decoder_key(k: str) -> str | None:
+def convert_pixel_decoder_key(k: str) -> str | None:
     if k == "level_embed":
         return "transformer.level_embed"
     if k.startswith("input_projections."):
@@ -155,15 +163,16 @@ def _convert_transformer_key(k: str) -> str | None:
     return None
 
 
-def _pack_self_attention(hf_sd: dict, out: dict) -> set[str]:
-    """HF's decoder self-attention has separate q/k/v projections; omniseg packs them like
-    nn.MultiheadAttention (rows [q; k; v])."""
+def pack_qkv(hf_sd: dict, pattern: str, target: str, out: dict) -> set[str]:
+    """HF attention with separate q/k/v projections -> nn.MultiheadAttention packing (rows [q; k; v]).
+
+    `pattern` is a regex with groups (layer, q|k|v, weight|bias); `target` a format string with {layer}
+    and {name} (in_proj_weight / in_proj_bias). Fills `out`; returns the HF keys it used."""
     used = set()
-    pattern = re.compile(re.escape(HF_TRANSFORMER_PREFIX)
-                         + r"decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+    regex = re.compile(pattern)
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, v in hf_sd.items():
-        m = pattern.fullmatch(k)
+        m = regex.fullmatch(k)
         if m:
             parts.setdefault((m[1], m[3]), {})[m[2]] = v
             used.add(k)
@@ -171,17 +180,32 @@ def _pack_self_attention(hf_sd: dict, out: dict) -> set[str]:
         if sorted(qkv) != ["k", "q", "v"]:
             raise CheckpointError(f"decoder layer {layer}: incomplete self-attention q/k/v {kind}")
         name = "in_proj_weight" if kind == "weight" else "in_proj_bias"
-        out[f"predictor.transformer_self_attention_layers.{layer}.self_attn.{name}"] = torch.cat(
-            [qkv["q"], qkv["k"], qkv["v"]], 0)
+        out[target.format(layer=layer, name=name)] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], 0)
     return used
 
 
-def convert_hf_mask2former_state_dict(hf_sd: dict[str, torch.Tensor], *, backbone: str) -> dict[str, torch.Tensor]:
-    """HF Mask2FormerForUniversalSegmentation state dict -> omniseg `backbone.* / pixel_decoder.* /
-    predictor.*` keys. `backbone` names the family: "resnet..." or "swin..." (an omniseg/timm
-    backbone name or HF model_type). Unknown keys raise CheckpointError; the loss buffer is dropped."""
+def convert_hf_backbone(backbone_sd: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
+    """HF backbone weights (prefix removed) -> omniseg `backbone.*` keys. `backbone` names the family:
+    "resnet..." or "swin..." (an omniseg/timm backbone name or HF model_type)."""
+    if any(k.startswith("_backbone.") for k in backbone_sd):  # HF wrapping a timm model: already timm names
+        return {"backbone.body." + k[len("_backbone."):]: v for k, v in backbone_sd.items()}
+    if "swin" in backbone.lower():
+        out = {"backbone.body." + k: v for k, v in convert_hf_swin_to_timm(backbone_sd).items()}
+        out.update({"backbone.out_norms." + k: v for k, v in hf_swin_output_norms(backbone_sd).items()})
+        return out
+    if "resnet" in backbone.lower():
+        return {"backbone.body." + k: v for k, v in convert_hf_resnet_to_timm(backbone_sd).items()}
+    raise CheckpointError(f"unsupported backbone {backbone!r} for HF conversion (resnet, swin)")
+
+
+def convert_hf_mask_classification_state_dict(hf_sd: dict[str, torch.Tensor], *, backbone: str, family: str,
+                                              self_attention: tuple[str, str], convert_key) -> dict[str, torch.Tensor]:
+    """Shared by the HF Mask2Former and OneFormer converters: backbone and pixel decoder convert here,
+    `self_attention` = (regex, target) packs the decoder's separate q/k/v (see `pack_qkv`), and
+    `convert_key(hf_key)` maps every other key (None = unknown). Unknown keys raise CheckpointError;
+    the loss's class-weight buffer is dropped."""
     out: dict[str, torch.Tensor] = {}
-    used = _pack_self_attention(hf_sd, out)
+    used = pack_qkv(hf_sd, self_attention[0], self_attention[1], out)
     backbone_sd, unknown = {}, []
     for k, v in hf_sd.items():
         if k in used or k == "criterion.empty_weight":
@@ -189,32 +213,38 @@ def convert_hf_mask2former_state_dict(hf_sd: dict[str, torch.Tensor], *, backbon
         if k.startswith(HF_BACKBONE_PREFIX):
             backbone_sd[k[len(HF_BACKBONE_PREFIX):]] = v
             continue
-        new = None
         if k.startswith(HF_PIXEL_DECODER_PREFIX):
-            new = _convert_pixel_decoder_key(k[len(HF_PIXEL_DECODER_PREFIX):])
+            new = convert_pixel_decoder_key(k[len(HF_PIXEL_DECODER_PREFIX):])
             new = new and "pixel_decoder." + new
-        elif k.startswith(HF_TRANSFORMER_PREFIX):
-            new = _convert_transformer_key(k[len(HF_TRANSFORMER_PREFIX):])
-            new = new and "predictor." + new
-        elif k.startswith("class_predictor."):
-            new = "predictor.class_embed." + k[len("class_predictor."):]
+        else:
+            new = convert_key(k)
         if new is None:
             unknown.append(k)
         else:
             out[new] = v
     if unknown:
-        raise CheckpointError(f"{len(unknown)} HF Mask2Former weights have no omniseg counterpart, e.g. {unknown[:5]}")
-
-    if any(k.startswith("_backbone.") for k in backbone_sd):  # HF wrapping a timm model: already timm names
-        out.update({"backbone.body." + k[len("_backbone."):]: v for k, v in backbone_sd.items()})
-    elif "swin" in backbone.lower():
-        out.update({"backbone.body." + k: v for k, v in convert_hf_swin_to_timm(backbone_sd).items()})
-        out.update({"backbone.out_norms." + k: v for k, v in hf_swin_output_norms(backbone_sd).items()})
-    elif "resnet" in backbone.lower():
-        out.update({"backbone.body." + k: v for k, v in convert_hf_resnet_to_timm(backbone_sd).items()})
-    else:
-        raise CheckpointError(f"unsupported backbone {backbone!r} for HF Mask2Former conversion (resnet, swin)")
+        raise CheckpointError(f"{len(unknown)} HF {family} weights have no omniseg counterpart, e.g. {unknown[:5]}")
+    out.update(convert_hf_backbone(backbone_sd, backbone))
     return out
+
+
+def _convert_mask2former_key(k: str) -> str | None:
+    if k.startswith(HF_TRANSFORMER_PREFIX):
+        new = _convert_transformer_key(k[len(HF_TRANSFORMER_PREFIX):])
+        return new and "predictor." + new
+    if k.startswith("class_predictor."):
+        return "predictor.class_embed." + k[len("class_predictor."):]
+    return None
+
+
+def convert_hf_mask2former_state_dict(hf_sd: dict[str, torch.Tensor], *, backbone: str) -> dict[str, torch.Tensor]:
+    """HF Mask2FormerForUniversalSegmentation state dict -> omniseg `backbone.* / pixel_decoder.* /
+    predictor.*` keys. `backbone` names the family: "resnet..." or "swin..." (an omniseg/timm
+    backbone name or HF model_type). Unknown keys raise CheckpointError; the loss buffer is dropped."""
+    self_attention = (re.escape(HF_TRANSFORMER_PREFIX) + r"decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
+                      "predictor.transformer_self_attention_layers.{layer}.self_attn.{name}")
+    return convert_hf_mask_classification_state_dict(hf_sd, backbone=backbone, family="Mask2Former",
+                                                     self_attention=self_attention, convert_key=_convert_mask2former_key)
 
 
 # ------------------------------------------------------------------------------------ one call

@@ -26,6 +26,13 @@ def _build_maskformer(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) 
     return MaskFormer(cfg, num_classes=num_classes, thing_ids=thing_ids)
 
 
+@register_arch("oneformer")
+def _build_oneformer(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
+    from omniseg.models.oneformer.model import OneFormer
+
+    return OneFormer(cfg, num_classes=num_classes, thing_ids=thing_ids)
+
+
 def build_model(model_cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()) -> nn.Module:
     arch = model_cfg.get("arch", "mask2former")
     if arch not in _BUILDERS:

@@ -143,7 +143,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def __init__(self, in_channels: int, *, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
                  nheads: int = 8, dim_feedforward: int = 2048, dec_layers: int = 9, mask_dim: int = 256,
                  num_feature_levels: int = 3, pre_norm: bool = False, enforce_input_project: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, learned_query_content: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
@@ -161,7 +161,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
 
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # content of the learnable queries
+        # Content of the learnable queries; OneFormer passes its own (task-conditioned) content instead.
+        self.query_feat = nn.Embedding(num_queries, hidden_dim) if learned_query_content else None
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # their positional embedding
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
 
@@ -226,16 +227,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor,
-                extra: ExtraQueries | None = None) -> dict:
+                extra: ExtraQueries | None = None, queries: torch.Tensor | None = None) -> dict:
         """-> {"pred_logits", "pred_masks", "aux_outputs"} of the learnable queries.
 
         `extra` (training-time, e.g. MP-Former's mask-piloted queries) prepends P queries that go through
         the same layers; their predictions come back as "extra_outputs" (one dict per prediction set).
+        `queries` [B, Q, C] is the initial query content when the decoder has no learned content
+        (OneFormer's task-conditioned queries).
         """
         memory, memory_pos, sizes = self.prepare_memory(multi_scale_features)
         b = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
-        output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+        if (queries is None) == (self.query_feat is None):
+            raise ValueError("pass `queries` exactly when the decoder was built without learned query content")
+        output = queries if queries is not None else self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
         num_extra, self_blocked = 0, None
         if extra is not None:
             num_extra, self_blocked = extra.content.shape[1], extra.self_attn_blocked

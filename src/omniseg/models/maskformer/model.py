@@ -42,6 +42,8 @@ class MaskFormer(nn.Module):
         thing_ids: contiguous ids of thing classes (panoptic / instance post-processing).
     """
 
+    learned_query_content = True  # OneFormer builds its queries from the task token instead
+
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__()
         self.arch = _get(cfg, "arch", "mask2former")
@@ -58,7 +60,7 @@ class MaskFormer(nn.Module):
             **dict(_get(cfg, "backbone_kwargs", {}) or {}),
         )
         specs = self.backbone.specs
-        if self.arch == "mask2former":
+        if self.arch in ("mask2former", "oneformer"):
             from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder
             from omniseg.models.maskformer.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
@@ -72,6 +74,7 @@ class MaskFormer(nn.Module):
                 nheads=int(_get(cfg, "nheads", 8)), dim_feedforward=int(_get(cfg, "dim_feedforward", 2048)),
                 dec_layers=int(_get(cfg, "dec_layers", 9)), mask_dim=mask_dim, pre_norm=bool(_get(cfg, "pre_norm", False)),
                 enforce_input_project=bool(_get(cfg, "enforce_input_project", False)),
+                learned_query_content=self.learned_query_content,
             )
         elif self.arch == "maskformer":
             from omniseg.models.maskformer.detr_decoder import DetrTransformerPredictor
@@ -86,7 +89,7 @@ class MaskFormer(nn.Module):
                 pre_norm=bool(_get(cfg, "pre_norm", False)), mask_dim=mask_dim,
             )
         else:
-            raise ValueError(f"unknown mask-classification arch {self.arch!r} (mask2former | maskformer)")
+            raise ValueError(f"unknown mask-classification arch {self.arch!r} (mask2former | maskformer | oneformer)")
 
         loss = dict(_get(cfg, "loss", {}) or {})
         mask_loss = loss.get("mask_loss", "bce")
