@@ -332,3 +332,39 @@ def test_export_bakes_the_chosen_task_into_the_graph(tmp_path):
     mask2former = build_model({**_tiny_cfg(), "arch": "mask2former"}, num_classes=6).eval()
     with pytest.raises(ValueError, match="OneFormer"):
         export_model(mask2former, tmp_path / "m.pt2", height=64, width=96, task="semantic")
+
+
+def _contrastive_rank(rank: int, world: int, port: int, img, txt, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mine_img = img[rank:rank + 1].clone().requires_grad_(True)
+        loss = query_text_contrastive_loss(mine_img, txt[rank:rank + 1], torch.tensor(math.log(5.0)))
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": mine_img.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_contrastive_loss_gathers_over_ranks_like_one_big_batch(tmp_path):
+    """Two gloo ranks with one image each score the same 2x2 similarity as one process with both
+    images; DDP then averages the ranks' gradients, which equals the one-process gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_contrastive_rank, args=(2, port, img, txt, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    whole = img.clone().requires_grad_(True)
+    expected = query_text_contrastive_loss(whole, txt, torch.tensor(math.log(5.0)))
+    expected.backward()
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["loss"], expected.detach())
+        # all_gather's backward sums every rank's gradient for this rank's rows; DDP divides by the world size
+        torch.testing.assert_close(got["grad"][0] / 2, whole.grad[r], atol=1e-6, rtol=0)

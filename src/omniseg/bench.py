@@ -59,6 +59,7 @@ class BenchSettings:
     train_steps: int = 3
     hf: bool = True
     train: bool = True
+    activation_checkpointing: bool = False  # omniseg training step only
     seed: int = 0
 
     def __post_init__(self):
@@ -221,6 +222,8 @@ def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[floa
 
         model, _, _ = load_model(folder)
         model.train()
+        if settings.activation_checkpointing:
+            model.set_activation_checkpointing(True)
 
         def loss_fn():
             return sum(model(images, targets).values())
@@ -426,4 +429,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             theirs = _train_step("hf", folder, s) if s.hf else (None, None)
             result.rows.append((f"training step, batch {s.train_batch}", ours_step, theirs[0], "s"))
             result.rows.append(("training peak RSS (whole process)", ours_rss, theirs[1], "MiB"))
+            if s.activation_checkpointing:
+                result.notes.append("omniseg's training step ran with activation checkpointing (backbone stages, "
+                                    "pixel-decoder and decoder layers recomputed in backward); HF's without.")
     return result

@@ -197,6 +197,8 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
           train_steps: int = typer.Option(3, help="timed training steps per side"),
           hf: bool = typer.Option(True, help="compare with HF transformers (when installed)"),
           train: bool = typer.Option(True, help="also time training steps and peak memory"),
+          activation_checkpointing: bool = typer.Option(False, help="omniseg's training step with activation "
+                                                        "checkpointing (model.activation_checkpointing)"),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the table (markdown) here")):
     """Speed and memory of omniseg vs HF transformers Mask2Former, same weights, one table."""
     from omniseg.bench import BenchSettings, run_bench
@@ -208,7 +210,8 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
     try:
         settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
                                  dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
-                                 repeats=repeats, train_steps=train_steps, hf=hf, train=train)
+                                 repeats=repeats, train_steps=train_steps, hf=hf, train=train,
+                                 activation_checkpointing=activation_checkpointing)
         table = run_bench(settings, progress=lambda msg: typer.echo(msg, err=True)).table()
     except ValueError as e:
         _fail(str(e))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from omniseg.models.layers.checkpointing import run_block
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 
@@ -178,6 +179,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.activation_checkpointing = False  # set by the model (model.activation_checkpointing)
 
     # ----------------------------------------------------------------- building blocks
     def prepare_memory(self, multi_scale_features: list[torch.Tensor]):
@@ -254,8 +256,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             forced = extra.attention_mask(i, sizes[level]) if num_extra else None
             if forced is not None:
                 blocked = torch.cat([forced.to(blocked.device), blocked[:, num_extra:]], dim=1)
-            output = self.forward_layer(i, output, memory[level], memory_pos[level], query_pos,
-                                        self.unblock_empty_rows(blocked), self_blocked)
+            output = run_block(self.forward_layer, i, output, memory[level], memory_pos[level], query_pos,
+                               self.unblock_empty_rows(blocked), self_blocked, enabled=self.activation_checkpointing)
             sets.append(self.forward_prediction_heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels]))
 
         learnable = [{"pred_logits": c[:, num_extra:], "pred_masks": m[:, num_extra:]} for c, m, _ in sets]

@@ -112,6 +112,8 @@ class MaskFormer(nn.Module):
             from omniseg.models.mp_former import MaskPilot, PilotSettings
 
             self.mask_pilot = MaskPilot(num_classes, hidden, PilotSettings.from_config(mp))
+        if bool(_get(cfg, "activation_checkpointing", False)):
+            self.set_activation_checkpointing(True)
         test = dict(_get(cfg, "test", {}) or {})
         self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
@@ -121,6 +123,19 @@ class MaskFormer(nn.Module):
         std = _get(cfg, "pixel_std", [58.395, 57.12, 57.375])
         self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in backward instead of storing them (training memory for about one
+        extra forward): every backbone stage (timm), pixel-decoder encoder layer and decoder layer."""
+        body = self.backbone.body
+        if not hasattr(body, "set_grad_checkpointing"):
+            raise ValueError(f"backbone {self.backbone.timm_name} does not support activation checkpointing")
+        body.set_grad_checkpointing(enabled)
+        encoder = getattr(self.pixel_decoder, "transformer", None)
+        if encoder is not None and hasattr(encoder, "activation_checkpointing"):
+            encoder.activation_checkpointing = enabled
+        if hasattr(self.predictor, "activation_checkpointing"):
+            self.predictor.activation_checkpointing = enabled
 
     # -- network -------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from omniseg.models.backbones import FeatureSpec
 from omniseg.models.layers.mlp import ConvNormAct
+from omniseg.models.layers.checkpointing import run_block
 from omniseg.models.layers.ms_deform_attn import MSDeformAttn
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 
@@ -52,6 +53,7 @@ class MSDeformAttnEncoder(nn.Module):
         self.layers = nn.ModuleList(
             MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, n_levels, n_heads, n_points)
             for _ in range(num_layers))
+        self.activation_checkpointing = False  # set by the model (model.activation_checkpointing)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -87,7 +89,8 @@ class MSDeformAttnEncoder(nn.Module):
         reference_points = self.reference_points(shapes, src_flat.shape[0], src_flat.device, src_flat.dtype)
         out = src_flat
         for layer in self.layers:
-            out = layer(out, pos_flat, reference_points, shapes, level_start_index)
+            out = run_block(layer, out, pos_flat, reference_points, shapes, level_start_index,
+                            enabled=self.activation_checkpointing)
         return out, shapes, level_start_index
 
 
