@@ -19,10 +19,10 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _runs import all_finished, train_or_reuse  # benchmarks/_runs.py
 
 MODELS = {"mask2former": ("Mask2Former", []), "mp_former": ("MP-Former", ["model.mp.enabled=true"])}
 HEADLINE = {"synthetic": "PQ", "camvid": "mIoU"}
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
 
     from omniseg.api import load_model
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, train
+    from omniseg.engine.trainer import build_datasets
     from omniseg.evaluation.consistency import evaluate_consistency
 
     metric = HEADLINE[args.dataset]
@@ -79,17 +79,10 @@ def main(argv=None) -> None:
             f"train.checkpoint_period={args.iters}", *args.overrides]
     for key in args.models:
         run = args.runs / f"{args.dataset}_{key}"
-        if (run / "model_final.safetensors").is_file():
-            print(f"[bench] {run}: finished run found, reused", flush=True)
-            continue
-        cfg = load_config("mask2former_demo", [*base, *MODELS[key][1], f"train.output_dir={run}"])
-        t0 = time.time()
-        train(cfg, resume=True)
-        (run / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        train_or_reuse(load_config("mask2former_demo", [*base, *MODELS[key][1], f"train.output_dir={run}"]), run)
 
     runs = {key: args.runs / f"{args.dataset}_{key}" for key in MODELS}
-    if not all((r / "model_final.safetensors").is_file() for r in runs.values()):
-        print("[bench] not all models are trained yet; report skipped", flush=True)
+    if not all_finished(runs.values()):
         return
 
     results = {"dataset": args.dataset, "metric": metric, "iters": args.iters, "models": {}}

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _runs import all_finished, train_or_reuse  # benchmarks/_runs.py
 
 MODELS = {  # key -> (label, preset, overrides); "{iters}" / "{total}" = --iters / 3 x --iters
     "oneformer": ("OneFormer, {iters} iterations (as each task-specific model)", "oneformer_demo", ["task=sampled"]),
@@ -52,7 +53,6 @@ def inference_cost(size: int, repeats: int) -> dict:
     from omegaconf import OmegaConf
 
     from omniseg.config import load_config
-    from omniseg.export import TRAINING_ONLY
     from omniseg.models.oneformer import task_token_ids
     from omniseg.models.registry import build_model
 
@@ -67,12 +67,12 @@ def inference_cost(size: int, repeats: int) -> dict:
     x = oneformer.normalize(torch.randint(0, 255, (1, 3, size, size), dtype=torch.uint8))
 
     def count(model, skip=()):
-        return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip))
+        return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] not in skip)
 
     out = {"size": size, "repeats": repeats,
            "params_oneformer_total": count(oneformer),
            "params_oneformer_text_mapper": count(oneformer.text_mapper),
-           "params_oneformer_inference": count(oneformer, tuple(f"{m}." for m in TRAINING_ONLY) + ("logit_scale",)),
+           "params_oneformer_inference": count(oneformer, oneformer.training_only),
            "params_mask2former": count(m2f)}
     with torch.no_grad():
         out["ms_mask2former_forward"] = _median_ms(lambda: m2f.forward_raw(x), repeats)
@@ -99,26 +99,18 @@ def main(argv=None) -> None:
     args = ap.parse_intermixed_args(argv)
 
     from omniseg.config import load_config
-    from omniseg.engine.trainer import train
 
     base = [f"data.train.root={args.synthetic_root}", f"data.val.root={args.synthetic_root}",
             f"train.max_iters={args.iters}", f"train.eval_period={args.iters}",
             f"train.checkpoint_period={args.iters}", "eval_tasks=[panoptic,semantic,instance]", *args.overrides]
     for key in args.models:
         run = args.runs / f"oneformer_bench_{key}"
-        if (run / "final_metrics.json").is_file():
-            print(f"[bench] {run}: finished run found, reused", flush=True)
-            continue
         _, preset, extra = MODELS[key]
         extra = [e.format(iters=args.iters, total=3 * args.iters) for e in extra]
-        cfg = load_config(preset, [*base, *extra, f"train.output_dir={run}"])
-        t0 = time.time()
-        train(cfg, resume=True)
-        (run / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        train_or_reuse(load_config(preset, [*base, *extra, f"train.output_dir={run}"]), run)
 
     runs = {key: args.runs / f"oneformer_bench_{key}" for key in MODELS}
-    if not all((r / "final_metrics.json").is_file() for r in runs.values()):
-        print("[bench] not all models are trained yet; report skipped", flush=True)
+    if not all_finished(runs.values()):
         return
     from omniseg.bench import cpu_model
 
@@ -190,7 +182,7 @@ def _report(results: dict, cmd: str) -> str:
             f"{c['ms_mask2former_decoder']:.1f} / {per_task['semantic']:.1f} / {per_task['instance']:.1f} / "
             f"{per_task['panoptic']:.1f} | {c['text_mapper_calls_during_inference']} |")
     lines += ["", "The text mapper is never called at inference and is left out of exports "
-              "(`omniseg.export.TRAINING_ONLY`). OneFormer's own inference additions are the task MLP and the "
+              "(`model.training_only`). OneFormer's own inference additions are the task MLP and the "
               "2-layer query initialiser; predicting several tasks runs the backbone and pixel decoder once and the "
               "transformer decoder once per task.", ""]
     return "\n".join(lines)

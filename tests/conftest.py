@@ -35,6 +35,9 @@ TINY_MODEL = [
     "model.num_queries=8", "model.dec_layers=3", "model.loss.train_num_points=256",
     "model.test.object_mask_threshold=0.5",
 ]
+# OneFormer's text mapper sized to TINY_MODEL (training only; 2 context vectors of the 8 queries).
+TINY_TEXT = ["model.oneformer.n_ctx=2", "model.oneformer.text_width=32", "model.oneformer.text_layers=1",
+             "model.oneformer.text_vocab_size=32", "model.oneformer.text_context_length=8"]
 
 
 def tiny_config(synth_root, out_dir, *extra: str):

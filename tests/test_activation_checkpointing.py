@@ -6,15 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, TINY_TEXT
 from omniseg.config import load_config
 from omniseg.models.registry import build_model
 
 
 def _model(preset: str, checkpointing: bool):
-    cfg = load_config(preset, [*TINY_MODEL, f"model.activation_checkpointing={str(checkpointing).lower()}",
-                               "model.oneformer.n_ctx=2", "model.oneformer.text_width=32",
-                               "model.oneformer.text_layers=1"])
+    cfg = load_config(preset, [*TINY_MODEL, *TINY_TEXT, f"model.activation_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     return build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=3, thing_ids=[0, 1]).train()
 

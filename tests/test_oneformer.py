@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import TINY_MODEL, TINY_TEXT
 from omniseg.config import load_config
 from omniseg.models.oneformer import PromptTokenizer, TextMapper, task_token_ids
 from omniseg.models.oneformer.text import TASK_TOKEN_IDS, query_text_contrastive_loss
@@ -20,14 +21,8 @@ STAGES = ["stage1", "stage2", "stage3", "stage4"]
 ATOL = 1e-4
 
 
-def _tiny_cfg(**oneformer) -> dict:
-    cfg = OmegaConf.to_container(load_config("oneformer_demo").model, resolve=True)
-    cfg.update(backbone_kwargs={"channels": [16, 32, 64, 64]}, hidden_dim=32, conv_dim=32, mask_dim=32, nheads=2,
-               dim_feedforward=64, enc_layers=1, enc_dim_feedforward=64, num_queries=8, dec_layers=2)
-    cfg["loss"]["train_num_points"] = 256
-    cfg["oneformer"].update(n_ctx=2, text_layers=1, text_width=32, text_vocab_size=32, text_context_length=8,
-                            **oneformer)
-    return cfg
+def _tiny_cfg() -> dict:
+    return OmegaConf.to_container(load_config("oneformer_demo", [*TINY_MODEL, *TINY_TEXT]).model, resolve=True)
 
 
 # ------------------------------------------------------------------------------------ ids
@@ -98,7 +93,7 @@ def test_text_mapper_is_not_used_at_inference_and_is_not_exported(tmp_path):
     from omniseg.export import InferenceGraph
 
     graph = InferenceGraph(model)
-    assert not any(k.startswith("model.text_mapper") for k in graph.state_dict())
+    assert not any(k.startswith(("model.text_mapper", "model.logit_scale")) for k in graph.state_dict())
 
 
 def test_task_token_changes_the_prediction_and_predict_runs_one_pass_per_task():
@@ -106,14 +101,18 @@ def test_task_token_changes_the_prediction_and_predict_runs_one_pass_per_task():
     images = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
     x = model.normalize(images)
     sem, pan = model.forward_raw(x, "semantic"), model.forward_raw(x, "panoptic")
-    assert sem["pred_logits"].shape == (2, 8, 7) and len(sem["aux_outputs"]) == 2
+    assert sem["pred_logits"].shape == (2, 8, 7) and len(sem["aux_outputs"]) == 3
     assert not torch.allclose(sem["pred_logits"], pan["pred_logits"])
     # the last query is the (normalised) task token itself
     token = model.predictor.decoder_norm(model.task_token(task_token_ids(["semantic"], model.task_seq_len)))
     torch.testing.assert_close(sem["contrastive_queries"][0, -1], token[0])
     preds = model.predict(images, [(64, 96), (60, 90)], tasks=["semantic"], return_raw=True)
     assert set(preds[1]) == {"semantic", "raw"} and preds[1]["semantic"].shape == (60, 90)
-    torch.testing.assert_close(preds[0]["raw"]["semantic"]["pred_logits"], sem["pred_logits"][0])
+    torch.testing.assert_close(preds[0]["raw"]["pred_logits"], sem["pred_logits"][0])
+    both = model.predict(images, [(64, 96), (60, 90)], tasks=["semantic", "panoptic"], return_raw=True)
+    assert set(both[0]["raw"]) == {"semantic", "panoptic"}  # one decoder pass per task
+    torch.testing.assert_close(both[0]["raw"]["panoptic"]["pred_logits"], pan["pred_logits"][0])
+    torch.testing.assert_close(both[1]["semantic"], preds[1]["semantic"])
 
 
 def test_training_lowers_every_loss_and_reaches_every_parameter():
@@ -155,6 +154,8 @@ def test_task_sampling_is_uniform_deterministic_and_respects_annotations():
             image = torch.zeros(3, 2, 2, dtype=torch.uint8)
             if self.key == "pan":
                 return {"image": image, "pan_seg": pan, "segments_info": infos, "file_name": "a.png"}
+            if self.key == "none":
+                return {"image": image, "file_name": "c.png"}
             return {"image": image, "sem_seg": torch.tensor([[0, 0], [1, 1]]), "file_name": "b.png"}
 
     drawn = [TrainingSet(Source("pan"), lambda s: s, "sampled")[(0, seed)]["targets"] for seed in range(300)]
@@ -168,6 +169,10 @@ def test_task_sampling_is_uniform_deterministic_and_respects_annotations():
     assert again == drawn[7]["task"]
     only_sem = {TrainingSet(Source("sem"), lambda s: s, "sampled")[(0, s)]["targets"]["task"] for s in range(20)}
     assert only_sem == {"semantic"}
+    from omniseg.data.errors import DataError
+
+    with pytest.raises(DataError, match="c.png"):
+        TrainingSet(Source("none"), lambda s: s, "sampled")[(0, 0)]
     random.seed(0)  # the draw does not disturb the global stream
     first = random.random()
     random.seed(0)
@@ -293,13 +298,11 @@ def test_inference_checkpoint_without_text_mapper_loads(tmp_path):
 def test_cli_trains_one_checkpoint_and_predicts_each_task_with_it(synth_root, tmp_path):
     from typer.testing import CliRunner
 
-    from conftest import TINY_MODEL
     from omniseg.cli import app
 
     runner = CliRunner()
     out = tmp_path / "run"
-    text = ["model.oneformer.n_ctx=2", "model.oneformer.text_width=32", "model.oneformer.text_layers=1"]
-    result = runner.invoke(app, ["train", "oneformer_demo", *TINY_MODEL, *text, f"data.train.root={synth_root}",
+    result = runner.invoke(app, ["train", "oneformer_demo", *TINY_MODEL, *TINY_TEXT, f"data.train.root={synth_root}",
                                  f"data.val.root={synth_root}", "data.crop_size=64", "data.batch_size=2",
                                  "data.num_workers=0", "train.max_iters=3", "train.eval_period=3",
                                  f"train.output_dir={out}"])

@@ -27,9 +27,6 @@ FORMATS = ("torch-export", "onnx")
 OUTPUT_NAMES = ("pred_logits", "pred_masks")
 
 
-TRAINING_ONLY = ("criterion", "mask_pilot", "text_mapper")  # losses, MP-Former's piloting, OneFormer's text mapper
-
-
 class InferenceGraph(nn.Module):
     """uint8 images -> (pred_logits, pred_masks) of the last decoder layer; nothing training-only."""
 
@@ -38,9 +35,12 @@ class InferenceGraph(nn.Module):
         if task is not None and getattr(model, "default_task", None) is None:
             raise ValueError("--task applies to task-conditioned models (OneFormer) only")
         self.task = task  # OneFormer: the task token baked into the graph (None: model.test.task)
-        # A shallow copy without the training-only children, so their weights stay out of the export.
+        # A shallow copy without the training-only children and parameters (model.training_only: losses,
+        # MP-Former's piloting, OneFormer's text mapper), so their weights stay out of the export.
+        skip = set(getattr(model, "training_only", ()))
         inference = copy.copy(model)
-        inference._modules = {k: v for k, v in model._modules.items() if k not in TRAINING_ONLY}
+        inference._modules = {k: v for k, v in model._modules.items() if k not in skip}
+        inference._parameters = {k: v for k, v in model._parameters.items() if k not in skip}
         self.model = inference
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

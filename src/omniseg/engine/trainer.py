@@ -106,7 +106,11 @@ class TrainingSet(Dataset):
                                   f"last error: {skipped[-1]}")
         task = self.task
         if task == "sampled":  # OneFormer: each image draws one task its annotation supports, uniformly
-            task = random.Random(seed).choice([t for t in TASKS if t in _gt_tasks(sample)])
+            supported = [t for t in TASKS if t in _gt_tasks(sample)]
+            if not supported:
+                raise DataError(sample.get("file_name"), "no panoptic, instance or semantic annotation to "
+                                                         "derive targets from")
+            task = random.Random(seed).choice(supported)
         sample["targets"] = mask_targets(sample, task)
         sample["targets"]["task"] = task
         # The loss's random points get their own per-sample stream (see MaskFormer.losses).

@@ -105,7 +105,8 @@ class LayerConsistencyEvaluator:
 @torch.no_grad()
 def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, device=None,
                          figure: str | None = None, progress: bool = True) -> dict:
-    """Layer consistency of `model` on `dataset` (GT segments derived for `cfg.task`).
+    """Layer consistency of `model` on `dataset` (GT segments derived for `cfg.task`, or for the task a
+    task-conditioned model predicts by default).
     With `figure`, also draws the first image's masks layer by layer for a few queries."""
     from tqdm.auto import tqdm
 
@@ -116,13 +117,14 @@ def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, 
     device = device or next(model.parameters()).device
     transforms = build_transforms(False, min_size_test=cfg.data.get("min_size_test"))
     evaluator = LayerConsistencyEvaluator()
+    # A task-conditioned model (OneFormer) is scored on the task its forward_raw predicts.
+    task = getattr(model, "default_task", None) or str(cfg.task)
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     for i in tqdm(range(n), desc="consistency", disable=not progress, mininterval=1.0):
         sample = transforms(dataset[i])
-        # A task-sampling model (OneFormer) is scored on what forward_raw predicts by default: panoptic.
-        target = mask_targets(sample, "panoptic" if str(cfg.task) == "sampled" else str(cfg.task))
+        target = mask_targets(sample, task)
         batch = collate([sample], size_divisibility=int(cfg.data.size_divisibility))
         images = batch.images.to(device)
         raw = model.forward_raw(model.normalize(images))

@@ -21,9 +21,6 @@ from omniseg.hub.hf_mask2former import (
     hf_class_names,
 )
 
-# Prefixes of weights that exist only for training; inference checkpoints may lack them.
-TRAINING_ONLY_PREFIXES = ("text_mapper.", "logit_scale", "criterion.")
-
 
 def hf_oneformer_config_to_omniseg(hf_config: dict) -> dict:
     """HF `OneFormerConfig` (config.json as a dict) -> omniseg model settings (arch oneformer)."""

@@ -43,6 +43,8 @@ class MaskFormer(nn.Module):
     """
 
     learned_query_content = True  # OneFormer builds its queries from the task token instead
+    default_task = None  # the task forward_raw predicts, for task-conditioned models (OneFormer)
+    training_only = ("criterion", "mask_pilot")  # children (and parameters) that inference never uses
 
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__()
@@ -126,16 +128,15 @@ class MaskFormer(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward instead of storing them (training memory for about one
-        extra forward): every backbone stage (timm), pixel-decoder encoder layer and decoder layer."""
+        extra forward): the timm backbone's stages and every block that has an `activation_checkpointing`
+        switch (the MSDeformAttn encoder's and the masked-attention decoder's layers)."""
         body = self.backbone.body
         if not hasattr(body, "set_grad_checkpointing"):
             raise ValueError(f"backbone {self.backbone.timm_name} does not support activation checkpointing")
         body.set_grad_checkpointing(enabled)
-        encoder = getattr(self.pixel_decoder, "transformer", None)
-        if encoder is not None and hasattr(encoder, "activation_checkpointing"):
-            encoder.activation_checkpointing = enabled
-        if hasattr(self.predictor, "activation_checkpointing"):
-            self.predictor.activation_checkpointing = enabled
+        for module in self.modules():
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = enabled
 
     # -- network -------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,45 +160,64 @@ class MaskFormer(nn.Module):
         generators = None
         if targets and all("seed" in t for t in targets):
             generators = [torch.Generator().manual_seed(int(t["seed"])) for t in targets]
+        outputs, extra_losses = self.training_outputs(self.normalize(images), targets)
         targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
-        piloted = None
-        if self.mask_pilot is not None:
-            mask_features, multi_scale = self.pixel_features(self.normalize(images))
-            piloted = self.mask_pilot.run_decoder(self.predictor, multi_scale, mask_features, targets)
-            outputs = piloted.matching
-        else:
-            outputs = self.forward_raw(self.normalize(images))
         if not self.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         # Matching and losses in fp32 even under autocast: costs and sigmoid-BCE are precision-sensitive.
         with torch.autocast(images.device.type, enabled=False):
             losses = self.criterion(_to_float(outputs), targets, generator=generators)
-            if piloted is not None:
-                if not self.deep_supervision:
-                    piloted.piloted = piloted.piloted[-1:]
-                losses.update(self.mask_pilot.losses(self.criterion, piloted, targets, generators))
+            if extra_losses is not None:
+                losses.update(extra_losses(targets, generators))
             return losses
 
+    def training_outputs(self, x: torch.Tensor, targets: list[dict]):
+        """Normalised images -> (raw outputs the criterion matches to the targets, None or a callable
+        (targets, generators) -> further losses, run in fp32 next to the set losses). MP-Former's
+        piloted queries enter here; OneFormer overrides it."""
+        if self.mask_pilot is None:
+            return self.forward_raw(x), None
+        mask_features, multi_scale = self.pixel_features(x)
+        piloted = self.mask_pilot.run_decoder(self.predictor, multi_scale, mask_features, targets)
+
+        def pilot_losses(targets, generators):
+            if not self.deep_supervision:
+                piloted.piloted = piloted.piloted[-1:]
+            return self.mask_pilot.losses(self.criterion, piloted, targets, generators)
+
+        return piloted.matching, pilot_losses
+
     # -- inference -----------------------------------------------------------------------------
+    def decoder_passes(self, images: torch.Tensor, tasks: Sequence[str]) -> list[tuple[list[str], dict]]:
+        """(tasks, raw outputs) per decoder pass `predict` needs: one pass serves every task here;
+        a task-conditioned model (OneFormer) runs one per task."""
+        return [(list(tasks), self.forward_raw(self.normalize(images)))]
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                 output_sizes: Sequence[tuple[int, int]] | None = None,
                 tasks: Sequence[str] = ("semantic", "panoptic", "instance"), *, return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> one prediction dict per image (docs/design.md) at `output_sizes`."""
-        outputs = self.forward_raw(self.normalize(images))
+        """Padded uint8 images -> one prediction dict per image (docs/design.md) at `output_sizes`.
+        With `return_raw`, "raw" holds the image's raw outputs (keyed by task when each task had its
+        own decoder pass)."""
+        passes = self.decoder_passes(images, tasks)
         output_sizes = output_sizes or image_sizes
-        results = []
-        for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
-            pred = postprocess(
-                {"pred_logits": outputs["pred_logits"][i].float(), "pred_masks": outputs["pred_masks"][i].float()},
-                image_size=tuple(image_size), output_size=tuple(out_size), tasks=list(tasks),
-                thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
-                object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
-                topk=self.topk, mode=self.postprocess_mode,
-            )
-            if return_raw:
-                pred["raw"] = {k: v[i] for k, v in outputs.items() if k != "aux_outputs"}
-            results.append(pred)
+        results = [{} for _ in image_sizes]
+        for pass_tasks, outputs in passes:
+            for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
+                results[i].update(postprocess(
+                    {"pred_logits": outputs["pred_logits"][i].float(), "pred_masks": outputs["pred_masks"][i].float()},
+                    image_size=tuple(image_size), output_size=tuple(out_size), tasks=pass_tasks,
+                    thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
+                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
+                    topk=self.topk, mode=self.postprocess_mode,
+                ))
+                if return_raw:
+                    raw = {k: v[i] for k, v in outputs.items() if k in ("pred_logits", "pred_masks")}
+                    if len(passes) == 1:
+                        results[i]["raw"] = raw
+                    else:
+                        results[i].setdefault("raw", {})[pass_tasks[0]] = raw
         return results
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None, **predict_kwargs):

@@ -18,8 +18,7 @@ from torch import nn
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 from omniseg.models.maskformer.detr_decoder import DetrDecoderLayer
-from omniseg.models.maskformer.model import MaskFormer, _get, _to_float
-from omniseg.models.maskformer.postprocess import postprocess
+from omniseg.models.maskformer.model import MaskFormer, _get
 from omniseg.models.oneformer.text import (
     TASKS,
     PromptTokenizer,
@@ -63,9 +62,10 @@ class QueryInitializer(nn.Module):
 
 class OneFormer(MaskFormer):
     """Task-conditioned Mask2Former (see module docstring). `cfg["oneformer"]` holds the OneFormer-only
-    settings (see configs/oneformer_*.yaml); `predict` runs the transformer decoder once per task."""
+    settings (see configs/_base_.yaml); `predict` runs the transformer decoder once per task."""
 
     learned_query_content = False
+    training_only = MaskFormer.training_only + ("text_mapper", "logit_scale")
 
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         if dict(_get(cfg, "mp", {}) or {}).get("enabled", False):
@@ -119,51 +119,28 @@ class OneFormer(MaskFormer):
         return self.decode(multi_scale, mask_features, ids)
 
     # -- training ------------------------------------------------------------------------------
-    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """As MaskFormer.losses; each target may name its "task" (default panoptic), which selects the
-        task token and the text prompts' padding."""
-        generators = None
-        if targets and all("seed" in t for t in targets):
-            generators = [torch.Generator().manual_seed(int(t["seed"])) for t in targets]
+    def training_outputs(self, x: torch.Tensor, targets: list[dict]):
+        """Each target names its "task" (default panoptic): it picks the task token and the padding of
+        the text prompts. Adds the query-text contrastive loss to MaskFormer's set losses."""
         tasks = [str(t.get("task", "panoptic")) for t in targets]
-        targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
-        mask_features, multi_scale = self.pixel_features(self.normalize(images))
-        outputs = self.decode(multi_scale, mask_features, task_token_ids(tasks, self.task_seq_len, images.device))
+        mask_features, multi_scale = self.pixel_features(x)
+        outputs = self.decode(multi_scale, mask_features, task_token_ids(tasks, self.task_seq_len, x.device))
+        object_queries = outputs.pop("contrastive_queries")
         prompts = torch.stack([self.tokenizer.prompts(t["labels"].tolist(), task, self.num_text)
-                               for t, task in zip(targets, tasks)]).to(images.device)
+                               for t, task in zip(targets, tasks)]).to(x.device)
         text_queries = self.text_mapper(prompts)
-        contrastive = outputs.pop("contrastive_queries")
-        if not self.deep_supervision:
-            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        with torch.autocast(images.device.type, enabled=False):
-            losses = self.criterion(_to_float(outputs), targets, generator=generators)
-            losses["loss_contrastive"] = self.contrastive_weight * query_text_contrastive_loss(
-                contrastive, text_queries, self.logit_scale)
-        return losses
+
+        def contrastive(targets, generators):
+            return {"loss_contrastive": self.contrastive_weight * query_text_contrastive_loss(
+                object_queries, text_queries, self.logit_scale)}
+
+        return outputs, contrastive
 
     # -- inference -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None,
-                tasks: Sequence[str] = ("semantic", "panoptic", "instance"), *, return_raw: bool = False) -> list[dict]:
-        """As MaskFormer.predict; each task gets its own decoder pass with its task token (the backbone
-        and pixel decoder run once). With `return_raw`, "raw" holds each task's outputs by task name."""
+    def decoder_passes(self, images: torch.Tensor, tasks: Sequence[str]) -> list[tuple[list[str], dict]]:
+        """One transformer-decoder pass per task, each with its task token; the backbone and pixel
+        decoder run once."""
         mask_features, multi_scale = self.pixel_features(self.normalize(images))
-        output_sizes = output_sizes or image_sizes
-        results = [{} for _ in image_sizes]
-        for task in tasks:
-            ids = task_token_ids([task] * images.shape[0], self.task_seq_len, images.device)
-            outputs = self.decode(multi_scale, mask_features, ids)
-            for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
-                pred = postprocess(
-                    {"pred_logits": outputs["pred_logits"][i].float(), "pred_masks": outputs["pred_masks"][i].float()},
-                    image_size=tuple(image_size), output_size=tuple(out_size), tasks=[task],
-                    thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
-                    object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
-                    topk=self.topk, mode=self.postprocess_mode,
-                )
-                if return_raw:
-                    raw = {k: outputs[k][i] for k in ("pred_logits", "pred_masks")}
-                    results[i].setdefault("raw", {})[task] = raw
-                results[i].update(pred)
-        return results
+        return [([task], self.decode(multi_scale, mask_features,
+                                     task_token_ids([task] * images.shape[0], self.task_seq_len, images.device)))
+                for task in tasks]

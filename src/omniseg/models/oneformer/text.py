@@ -23,8 +23,6 @@ from torch.nn import functional as F
 
 from omniseg.models.layers.mlp import MLP
 
-TASKS = ("semantic", "instance", "panoptic")
-
 # CLIP BPE of "the task is {task}" with start (49406) and end (49407) tokens; the official repo's
 # "The task is ..." gives the same ids (CLIP lowercases).
 TASK_TOKEN_IDS = {
@@ -32,6 +30,7 @@ TASK_TOKEN_IDS = {
     "instance": (49406, 518, 10549, 533, 34572, 49407),
     "panoptic": (49406, 518, 10549, 533, 1072, 24755, 49407),
 }
+TASKS = tuple(TASK_TOKEN_IDS)
 
 
 def task_token_ids(tasks: Sequence[str], seq_len: int = 77, device=None) -> torch.Tensor:
@@ -126,16 +125,16 @@ class TextEncoder(nn.Module):
         self.transformer.layers = nn.ModuleList(TextLayer(width, max(1, width // 64)) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.causal = causal
+        # True = blocked: each token sees itself and the tokens before it.
+        self.register_buffer("causal_mask", torch.ones(context_length, context_length, dtype=torch.bool).triu_(1),
+                             persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [T, L] -> [T, width]."""
         x = self.token_embedding(ids) + self.positional_embedding
-        length = ids.shape[1]
-        mask = None
-        if self.causal:
-            mask = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu_(1)  # True = blocked
+        mask = self.causal_mask if self.causal else None
         for layer in self.transformer.layers:
             x = layer(x, mask)
         x = self.ln_final(x)

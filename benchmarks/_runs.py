@@ -1,0 +1,33 @@
+"""Training runs shared by the benchmark scripts: each is trained once into its folder and reused by
+later calls, so the trainings of one study may run as separate processes and a last call reports."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def finished(run: Path) -> bool:
+    """A run is finished once the trainer has written its final metrics."""
+    return (run / "final_metrics.json").is_file()
+
+
+def train_or_reuse(cfg, run: Path) -> None:
+    """Train `cfg` (whose train.output_dir is `run`) unless it finished; a killed run resumes. Records
+    the wall time of this invocation in wall_seconds.txt."""
+    from omniseg.engine.trainer import train
+
+    if finished(run):
+        print(f"[bench] {run}: finished run found, reused", flush=True)
+        return
+    t0 = time.time()
+    train(cfg, resume=True)
+    (run / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+
+
+def all_finished(runs) -> bool:
+    """True when every run finished; otherwise says that the report waits."""
+    if all(finished(r) for r in runs):
+        return True
+    print("[bench] not all models are trained yet; report skipped", flush=True)
+    return False
