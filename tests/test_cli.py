@@ -31,8 +31,10 @@ def test_models_lists_presets():
     assert result.exit_code == 0
     for name in ("mask2former_r50", "mask2former_swin_t", "maskformer_r50", "mask2former_demo",
                  "mp_former_r50", "mp_former_swin_t", "mp_former_demo", "oneformer_r50", "oneformer_swin_t",
-                 "oneformer_demo"):
+                 "oneformer_demo", "pspnet_r50", "danet_r50", "fastfcn_jpu_r50", "gscnn_r50", "pspnet_demo",
+                 "danet_demo", "fastfcn_jpu_demo", "gscnn_demo", "camvid_best"):
         assert name in result.output
+    assert "dilated, output stride 8" in result.output and "JPU neck" in result.output
 
 
 def test_train_writes_checkpoint_config_and_metrics(trained):

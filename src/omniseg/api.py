@@ -95,14 +95,18 @@ class Predictor:
     """Image(s) in, prediction dicts out (original resolution), as in docs/design.md."""
 
     def __init__(self, weights: str | os.PathLike, *, device: str = "auto",
-                 tasks: Sequence[str] = ("semantic", "panoptic", "instance"), min_size_test: int | None = None,
+                 tasks: Sequence[str] | None = None, min_size_test: int | None = None,
                  config: DictConfig | None = None, postprocess: str | None = None):
         from omniseg.data.transforms import build_transforms
         from omniseg.engine.trainer import resolve_device
 
         self.device = resolve_device(device)
         self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
-        self.tasks = list(tasks)
+        supported = list(getattr(self.model, "tasks", ("semantic", "panoptic", "instance")))
+        self.tasks = list(tasks) if tasks is not None else supported  # default: everything the model predicts
+        unsupported = [t for t in self.tasks if t not in supported]
+        if unsupported:
+            raise ValueError(f"{weights}: this {self.cfg.model.get('arch')} model predicts {supported}, not {unsupported}")
         if postprocess is not None:  # "official" | "fast" (overrides the checkpoint's model.test.postprocess)
             from omniseg.models.maskformer.postprocess import check_mode
 

@@ -101,12 +101,15 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
     files = sorted(p for p in input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input.is_dir() else [input]
     if not files:
         _fail(f"{input}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    tasks = list(tasks or TASKS)
-    bad = [t for t in tasks if t not in TASKS]
+    bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         _fail(f"unknown task(s) {bad}; choose from {TASKS}")
     ids = _image_ids_from(image_ids) if image_ids else None
-    predictor = Predictor(weights, tasks=tasks, postprocess="fast" if fast else None)
+    try:  # default tasks: every task the model predicts
+        predictor = Predictor(weights, tasks=list(tasks) if tasks else None, postprocess="fast" if fast else None)
+    except ValueError as e:
+        _fail(str(e))
+    tasks = predictor.tasks
     meta = predictor.meta
     output.mkdir(parents=True, exist_ok=True)
     panoptic_annotations, instance_results, images_info = [], [], []
@@ -241,9 +244,13 @@ def models():
         cfg = load_config(name)
         m = cfg.model
         arch = "mp_former" if m.get("mp") is not None and m.mp.get("enabled") else m.arch
-        rows.append((name, arch, m.backbone, str(m.num_queries), str(m.dec_layers)))
-    header = ("preset", "arch", "backbone", "queries", "dec_layers")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+        if m.arch in ("mask2former", "maskformer", "oneformer"):
+            details = f"{m.num_queries} queries, {m.dec_layers} decoder layers"
+        else:  # per-pixel family
+            details = "JPU neck" if m.get("neck") == "jpu" else f"dilated, output stride {m.get('output_stride', 8)}"
+        rows.append((name, arch, m.backbone, details))
+    header = ("preset", "arch", "backbone", "network")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
@@ -269,6 +276,136 @@ def data_check(config: str = typer.Argument(...), overrides: Optional[List[str]]
     cfg = load_config(config, overrides)
     datasets, _ = build_datasets(cfg, splits=(split,))
     typer.echo(describe_dataset(datasets[split]))
+
+
+pssl_app = typer.Typer(no_args_is_help=True, help="PSSL pre-training data (arXiv 2207.03335): instance crops -> "
+                                                   "classifier ensemble -> SmoothGrad pseudo labels.")
+app.add_typer(pssl_app, name="pssl")
+
+
+def _pssl_errors():
+    """Bad input in the PSSL steps -> one red line naming the file, as the other commands do."""
+    from contextlib import contextmanager
+
+    from omniseg.hub import CheckpointError
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except (ValueError, CheckpointError) as e:  # DataError is a ValueError
+            _fail(str(e))
+
+    return guard()
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+@pssl_app.command("crops")
+def pssl_crops(root: Path = typer.Argument(..., help="dataset folder: synthetic, COCO panoptic or COCO instance"),
+               out: Path = typer.Option(..., "--out", "-o", help="classification folder to write: OUT/<class>/*.png"),
+               fmt: str = typer.Option("auto", "--format", help="auto | synthetic | coco_panoptic | coco_instance"),
+               split: str = typer.Option("train", help="the dataset split to crop"),
+               size: int = typer.Option(64, help="side of the square crops in pixels"),
+               margin: float = typer.Option(0.5, help="context: crop side = longer box side x (1 + margin)"),
+               min_area: int = typer.Option(32, help="skip instances with fewer visible pixels"),
+               overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `pssl crops` output")):
+    """Crop every non-crowd thing instance into a classification folder (one sub-folder per class)."""
+    from tqdm.auto import tqdm
+
+    from omniseg.pssl import make_crops
+
+    with _pssl_errors():
+        report = make_crops(root, out, split=split, fmt=fmt, size=size, margin=margin, min_area=min_area,
+                            overwrite=overwrite, progress=lambda it: tqdm(it, desc="crops", mininterval=1.0))
+    typer.echo(report.summary())
+
+
+@pssl_app.command("classifier")
+def pssl_classifier(folder: Path = typer.Argument(..., help="classification folder FOLDER/<class>/<images>"),
+                    out: Path = typer.Option(..., "--out", "-o", help=".safetensors file, or a folder for "
+                                             "classifier.safetensors (+ .json with classes and accuracy)"),
+                    arch: str = typer.Option("resnet18", help="timm architecture (trained from scratch)"),
+                    iters: int = typer.Option(500, help="training steps"),
+                    batch: int = typer.Option(32),
+                    lr: float = typer.Option(1e-3, help="AdamW peak learning rate"),
+                    seed: int = typer.Option(0, help="initialisation + sampling + augmentation; one seed per "
+                                             "ensemble member"),
+                    image_size: int = typer.Option(64, help="square input size"),
+                    timm_kwargs: Optional[str] = typer.Option(None, help='JSON for timm.create_model, e.g. '
+                                                              '\'{"channels": [32, 64, 128, 256]}\' (narrow resnet)'),
+                    val_fraction: float = typer.Option(0.1, help="held out per class for the accuracy report"),
+                    schedule: str = typer.Option("cosine", help="cosine | poly"),
+                    device: str = typer.Option("auto", help="auto | cpu | cuda")):
+    """Train one classifier on a folder; run it with several --seed values for an ensemble."""
+    from tqdm.auto import tqdm
+
+    from omniseg.pssl import train_classifier
+
+    kwargs = None
+    if timm_kwargs:
+        try:
+            kwargs = json.loads(timm_kwargs)
+        except ValueError as e:
+            _fail(f"--timm-kwargs is not valid JSON ({e})")
+        if not isinstance(kwargs, dict):
+            _fail("--timm-kwargs must be a JSON object")
+    with _pssl_errors(), tqdm(total=iters, desc=f"classifier seed {seed}", mininterval=1.0) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        path = train_classifier(folder, out=out, arch=arch, iters=iters, batch=batch, lr=lr, seed=seed,
+                                image_size=image_size, timm_kwargs=kwargs, val_fraction=val_fraction,
+                                schedule=schedule, device=_device(device), progress=progress)
+    info = json.loads(path.with_suffix(".json").read_text())
+    losses = info["losses"]
+    k = min(10, len(losses))
+    acc = (f"held-out accuracy {100 * info['val_accuracy']:.1f}% on {info['val_images']} images"
+           if info["val_accuracy"] is not None else "no held-out images (--val-fraction 0 or tiny classes)")
+    typer.echo(f"wrote {path} ({arch}, {info['num_classes']} classes, {info['train_images']} training images); "
+               f"loss {sum(losses[:k]) / k:.3f} (first {k} steps) -> {sum(losses[-k:]) / k:.3f} (last {k}); {acc}")
+
+
+@pssl_app.command("labels")
+def pssl_labels(folder: Path = typer.Argument(..., help="classification folder FOLDER/<class>/<images>"),
+                classifiers: List[Path] = typer.Option(..., "--classifier", "-c", help="classifier weights "
+                                                       "(repeatable: the ensemble)"),
+                out: Path = typer.Option(..., "--out", "-o", help="dataset to write (semantic_folder layout)"),
+                arch: Optional[str] = typer.Option(None, help="timm architecture of plain timm checkpoints "
+                                                   "(files without an omniseg .json)"),
+                image_size: Optional[int] = typer.Option(None, help="input size for plain timm checkpoints "
+                                                         "(default: timm's for --arch)"),
+                n_samples: int = typer.Option(16, help="SmoothGrad noisy copies per image (0: plain gradient)"),
+                noise: float = typer.Option(0.15, help="SmoothGrad noise std as a fraction of the input range"),
+                val_fraction: float = typer.Option(0.1, help="fraction of each class written to the val split"),
+                seed: int = typer.Option(0, help="split and SmoothGrad noise"),
+                batch: int = typer.Option(8, help="images per saliency batch"),
+                preset: str = typer.Option("pspnet_demo", help="preset named in the printed train command"),
+                device: str = typer.Option("auto", help="auto | cpu | cuda"),
+                overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `pssl labels` output")):
+    """Write the pseudo-label dataset (top saliency decile = class, rest background) and print the
+    `omniseg train` command that pre-trains on it."""
+    from tqdm.auto import tqdm
+
+    from omniseg.pssl import load_classifier, write_pseudo_labels
+
+    dev = _device(device)
+    with _pssl_errors():
+        models = [load_classifier(c, arch=arch, image_size=image_size, device=dev) for c in classifiers]
+        report = write_pseudo_labels(folder, models, out, n_samples=n_samples, noise=noise,
+                                     val_fraction=val_fraction, seed=seed, batch=batch, device=dev, preset=preset,
+                                     overwrite=overwrite, progress=lambda it: tqdm(it, desc="labels", mininterval=1.0))
+    typer.echo(f"wrote {report.images['train']} train + {report.images['val']} val pseudo labels to {out} "
+               f"({report.num_classes} classes, background id {report.background_id}, "
+               f"{100 * report.foreground_fraction:.1f}% foreground pixels); details in {out / 'pssl.json'}")
+    typer.echo("pre-train with:")
+    typer.echo("  " + report.command_line())
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Export the inference network of a MaskFormer / Mask2Former / MP-Former model (torch.export or ONNX).
+"""Export the inference network of an omniseg model (torch.export or ONNX).
 
 The exported graph is the network only: uint8 RGB images [B, 3, H, W] (H, W fixed at export time;
 pad or resize to them) -> class logits [B, Q, K+1] and mask logits [B, Q, H/4, W/4]. Normalisation
@@ -24,11 +24,21 @@ import torch
 from torch import nn
 
 FORMATS = ("torch-export", "onnx")
-OUTPUT_NAMES = ("pred_logits", "pred_masks")
+OUTPUT_NAMES = ("pred_logits", "pred_masks")  # mask classification; a model may name others (raw_output_names)
+OUTPUT_DOCS = {
+    "pred_logits": "[B, Q, K+1] class logits (last = no object)",
+    "pred_masks": "[B, Q, H/4, W/4] mask logits",
+    "sem_seg": "[B, K, H, W] per-pixel class logits",
+}
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(model, "raw_output_names", OUTPUT_NAMES))
 
 
 class InferenceGraph(nn.Module):
-    """uint8 images -> (pred_logits, pred_masks) of the last decoder layer; nothing training-only."""
+    """uint8 images -> the model's raw outputs (mask classification: pred_logits, pred_masks of the last
+    decoder layer; per-pixel: sem_seg); nothing training-only."""
 
     def __init__(self, model: nn.Module, task: str | None = None):
         super().__init__()
@@ -42,11 +52,12 @@ class InferenceGraph(nn.Module):
         inference._modules = {k: v for k, v in model._modules.items() if k not in skip}
         inference._parameters = {k: v for k, v in model._parameters.items() if k not in skip}
         self.model = inference
+        self.output_names = output_names(model)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.model.normalize(images)
         outputs = self.model.forward_raw(x) if self.task is None else self.model.forward_raw(x, self.task)
-        return outputs["pred_logits"], outputs["pred_masks"]
+        return tuple(outputs[name] for name in self.output_names)
 
 
 def check_export_request(fmt: str, height: int, width: int) -> None:
@@ -75,12 +86,11 @@ def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "tor
             if importlib.util.find_spec("onnxscript") is None:  # the ONNX exporter needs it
                 raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'")
             torch.onnx.export(graph, (example,), str(output), dynamo=True, input_names=["images"],
-                              output_names=list(OUTPUT_NAMES), verbose=False)
+                              output_names=list(graph.output_names), verbose=False)
     sidecar = {
         "format": fmt,
         "input": {"name": "images", "shape": [batch, 3, height, width], "dtype": "uint8", "layout": "RGB"},
-        "outputs": {"pred_logits": "[B, Q, K+1] class logits (last = no object)",
-                    "pred_masks": "[B, Q, H/4, W/4] mask logits"},
+        "outputs": {name: OUTPUT_DOCS[name] for name in graph.output_names},
         "task": task or getattr(model, "default_task", None),
         "classes": list(meta.classes) if meta is not None else None,
         "thing_ids": list(getattr(model, "thing_ids", []) or []),
@@ -93,17 +103,19 @@ def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "tor
 
 
 def load_exported(path: str | os.PathLike):
-    """A callable images -> (pred_logits, pred_masks) for a torch-export (.pt2) or ONNX file."""
+    """A callable images -> the exported outputs (see the sidecar) for a torch-export (.pt2) or ONNX file."""
     path = Path(path)
+    sidecar = Path(str(path) + ".json")
+    names = list(json.loads(sidecar.read_text())["outputs"]) if sidecar.is_file() else list(OUTPUT_NAMES)
     if path.suffix == ".onnx":
         import numpy as np
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-        def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, masks = session.run(list(OUTPUT_NAMES), {"images": np.ascontiguousarray(images.numpy())})
-            return torch.from_numpy(logits), torch.from_numpy(masks)
+        def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            outputs = session.run(names, {"images": np.ascontiguousarray(images.numpy())})
+            return tuple(torch.from_numpy(o) for o in outputs)
 
         return run
     module = torch.export.load(path).module()
@@ -129,3 +141,19 @@ def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, si
                     overlap_threshold=sidecar["overlap_threshold"], topk=sidecar["topk"], mode=mode)
         for i, size in enumerate(image_sizes)
     ]
+
+
+def semantic_from_exported(sem_seg: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                           output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """A per-pixel model's exported logits [B, K, Hp, Wp] -> [{"semantic": int64 [H, W]}] per image (the
+    same as `model.predict`): crop image i's (h, w) content, resize to its output size, argmax."""
+    from torch.nn import functional as F
+
+    output_sizes = output_sizes or image_sizes
+    results = []
+    for i, ((h, w), out) in enumerate(zip(image_sizes, output_sizes)):
+        scores = sem_seg[i:i + 1, :, :h, :w].float()
+        if tuple(out) != (h, w):
+            scores = F.interpolate(scores, size=tuple(out), mode="bilinear", align_corners=False)
+        results.append({"semantic": scores[0].argmax(0)})
+    return results

@@ -195,7 +195,7 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
         tasks = [t for t in tasks if t in available]
     device = device or next(model.parameters()).device
     transforms = build_transforms(False, min_size_test=cfg.data.get("min_size_test"))
-    evaluator = DatasetEvaluator(meta, tasks)
+    evaluator = DatasetEvaluator(meta, tasks, boundary_f=bool(cfg.get("eval_boundary_f", False)))
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from omniseg.data.errors import DataError
 from omniseg.data.meta import DatasetMeta
+from omniseg.evaluation.boundary import BoundaryFScoreEvaluator
 from omniseg.evaluation.instance import AP_KEYS, InstanceEvaluator
 from omniseg.evaluation.panoptic import PanopticEvaluator
 from omniseg.evaluation.semantic import SemanticEvaluator
@@ -31,9 +32,11 @@ class DatasetEvaluator:
     Ground truth is taken from whatever the sample carries: `sem_seg`, or derived from `pan_seg`
     for semantic; `instances`, or derived from `pan_seg` for instance; `pan_seg` for panoptic.
     Under DDP every rank calls `process` on its shard and then `evaluate()`; results are global.
+    With `boundary_f`, semantic results also carry the Gated-SCNN boundary F-score ("BF@<th>",
+    see `omniseg.evaluation.boundary`); it is off by default because it costs more than mIoU.
     """
 
-    def __init__(self, meta: DatasetMeta, tasks: Iterable[str]):
+    def __init__(self, meta: DatasetMeta, tasks: Iterable[str], boundary_f: bool = False):
         tasks = list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -47,11 +50,16 @@ class DatasetEvaluator:
             self.evaluators["panoptic"] = PanopticEvaluator(meta)
         if "instance" in tasks:
             self.evaluators["instance"] = InstanceEvaluator(meta)
+        self.boundary: BoundaryFScoreEvaluator | None = None
+        if boundary_f and "semantic" in tasks:
+            self.boundary = BoundaryFScoreEvaluator(meta.num_classes, meta.ignore_index, class_names=meta.classes)
         self.results: dict | None = None
 
     def reset(self) -> None:
         for evaluator in self.evaluators.values():
             evaluator.reset()
+        if self.boundary is not None:
+            self.boundary.reset()
         self.results = None
 
     # --- ground truth --------------------------------------------------------------------------
@@ -85,6 +93,8 @@ class DatasetEvaluator:
             gt = self._semantic_gt(sample)
             self._check_size(file, gt.shape[-2:], prediction["semantic"].shape[-2:], "semantic")
             self.evaluators["semantic"].process(gt, prediction["semantic"])
+            if self.boundary is not None:
+                self.boundary.process(gt, prediction["semantic"])
         if "panoptic" in self.evaluators:
             if sample.get("pan_seg") is None:
                 raise DataError(file, "panoptic evaluation needs 'pan_seg' and 'segments_info' ground truth")
@@ -110,13 +120,15 @@ class DatasetEvaluator:
     def evaluate(self) -> dict:
         """{"semantic": {...}, "panoptic": {...}, "instance": {...}} for the requested tasks."""
         self.results = {task: evaluator.evaluate() for task, evaluator in self.evaluators.items()}
+        if self.boundary is not None:
+            self.results["semantic"].update(self.boundary.evaluate())
         return self.results
 
     # --- reporting -----------------------------------------------------------------------------
     def scalars(self, results: dict | None = None) -> dict[str, float]:
         """Flat headline metrics (no per-class tables), e.g. for metrics.jsonl / TensorBoard."""
         results = self._results(results)
-        return {key: results[task][key] for task in self.tasks for key in SCALAR_KEYS[task] if task in results}
+        return {key: results[task][key] for task in self.tasks for key in self._scalar_keys(task) if task in results}
 
     def summary(self, results: dict | None = None) -> str:
         """One line such as "PQ 51.2 | mIoU 63.0 | AP 30.1"."""
@@ -124,9 +136,16 @@ class DatasetEvaluator:
         parts = []
         for task, key in HEADLINE:
             if task in results:
-                value = results[task][key]
-                parts.append(f"{key} {'n/a' if value is None or math.isnan(value) else f'{value:.1f}'}")
+                for name in (key, *self._boundary_keys()) if task == "semantic" else (key,):
+                    value = results[task][name]
+                    parts.append(f"{name} {'n/a' if value is None or math.isnan(value) else f'{value:.1f}'}")
         return " | ".join(parts)
+
+    def _boundary_keys(self) -> tuple[str, ...]:
+        return tuple(self.boundary.keys) if self.boundary is not None else ()
+
+    def _scalar_keys(self, task: str) -> tuple[str, ...]:
+        return SCALAR_KEYS[task] + (self._boundary_keys() if task == "semantic" else ())
 
     def _results(self, results: dict | None) -> dict:
         if results is not None:

@@ -10,6 +10,16 @@ import torch
 from omniseg.evaluation.state import SummedState
 
 
+
+def check_classes(num_classes: int, ignore_index: int, class_names: Sequence[str] | None) -> tuple[int, int, list[str]]:
+    """(K, ignore index, K class names) for a per-class evaluator; ValueError on an inconsistent set."""
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    return int(num_classes), int(ignore_index), names
+
 class SemanticEvaluator(SummedState):
     """Accumulates a `[K, K]` confusion matrix (rows = ground truth, columns = prediction).
 
@@ -21,13 +31,7 @@ class SemanticEvaluator(SummedState):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None):
-        if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.num_classes = int(num_classes)
-        self.ignore_index = int(ignore_index)
-        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.num_classes, self.ignore_index, self.class_names = check_classes(num_classes, ignore_index, class_names)
         self.reset()
 
     def reset(self) -> None:

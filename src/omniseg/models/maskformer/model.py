@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from omniseg.models.backbones import build_backbone
+from omniseg.models.base import Segmenter
 from omniseg.models.maskformer.criterion import SetCriterion
 from omniseg.models.maskformer.matcher import HungarianMatcher
 from omniseg.models.maskformer.postprocess import check_mode, postprocess
@@ -32,7 +32,7 @@ def _to_float(obj):
     return obj
 
 
-class MaskFormer(nn.Module):
+class MaskFormer(Segmenter):
     """Mask-classification segmenter. `arch="mask2former"` uses the MSDeformAttn pixel decoder and the
     masked-attention decoder; `arch="maskformer"` the FPN pixel decoder and a DETR decoder on res5.
 
@@ -121,10 +121,7 @@ class MaskFormer(nn.Module):
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
         self.topk = int(test.get("topk", 100))
         self.postprocess_mode = check_mode(str(test.get("postprocess", "official")))
-        mean = _get(cfg, "pixel_mean", [123.675, 116.28, 103.53])
-        std = _get(cfg, "pixel_std", [58.395, 57.12, 57.375])
-        self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_stats(cfg)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward instead of storing them (training memory for about one
@@ -139,10 +136,6 @@ class MaskFormer(nn.Module):
                 module.activation_checkpointing = enabled
 
     # -- network -------------------------------------------------------------------------------
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or float [0,255] RGB -> normalised float."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
-
     def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised images -> (per-pixel mask features, multi-scale features for the decoder)."""
         return self.pixel_decoder(self.backbone(x))
@@ -219,10 +212,3 @@ class MaskFormer(nn.Module):
                     else:
                         results[i].setdefault("raw", {})[pass_tasks[0]] = raw
         return results
-
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None, **predict_kwargs):
-        """Training mode with targets -> loss dict; otherwise -> predictions (see `predict`)."""
-        if self.training and targets is not None:
-            return self.losses(images, targets)
-        image_sizes = predict_kwargs.pop("image_sizes", [tuple(images.shape[-2:])] * images.shape[0])
-        return self.predict(images, image_sizes, **predict_kwargs)

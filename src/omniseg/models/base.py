@@ -1,0 +1,37 @@
+"""What every omniseg segmenter shares, whatever its family: normalisation inside the model (so callers and
+exported graphs take uint8 RGB) and one `forward` that trains with targets and predicts without."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class Segmenter(nn.Module):
+    """Base of the model families. Subclasses implement `losses(images, targets)` and
+    `predict(images, image_sizes, output_sizes=None, tasks=...)`, and call `register_pixel_stats(cfg)`."""
+
+    tasks: tuple[str, ...] = ("semantic", "panoptic", "instance")  # what predict can produce
+
+    def register_pixel_stats(self, cfg: Mapping) -> None:
+        """model.pixel_mean / pixel_std (0-255 RGB) as non-persistent buffers: they follow the device."""
+        mean = cfg.get("pixel_mean") or IMAGENET_MEAN
+        std = cfg.get("pixel_std") or IMAGENET_STD
+        self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or float [0,255] RGB -> normalised float."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None, **predict_kwargs):
+        """Training mode with targets -> loss dict; otherwise -> predictions (see `predict`)."""
+        if self.training and targets is not None:
+            return self.losses(images, targets)
+        image_sizes = predict_kwargs.pop("image_sizes", [tuple(images.shape[-2:])] * images.shape[0])
+        return self.predict(images, image_sizes, **predict_kwargs)

@@ -1,0 +1,199 @@
+"""Heads and necks of the per-pixel classification family (PSPNet, DANet, FastFCN's JPU, DeepLab ASPP).
+
+Every head maps one feature map [B, C, h, w] to class logits [B, K, h, w]; the model upsamples.
+Channel widths default to the papers' (512 head width on a ResNet-50/101) and scale with `width`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel: int = 3, dilation: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class Classifier(nn.Sequential):
+    """Dropout2d + 1x1 conv to K logits, the last layer of every head (re-initialised when the class
+    count changes, e.g. fine-tuning after PSSL pre-training)."""
+
+    def __init__(self, cin: int, num_classes: int, dropout: float = 0.1):
+        super().__init__(nn.Dropout2d(dropout), nn.Conv2d(cin, num_classes, 1))
+
+
+class FCNHead(nn.Module):
+    """conv3x3 (C/4) + classifier: the auxiliary head on res4 (PSPNet weight 0.4) and the plain FCN."""
+
+    def __init__(self, cin: int, num_classes: int, width: int | None = None, dropout: float = 0.1):
+        super().__init__()
+        width = width or max(cin // 4, 16)
+        self.conv = ConvBNReLU(cin, width)
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(x))
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module: average-pool to bins x bins (1, 2, 3, 6), 1x1 conv to C/len(bins)
+    per bin, upsample, concatenate with the input."""
+
+    def __init__(self, cin: int, bins: Sequence[int] = (1, 2, 3, 6)):
+        super().__init__()
+        self.bins = tuple(int(b) for b in bins)
+        reduced = cin // len(self.bins)
+        self.stages = nn.ModuleList(ConvBNReLU(cin, reduced, kernel=1) for _ in self.bins)
+        self.out_channels = cin + reduced * len(self.bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(stage(F.adaptive_avg_pool2d(x, b)), size=size, mode="bilinear", align_corners=False)
+                  for b, stage in zip(self.bins, self.stages)]
+        return torch.cat([x, *pooled], dim=1)
+
+
+class PSPHead(nn.Module):
+    def __init__(self, cin: int, num_classes: int, width: int = 512, bins: Sequence[int] = (1, 2, 3, 6),
+                 dropout: float = 0.1):
+        super().__init__()
+        self.ppm = PyramidPooling(cin, bins)
+        self.bottleneck = ConvBNReLU(self.ppm.out_channels, width)
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.bottleneck(self.ppm(x)))
+
+
+class PositionAttention(nn.Module):
+    """DANet's position attention: S = softmax over keys of Q^T K (no 1/sqrt(d), as the official code),
+    out = gamma * V S^T + x with gamma a learnable scalar initialised at 0 (starts as identity)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        inner = max(channels // 8, 1)
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # [B, HW, C/8]
+        k = self.key(x).flatten(2)  # [B, C/8, HW]
+        attn = torch.softmax(torch.bmm(q, k), dim=-1)  # [B, HW(query), HW(key)]
+        out = torch.bmm(self.value(x).flatten(2), attn.transpose(1, 2)).view(b, c, h, w)
+        return self.gamma * out + x
+
+
+class ChannelAttention(nn.Module):
+    """DANet's channel attention: energy = X X^T over channels, attention = softmax(rowmax - energy),
+    out = beta * attn X + x, beta init 0. The `rowmax - energy` is the official code's (it weights the
+    least similar channels most, the opposite of the paper's formula); published weights assume it."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        flat = x.flatten(2)  # [B, C, HW]
+        energy = torch.bmm(flat, flat.transpose(1, 2))  # [B, C, C]
+        energy = energy.amax(dim=-1, keepdim=True) - energy
+        out = torch.bmm(torch.softmax(energy, dim=-1), flat).view(b, c, h, w)
+        return self.beta * out + x
+
+
+class DANetHead(nn.Module):
+    """Two parallel branches (position / channel attention), each conv-attend-conv, summed; each branch
+    also keeps its own classifier, trained with equal weight next to the fused one (official code)."""
+
+    def __init__(self, cin: int, num_classes: int, width: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.pam_in, self.cam_in = ConvBNReLU(cin, width), ConvBNReLU(cin, width)
+        self.pam, self.cam = PositionAttention(width), ChannelAttention()
+        self.pam_out, self.cam_out = ConvBNReLU(width, width), ConvBNReLU(width, width)
+        self.classifier = Classifier(width, num_classes, dropout)
+        self.pam_classifier = Classifier(width, num_classes, dropout)
+        self.cam_classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor, *, branches: bool = False):
+        p = self.pam_out(self.pam(self.pam_in(x)))
+        c = self.cam_out(self.cam(self.cam_in(x)))
+        fused = self.classifier(p + c)
+        if branches:
+            return fused, {"pam": self.pam_classifier(p), "cam": self.cam_classifier(c)}
+        return fused
+
+
+class ASPP(nn.Module):
+    """DeepLabV3's atrous spatial pyramid pooling: 1x1 + three atrous 3x3 + image pooling, concat, 1x1.
+    `extra` channels (Gated-SCNN's edge branch) join the concatenation."""
+
+    def __init__(self, cin: int, width: int = 256, rates: Sequence[int] = (12, 24, 36), extra: int = 0,
+                 project_bn: bool = True):
+        super().__init__()
+        self.branches = nn.ModuleList([ConvBNReLU(cin, width, kernel=1)]
+                                      + [ConvBNReLU(cin, width, dilation=int(r)) for r in rates])
+        self.image_pool = ConvBNReLU(cin, width, kernel=1)
+        n = (len(rates) + 2) * width + extra
+        self.project = ConvBNReLU(n, width, kernel=1) if project_bn else nn.Conv2d(n, width, 1, bias=False)
+        self.out_channels = width
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self.image_pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
+        parts = [b(x) for b in self.branches] + [pooled] + ([extra] if extra is not None else [])
+        return self.project(torch.cat(parts, dim=1))
+
+
+class ASPPHead(nn.Module):
+    def __init__(self, cin: int, num_classes: int, width: int = 256, rates: Sequence[int] = (12, 24, 36),
+                 dropout: float = 0.1):
+        super().__init__()
+        self.aspp = ASPP(cin, width, rates)
+        self.conv = ConvBNReLU(width, width)
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(self.aspp(x)))
+
+
+class SeparableConv(nn.Sequential):
+    """Depthwise dilated 3x3 -> BN -> pointwise 1x1 (FastFCN keeps the BN between the two)."""
+
+    def __init__(self, cin: int, cout: int, dilation: int):
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+            nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 1, bias=False),
+        )
+
+
+class JointPyramidUpsampling(nn.Module):
+    """FastFCN's JPU: replaces the dilated res4/res5 of an output-stride-8 backbone. conv3x3 on res3
+    (/8), res4 (/16), res5 (/32); upsample to /8; concatenate; four parallel separable convs with
+    dilation 1, 2, 4, 8; concatenate -> 4 x width channels at /8 (2048 for width 512, the shape of a
+    dilated ResNet-50's res5, so any head works unchanged)."""
+
+    def __init__(self, in_channels: Sequence[int], width: int = 512, dilations: Sequence[int] = (1, 2, 4, 8)):
+        super().__init__()
+        self.convs = nn.ModuleList(ConvBNReLU(c, width) for c in in_channels)
+        self.dilated = nn.ModuleList(
+            nn.Sequential(SeparableConv(len(in_channels) * width, width, d), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            for d in dilations
+        )
+        self.out_channels = width * len(dilations)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        outs = [conv(f) for conv, f in zip(self.convs, feats)]
+        size = outs[0].shape[-2:]
+        # align_corners=True as the official JPU
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=True) for o in outs[1:]]
+        x = torch.cat(outs, dim=1)
+        return torch.cat([branch(x) for branch in self.dilated], dim=1)

@@ -1,0 +1,241 @@
+"""Per-pixel classification segmenters: FCN, PSPNet, DANet, DeepLabV3 (ASPP) and Gated-SCNN heads on a
+dilated ResNet, or on a plain stride-32 ResNet with FastFCN's Joint Pyramid Upsampling (`neck: jpu`).
+
+They plug into the same engine as the mask-classification models: `losses(images, targets)` takes the
+engine's per-class semantic masks (rebuilt here into a label map), `predict` returns {"semantic": ...}
+at the requested resolution, and `forward_raw` (normalised images -> logits) is the exportable network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from omniseg.models.backbones import build_backbone
+from omniseg.models.base import Segmenter
+from omniseg.models.per_pixel.blocks import (
+    ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead,
+)
+
+ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn")
+
+
+def _get(cfg: Mapping, key: str, default=None):
+    return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
+def label_map_from_targets(targets: Sequence[dict], size: tuple[int, int], ignore_index: int = 255) -> torch.Tensor:
+    """Engine targets ({"labels": [N], "masks": bool [N,H,W]}, one mask per class for the semantic task)
+    -> int64 label maps [B,H,W]; pixels in no mask (padding, void) are `ignore_index`."""
+    out = []
+    for t in targets:
+        sem = torch.full(size, ignore_index, dtype=torch.int64, device=t["masks"].device)
+        for label, mask in zip(t["labels"].tolist(), t["masks"]):
+            sem[mask] = int(label)
+        out.append(sem)
+    return torch.stack(out)
+
+
+class GatedSCNNHead(nn.Module):
+    """Gated-SCNN's fusion: ASPP on res5 with an edge branch (the fused boundary map, resized to res5
+    and embedded by 1x1 conv), 1x1 projection (no BN, as the original), upsample to res2, concatenate
+    with a 48-channel 1x1 of res2, two 3x3 convs, classifier. The shape stream lives in the model."""
+
+    def __init__(self, cin: int, fine_channels: int, num_classes: int, width: int = 256,
+                 rates: Sequence[int] = (12, 24, 36), dropout: float = 0.1):
+        super().__init__()
+        self.edge_embed = ConvBNReLU(1, width, kernel=1)
+        self.aspp = ASPP(cin, width, rates, extra=width, project_bn=False)
+        self.fine = ConvBNReLU(fine_channels, 48, kernel=1)
+        self.fuse = nn.Sequential(ConvBNReLU(width + 48, width), ConvBNReLU(width, width))
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor, fine: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        edge = self.edge_embed(F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=True))
+        y = F.interpolate(self.aspp(x, edge), size=fine.shape[-2:], mode="bilinear", align_corners=True)
+        return self.classifier(self.fuse(torch.cat([y, self.fine(fine)], dim=1)))
+
+
+class PerPixelSegmenter(Segmenter):
+    """Backbone (dilated, output stride 8 or 16; or stride 32 + JPU) -> head -> per-pixel class logits.
+
+    Args:
+        cfg: the `model` section (configs/pspnet_demo.yaml lists every key).
+        num_classes: K.
+        thing_ids: unused (semantic only); accepted for a uniform builder signature.
+    """
+
+    tasks = ("semantic",)  # what predict can produce
+    default_task = None
+    training_only = ("aux_head",)
+    raw_output_names = ("sem_seg",)  # what forward_raw returns, in export order
+
+    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__()
+        self.arch = _get(cfg, "arch", "pspnet")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown per-pixel arch {self.arch!r} ({' | '.join(ARCHS)})")
+        self.num_classes = num_classes
+        self.ignore_index = 255
+        self.neck_name = _get(cfg, "neck")
+        if self.neck_name not in (None, "jpu"):
+            raise ValueError(f"model.neck must be null (dilated backbone) or 'jpu', got {self.neck_name!r}")
+        output_stride = int(_get(cfg, "output_stride", 8))
+        if self.neck_name == "jpu":
+            output_stride = 32  # the JPU replaces the dilation
+        elif output_stride not in (8, 16, 32):
+            raise ValueError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
+        backbone_kwargs = dict(_get(cfg, "backbone_kwargs", {}) or {})
+        if output_stride != 32:
+            backbone_kwargs["output_stride"] = output_stride
+        self.backbone = build_backbone(
+            _get(cfg, "backbone", "resnet50"), norm=_get(cfg, "backbone_norm", "bn"),
+            weights=_get(cfg, "backbone_weights"), drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+            **backbone_kwargs,
+        )
+        specs = self.backbone.specs
+        top_channels = specs["res5"].channels
+        self.neck = None
+        if self.neck_name == "jpu":
+            width = int(_get(cfg, "jpu_width", 512))
+            self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], width)
+            top_channels = self.neck.out_channels
+        width = int(_get(cfg, "head_width", 512))
+        dropout = float(_get(cfg, "dropout", 0.1))
+        rates = tuple(int(r) for r in _get(cfg, "aspp_rates", (12, 24, 36)))
+        if self.arch == "fcn":
+            self.head = FCNHead(top_channels, num_classes, width, dropout)
+        elif self.arch == "pspnet":
+            self.head = PSPHead(top_channels, num_classes, width, tuple(_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
+        elif self.arch == "danet":
+            self.head = DANetHead(top_channels, num_classes, width, dropout)
+        elif self.arch == "deeplabv3":
+            self.head = ASPPHead(top_channels, num_classes, width, rates, dropout)
+        else:
+            from omniseg.models.per_pixel.gscnn import EdgeFusion, ShapeStream
+
+            self.shape_stream = ShapeStream(specs["res2"].channels, [specs[n].channels for n in ("res3", "res4", "res5")],
+                                            int(_get(cfg, "shape_width", 64)))
+            self.edge_fusion = EdgeFusion(*_get(cfg, "canny_thresholds", (10.0, 100.0)))
+            self.head = GatedSCNNHead(top_channels, specs["res2"].channels, num_classes, width, rates, dropout)
+        loss = dict(_get(cfg, "loss", {}) or {})
+        self.aux_weight = float(_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3") else 0.0))
+        self.aux_head = FCNHead(specs["res4"].channels, num_classes, dropout=dropout) if self.aux_weight > 0 else None
+        self.branch_weight = float(loss.get("branch_weight", 1.0))  # DANet: each attention branch's own CE
+        self.edge_weight = float(loss.get("edge_weight", 20.0))  # Gated-SCNN's weights
+        self.edge_att_weight = float(loss.get("edge_attention_weight", 1.0))
+        self.dual_weight = float(loss.get("dual_task_weight", 1.0))
+        self.edge_radius = int(loss.get("edge_radius", 2))
+        class_weights = loss.get("class_weights")
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if len(class_weights) != num_classes:
+                raise ValueError(f"model.loss.class_weights has {len(class_weights)} entries for {num_classes} classes")
+            class_weights = torch.tensor(class_weights)
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.register_pixel_stats(cfg)
+        if bool(_get(cfg, "activation_checkpointing", False)):
+            self.set_activation_checkpointing(True)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone stages in backward (timm's gradient checkpointing)."""
+        self.backbone.body.set_grad_checkpointing(enabled)
+
+    # -- network -------------------------------------------------------------------------------
+    def _unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.pixel_std + self.pixel_mean).clamp(0, 255)
+
+    def network(self, x: torch.Tensor, *, training_outputs: bool = False) -> dict:
+        """Normalised images -> {"sem_seg": logits at the head's stride, and with `training_outputs`
+        the auxiliary, DANet-branch and Gated-SCNN boundary logits}."""
+        feats = self.backbone(x)
+        top = self.neck([feats["res3"], feats["res4"], feats["res5"]]) if self.neck is not None else feats["res5"]
+        out: dict = {}
+        if self.arch == "gscnn":
+            edge = self.shape_stream(feats["res2"], [feats["res3"], feats["res4"], feats["res5"]])
+            edge = F.interpolate(edge, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            acts = self.edge_fusion(edge, self._unnormalize(x).round().to(torch.uint8))
+            out["sem_seg"] = self.head(top, feats["res2"], acts)
+            out["edge"] = edge
+        elif self.arch == "danet" and training_outputs:
+            out["sem_seg"], branches = self.head(top, branches=True)
+            out.update(branches)
+        else:
+            out["sem_seg"] = self.head(top)
+        if training_outputs and self.aux_head is not None:
+            out["aux"] = self.aux_head(feats["res4"])
+        return out
+
+    def forward_raw(self, x: torch.Tensor) -> dict:
+        """Normalised images [B,3,H,W] (H, W multiples of 32) -> {"sem_seg": logits [B,K,H,W]}."""
+        logits = self.network(x)["sem_seg"]
+        return {"sem_seg": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+    # -- training ------------------------------------------------------------------------------
+    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=self.ignore_index)
+
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """images: uint8 [B,3,Hp,Wp] padded; targets: the engine's semantic targets (see module doc)."""
+        labels = label_map_from_targets(targets, tuple(images.shape[-2:]), self.ignore_index)
+        out = self.network(self.normalize(images), training_outputs=True)
+        with torch.autocast(images.device.type, enabled=False):
+            losses = {"loss_ce": self._ce(out["sem_seg"], labels)}
+            if "aux" in out:
+                losses["loss_aux"] = self.aux_weight * self._ce(out["aux"], labels)
+            for branch in ("pam", "cam"):
+                if branch in out:
+                    losses[f"loss_{branch}"] = self.branch_weight * self._ce(out[branch], labels)
+            if "edge" in out:
+                losses.update(self._boundary_losses(out, labels, targets))
+        return losses
+
+    def _boundary_losses(self, out: dict, labels: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        from omniseg.models.per_pixel.gscnn import balanced_edge_bce, dual_task_loss, label_boundaries
+
+        edge = out["edge"].float()[:, 0]
+        valid = labels != self.ignore_index
+        losses = {"loss_edge": self.edge_weight * balanced_edge_bce(
+            edge, label_boundaries(labels, self.edge_radius, self.ignore_index), valid)}
+        seg = F.interpolate(out["sem_seg"].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        # Edge attention: the segmentation CE again, only where the shape stream is confident of a boundary.
+        attended = torch.where(torch.sigmoid(edge.detach()) > 0.8, labels, self.ignore_index)
+        if (attended != self.ignore_index).any():
+            att = F.cross_entropy(seg, attended, weight=self.class_weights, ignore_index=self.ignore_index)
+        else:
+            att = seg.sum() * 0.0
+        losses["loss_edge_att"] = self.edge_att_weight * att
+        generators = None
+        if targets and all("seed" in t for t in targets):
+            generators = [torch.Generator().manual_seed(int(t["seed"])) for t in targets]
+        losses["loss_dual"] = self.dual_weight * dual_task_loss(seg, labels, self.num_classes, self.ignore_index,
+                                                                generators=generators)
+        return losses
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                output_sizes: Sequence[tuple[int, int]] | None = None,
+                tasks: Sequence[str] = ("semantic",), *, return_raw: bool = False) -> list[dict]:
+        """Padded uint8 images -> [{"semantic": int64 [H,W]}] at `output_sizes` (default: image sizes)."""
+        unsupported = [t for t in tasks if t not in self.tasks]
+        if unsupported:
+            raise ValueError(f"{type(self).__name__} ({self.arch}) predicts {list(self.tasks)} only, not {unsupported}")
+        logits = self.network(self.normalize(images))["sem_seg"]
+        padded = tuple(images.shape[-2:])
+        logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+        output_sizes = output_sizes or image_sizes
+        results = []
+        for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes)):
+            scores = logits[i:i + 1, :, :h, :w]
+            if tuple(out_size) != (h, w):
+                scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)
+            result = {"semantic": scores[0].argmax(0)} if "semantic" in tasks else {}
+            if return_raw:
+                result["raw"] = {"sem_seg": logits[i]}
+            results.append(result)
+        return results
