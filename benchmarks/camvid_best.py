@@ -10,8 +10,7 @@
    `omniseg predict` (file name = image name, values = CamVid ids 0-10), for --predict-input (default:
    the val images) into --runs/camvid_best/predictions, and, for val, re-scores those PNGs from disk
    against valannot/ to check they carry exactly the evaluated predictions.
-4. With --candidates, trains the other candidate recipes for --candidate-iters iterations each on the
-   same data settings and tabulates val mIoU and seconds per iteration (how the recipe was chosen).
+How the recipe was chosen (other candidates at equal iterations): benchmarks/camvid_candidates.py.
 
 Writes RESULTS.md and results.json to --out.
 """
@@ -27,18 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from _runs import finished, train_or_reuse  # benchmarks/_runs.py
+from _runs import train_or_reuse  # benchmarks/_runs.py
 
-# Candidate recipes: key -> (label, preset, overrides). Every one reads CamVid like camvid_best
-# (160 px crops of 1/3-2/3-scale frames, batch 8, evaluated at 1/2 scale, same seed and data order).
-CANDIDATES = {
-    "mp_former": ("MP-Former (camvid_best network)", "camvid_best", []),
-    "mask2former": ("Mask2Former (same network)", "camvid_best", ["model.mp.enabled=false"]),
-    "pspnet": ("PSPNet (dilated OS8)", "pspnet_demo", []),
-    "fastfcn": ("FastFCN: JPU + PSPNet head", "fastfcn_jpu_demo", []),
-    "danet": ("DANet (dilated OS8)", "danet_demo", []),
-    "gscnn": ("Gated-SCNN (dilated OS8)", "gscnn_demo", []),
-}
 CAMVID_DATA = ["data.crop_size=160", "data.scale_range=[1.0,2.0]", "data.min_size_test=180", "data.num_workers=1",
                "task=semantic", "eval_tasks=[semantic]"]
 
@@ -48,6 +37,14 @@ def camvid_overrides(root: Path) -> list[str]:
     return [f"data.root={r}",
             "data.train={format: semantic_folder, preset: camvid, root: " + r + ", split: train}",
             "data.val={format: semantic_folder, preset: camvid, root: " + r + ", split: val}", *CAMVID_DATA]
+
+
+def check_camvid_root(path: Path) -> Path:
+    root = path.resolve()
+    for sub in ("train", "trainannot", "val", "valannot"):
+        if not (root / sub).is_dir():
+            raise SystemExit(f"--camvid-root {root}: no {sub}/ folder (expected the SegNet CamVid layout)")
+    return root
 
 
 def seconds_per_iteration(run: Path) -> float:
@@ -79,14 +76,9 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--predict-input", type=Path, default=None, help="images to write label PNGs for (default: val)")
-    ap.add_argument("--candidates", nargs="*", default=[], choices=list(CANDIDATES))
-    ap.add_argument("--candidate-iters", type=int, default=1000)
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides of camvid_best")
     args = ap.parse_intermixed_args(argv)
-    root = args.camvid_root.resolve()
-    for sub in ("train", "trainannot", "val", "valannot"):
-        if not (root / sub).is_dir():
-            raise SystemExit(f"--camvid-root {root}: no {sub}/ folder (expected the SegNet CamVid layout)")
+    root = check_camvid_root(args.camvid_root)
 
     from omniseg.api import load_model
     from omniseg.bench import cpu_model
@@ -115,21 +107,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"omniseg predict failed:\n{invoked.output}")
     png_miou = score_pngs(pred_dir / "semantic", root / "valannot") if args.predict_input is None else None
 
-    candidates = {}
-    for key in args.candidates:
-        label, preset, extra = CANDIDATES[key]
-        cand_run = args.runs / "camvid_candidates" / f"{key}_{args.candidate_iters}"
-        ccfg = load_config(preset, [*camvid_overrides(root), *extra, f"train.max_iters={args.candidate_iters}",
-                                    f"train.eval_period={args.candidate_iters}",
-                                    f"train.checkpoint_period={args.candidate_iters}", f"train.output_dir={cand_run}"])
-        train_or_reuse(ccfg, cand_run)
-        if finished(cand_run):
-            m = json.loads((cand_run / "final_metrics.json").read_text())["metrics"]
-            candidates[key] = {"label": label, "preset": preset, "mIoU": m["mIoU"],
-                               "sec_per_iter": seconds_per_iteration(cand_run),
-                               "params_m": sum(p.numel() for p in load_model(cand_run / "model_final.safetensors")[0]
-                                               .parameters()) / 1e6}
-
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
     command = "python benchmarks/camvid_best.py " + " ".join(sys.argv[1:])
     bf = {k: v for k, v in results.items() if k.startswith("BF@")}
@@ -155,16 +132,12 @@ def main(argv=None) -> None:
               "clock and includes whatever else the machine ran meanwhile. Test-set label PNGs: "
               "`omniseg predict -w runs/camvid_best/model_final.safetensors -i CAMVID/test -o OUT --no-overlay` "
               "(OUT/semantic/<image name>.png, ids 0-10); this script does the same for --predict-input."]
-    if candidates:
-        lines += ["", f"Candidates at {args.candidate_iters} iterations each, same data settings, from scratch:", "",
-                  "| recipe | preset | params (M) | s / iteration | val mIoU |", "|---|---|---|---|---|"]
-        for c in candidates.values():
-            lines.append(f"| {c['label']} | `{c['preset']}` | {c['params_m']:.1f} | {c['sec_per_iter']:.2f} | {c['mIoU']:.1f} |")
+    lines += ["", "How this recipe was chosen: [candidates at equal iterations](../camvid_candidates/RESULTS.md)."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"command": command, "machine": machine, "final": final, "val": results, "png_mIoU": png_miou,
-         "seconds_per_iteration": seconds_per_iteration(run), "candidates": candidates}, indent=2))
+         "seconds_per_iteration": seconds_per_iteration(run)}, indent=2))
     print("\n".join(lines))
 
 

@@ -36,6 +36,24 @@ def train(config: str = typer.Argument(..., help="preset name (see `omniseg mode
     typer.echo(json.dumps(metrics, indent=2))
 
 
+@app.command("train-continual")
+def train_continual(config: str = typer.Argument(..., help="preset name or YAML file of a SegViT model"),
+                    overrides: Optional[List[str]] = typer.Argument(
+                        None, help="e.g. model.continual.steps=[4,1,1] model.continual.freeze=false")):
+    """Class-incremental training: one run per step of model.continual.steps under train.output_dir/step<t>,
+    each initialised from the previous step; prints old / new / all mIoU per step and the forgetting."""
+    from omniseg.config import load_config
+    from omniseg.engine.continual import format_report, train_continual as run
+
+    cfg = load_config(config, overrides)
+    try:
+        report = run(cfg)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(format_report(report))
+    typer.echo(f"report: {Path(cfg.train.output_dir) / 'continual.json'}")
+
+
 @app.command("eval")
 def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .safetensors or HF checkpoint folder"),
              config: Optional[str] = typer.Option(None, "--config", "-c", help="config (default: the one stored in the weights)"),

@@ -195,7 +195,8 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
         tasks = [t for t in tasks if t in available]
     device = device or next(model.parameters()).device
     transforms = build_transforms(False, min_size_test=cfg.data.get("min_size_test"))
-    evaluator = DatasetEvaluator(meta, tasks, boundary_f=bool(cfg.get("eval_boundary_f", False)))
+    seen = getattr(getattr(model, "module", model), "seen_classes", None)  # continual models: learnt classes
+    evaluator = DatasetEvaluator(meta, tasks, boundary_f=bool(cfg.get("eval_boundary_f", False)), seen_classes=seen)
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -306,6 +307,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     # after its last checkpoint still knows its final metrics and how many samples were skipped.
     saved = (state or {}).get("extra", {})
     last_metrics: dict = dict(saved.get("metrics", {}))
+    last_class_iou: dict | None = None  # per-class IoU of the latest evaluation (final_metrics.json)
     skipped_before = int(saved.get("skipped_samples", 0))  # all ranks, before this invocation
     skipped_total = 0  # this rank, this invocation
 
@@ -371,6 +373,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
             results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False,
                                rank=rank, world_size=world)
             last_metrics = flat_metrics(results)
+            last_class_iou = (results.get("semantic") or {}).get("IoU")
             logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
             logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
                                                        if k in last_metrics))
@@ -391,6 +394,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
                      f"each is listed above")
     if main_process:
         final = {"iteration": max_iters, "seconds": round(time.time() - t0, 1), "metrics": last_metrics,
+                 "class_IoU": last_class_iou,
                  "skipped_samples": skipped_total}
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         # A stable name for the trained weights, next to the periodic ones.

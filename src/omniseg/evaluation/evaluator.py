@@ -34,9 +34,13 @@ class DatasetEvaluator:
     Under DDP every rank calls `process` on its shard and then `evaluate()`; results are global.
     With `boundary_f`, semantic results also carry the Gated-SCNN boundary F-score ("BF@<th>",
     see `omniseg.evaluation.boundary`); it is off by default because it costs more than mIoU.
+    With `seen_classes` S (a class-incremental model that has learnt classes 0..S-1 so far), semantic
+    ground truth of classes >= S is ignored, the usual continual-segmentation protocol; those classes
+    then have no IoU and stay out of mIoU.
     """
 
-    def __init__(self, meta: DatasetMeta, tasks: Iterable[str], boundary_f: bool = False):
+    def __init__(self, meta: DatasetMeta, tasks: Iterable[str], boundary_f: bool = False,
+                 seen_classes: int | None = None):
         tasks = list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -53,6 +57,7 @@ class DatasetEvaluator:
         self.boundary: BoundaryFScoreEvaluator | None = None
         if boundary_f and "semantic" in tasks:
             self.boundary = BoundaryFScoreEvaluator(meta.num_classes, meta.ignore_index, class_names=meta.classes)
+        self.seen_classes = None if seen_classes is None or seen_classes >= meta.num_classes else int(seen_classes)
         self.results: dict | None = None
 
     def reset(self) -> None:
@@ -65,12 +70,16 @@ class DatasetEvaluator:
     # --- ground truth --------------------------------------------------------------------------
     def _semantic_gt(self, sample: dict):
         if sample.get("sem_seg") is not None:
-            return sample["sem_seg"]
-        if sample.get("pan_seg") is not None:
+            gt = sample["sem_seg"]
+        elif sample.get("pan_seg") is not None:
             from omniseg.data.targets import semantic_from_panoptic
 
-            return semantic_from_panoptic(sample["pan_seg"], sample["segments_info"], self.meta.ignore_index)
-        raise DataError(_file_of(sample), "semantic evaluation needs 'sem_seg' or 'pan_seg' ground truth")
+            gt = semantic_from_panoptic(sample["pan_seg"], sample["segments_info"], self.meta.ignore_index)
+        else:
+            raise DataError(_file_of(sample), "semantic evaluation needs 'sem_seg' or 'pan_seg' ground truth")
+        if self.seen_classes is not None:
+            gt = gt.masked_fill((gt >= self.seen_classes) & (gt != self.meta.ignore_index), self.meta.ignore_index)
+        return gt
 
     def _instance_gt(self, sample: dict) -> dict:
         if sample.get("instances") is not None:

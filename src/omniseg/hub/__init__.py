@@ -7,6 +7,7 @@ refused. Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -64,6 +65,19 @@ def report_load(module: nn.Module, state_dict: dict[str, torch.Tensor], *, sourc
     return report
 
 
+def feature_wrapper_keys(sd: dict, body: nn.Module) -> dict:
+    """Rename whole-model keys to a timm features_only wrapper's, which flattens `layers.0.` to `layers_0.`."""
+    own = body.state_dict().keys()
+    out = {}
+    for k, v in sd.items():
+        if k not in own:
+            m = re.match(r"^([A-Za-z]\w*?)\.(\d+)\.(.*)$", k)
+            if m and f"{m[1]}_{m[2]}.{m[3]}" in own:
+                k = f"{m[1]}_{m[2]}.{m[3]}"
+        out[k] = v
+    return out
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict:
     """Load timm-format backbone weights (e.g. a timm ResNet/Swin checkpoint) into a TimmBackbone.
 
@@ -71,18 +85,29 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict:
     """
     sd = load_state_dict_file(path)
     body = backbone.body
-    # timm's own filter converts original-repo layouts (e.g. Microsoft Swin) to timm's.
+    import importlib
+
     import timm
 
-    try:
-        model_cls_module = timm.models.get_model_entrypoint(backbone.timm_name).__module__
-        import importlib
-
-        filt = getattr(importlib.import_module(model_cls_module), "checkpoint_filter_fn", None)
+    # timm's own filter converts original-repo layouts (e.g. Microsoft Swin) to timm's and resamples
+    # position embeddings; it needs the whole model, which for a features_only wrapper is rebuilt on
+    # the meta device (shapes only, no memory).
+    wrapped = type(body).__module__ == "timm.models._features"
+    if timm.is_model(backbone.timm_name):
+        module = importlib.import_module(timm.models.model_entrypoint(backbone.timm_name).__module__)
+        filt = getattr(module, "checkpoint_filter_fn", None)
         if filt is not None:
-            sd = filt(sd, body)
-    except Exception:
-        pass
+            try:
+                if wrapped:
+                    with torch.device("meta"):
+                        target = timm.create_model(backbone.timm_name, **getattr(backbone, "timm_kwargs", {}))
+                else:
+                    target = body
+                sd = filt(sd, target)
+            except Exception as e:  # noqa: BLE001 - any failure here means the file does not fit
+                raise CheckpointError(f"{path}: timm could not convert it for {backbone.timm_name}: {e}") from e
+    if wrapped:
+        sd = feature_wrapper_keys(sd, body)
     sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "classifier."))}
     report = report_load(body, sd, source=str(path))
     if report["missing"]:

@@ -60,6 +60,8 @@ class TimmBackbone(nn.Module):
             kwargs["drop_path_rate"] = drop_path_rate
         kwargs.update(timm_kwargs)
         self.body = timm.create_model(timm_name, **kwargs)
+        # How to rebuild the whole (non-features_only) model, for timm's checkpoint conversion.
+        self.timm_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
         if is_swin:
             use_original_swin_windows(self.body)
         self.timm_name = timm_name
@@ -96,7 +98,13 @@ class TimmBackbone(nn.Module):
         return dict(zip(FEATURE_NAMES, feats))
 
 
-def build_backbone(name: str, **kwargs) -> TimmBackbone:
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """timm ResNet / Swin (TimmBackbone) or, for `vit*` names, a plain ViT with a multi-level neck
+    (segvit.vit.ViTFeaturePyramid); both return {"res2".."res5"} and carry `specs`."""
+    if name.startswith("vit"):
+        from omniseg.models.segvit.vit import ViTFeaturePyramid
+
+        return ViTFeaturePyramid(name, **kwargs)
     return TimmBackbone(name, **kwargs)
 
 

@@ -3,7 +3,7 @@ exported graphs take uint8 RGB) and one `forward` that trains with targets and p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,3 +35,15 @@ class Segmenter(nn.Module):
             return self.losses(images, targets)
         image_sizes = predict_kwargs.pop("image_sizes", [tuple(images.shape[-2:])] * images.shape[0])
         return self.predict(images, image_sizes, **predict_kwargs)
+
+
+def label_map_from_targets(targets: Sequence[dict], size: tuple[int, int], ignore_index: int = 255) -> torch.Tensor:
+    """Engine targets ({"labels": [N], "masks": bool [N,H,W]}, one mask per class for the semantic task)
+    -> int64 label maps [B,H,W]; pixels in no mask (padding, void) are `ignore_index`."""
+    out = []
+    for t in targets:
+        sem = torch.full(size, ignore_index, dtype=torch.int64, device=t["masks"].device)
+        for label, mask in zip(t["labels"].tolist(), t["masks"]):
+            sem[mask] = int(label)
+        out.append(sem)
+    return torch.stack(out)

@@ -33,11 +33,18 @@ def _build_oneformer(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -
     return OneFormer(cfg, num_classes=num_classes, thing_ids=thing_ids)
 
 
-@register_arch("fcn", "pspnet", "danet", "deeplabv3", "gscnn")
+@register_arch("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
 def _build_per_pixel(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
     from omniseg.models.per_pixel import PerPixelSegmenter
 
     return PerPixelSegmenter(cfg, num_classes=num_classes, thing_ids=thing_ids)
+
+
+@register_arch("segvit")
+def _build_segvit(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
+    from omniseg.models.segvit.model import SegViT
+
+    return SegViT(cfg, num_classes=num_classes, thing_ids=thing_ids)
 
 
 def build_model(model_cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()) -> nn.Module:

@@ -44,12 +44,12 @@ class FCNHead(nn.Module):
 
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling module: average-pool to bins x bins (1, 2, 3, 6), 1x1 conv to C/len(bins)
-    per bin, upsample, concatenate with the input."""
+    per bin (UPerNet: `branch_channels` each), upsample, concatenate with the input."""
 
-    def __init__(self, cin: int, bins: Sequence[int] = (1, 2, 3, 6)):
+    def __init__(self, cin: int, bins: Sequence[int] = (1, 2, 3, 6), branch_channels: int | None = None):
         super().__init__()
         self.bins = tuple(int(b) for b in bins)
-        reduced = cin // len(self.bins)
+        reduced = branch_channels or cin // len(self.bins)
         self.stages = nn.ModuleList(ConvBNReLU(cin, reduced, kernel=1) for _ in self.bins)
         self.out_channels = cin + reduced * len(self.bins)
 
@@ -70,6 +70,32 @@ class PSPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.bottleneck(self.ppm(x)))
+
+
+class UPerHead(nn.Module):
+    """UPerNet (Xiao et al. 2018; MMSeg's UPerHead): pyramid pooling on the coarsest level, an FPN
+    (1x1 laterals, top-down sums, 3x3 convs) over the others, every level upsampled to the finest,
+    concatenated, fused by a 3x3 conv, classified. Input: feature maps finest first."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, width: int = 512,
+                 bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels[-1], bins, branch_channels=width)
+        self.ppm_bottleneck = ConvBNReLU(self.ppm.out_channels, width)
+        self.laterals = nn.ModuleList(ConvBNReLU(c, width, kernel=1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(width, width) for _ in in_channels[:-1])
+        self.fuse = ConvBNReLU(width * len(in_channels), width)
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        levels = [lat(f) for lat, f in zip(self.laterals, feats[:-1])] + [self.ppm_bottleneck(self.ppm(feats[-1]))]
+        for i in range(len(levels) - 1, 0, -1):  # top-down
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear",
+                                                          align_corners=False)
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in outs[1:]]
+        return self.classifier(self.fuse(torch.cat(outs, dim=1)))
 
 
 class PositionAttention(nn.Module):

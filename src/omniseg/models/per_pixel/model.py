@@ -15,28 +15,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter
+from omniseg.models.base import Segmenter, label_map_from_targets
 from omniseg.models.per_pixel.blocks import (
-    ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead,
+    ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
 )
 
-ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn")
+ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
 
 
 def _get(cfg: Mapping, key: str, default=None):
     return cfg[key] if key in cfg and cfg[key] is not None else default
-
-
-def label_map_from_targets(targets: Sequence[dict], size: tuple[int, int], ignore_index: int = 255) -> torch.Tensor:
-    """Engine targets ({"labels": [N], "masks": bool [N,H,W]}, one mask per class for the semantic task)
-    -> int64 label maps [B,H,W]; pixels in no mask (padding, void) are `ignore_index`."""
-    out = []
-    for t in targets:
-        sem = torch.full(size, ignore_index, dtype=torch.int64, device=t["masks"].device)
-        for label, mask in zip(t["labels"].tolist(), t["masks"]):
-            sem[mask] = int(label)
-        out.append(sem)
-    return torch.stack(out)
 
 
 class GatedSCNNHead(nn.Module):
@@ -114,6 +102,11 @@ class PerPixelSegmenter(Segmenter):
             self.head = DANetHead(top_channels, num_classes, width, dropout)
         elif self.arch == "deeplabv3":
             self.head = ASPPHead(top_channels, num_classes, width, rates, dropout)
+        elif self.arch == "upernet":
+            if self.neck is not None:
+                raise ValueError("UPerNet reads every backbone level: model.neck must be null")
+            self.head = UPerHead([specs[n].channels for n in ("res2", "res3", "res4", "res5")], num_classes, width,
+                                 tuple(_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
         else:
             from omniseg.models.per_pixel.gscnn import EdgeFusion, ShapeStream
 
@@ -122,7 +115,8 @@ class PerPixelSegmenter(Segmenter):
             self.edge_fusion = EdgeFusion(*_get(cfg, "canny_thresholds", (10.0, 100.0)))
             self.head = GatedSCNNHead(top_channels, specs["res2"].channels, num_classes, width, rates, dropout)
         loss = dict(_get(cfg, "loss", {}) or {})
-        self.aux_weight = float(_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3") else 0.0))
+        self.aux_weight = float(_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet")
+                                     else 0.0))
         self.aux_head = FCNHead(specs["res4"].channels, num_classes, dropout=dropout) if self.aux_weight > 0 else None
         self.branch_weight = float(loss.get("branch_weight", 1.0))  # DANet: each attention branch's own CE
         self.edge_weight = float(loss.get("edge_weight", 20.0))  # Gated-SCNN's weights
@@ -160,6 +154,8 @@ class PerPixelSegmenter(Segmenter):
             acts = self.edge_fusion(edge, self._unnormalize(x).round().to(torch.uint8))
             out["sem_seg"] = self.head(top, feats["res2"], acts)
             out["edge"] = edge
+        elif self.arch == "upernet":
+            out["sem_seg"] = self.head([feats[n] for n in ("res2", "res3", "res4", "res5")])
         elif self.arch == "danet" and training_outputs:
             out["sem_seg"], branches = self.head(top, branches=True)
             out.update(branches)

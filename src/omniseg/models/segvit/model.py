@@ -1,0 +1,200 @@
+"""SegViT / SegViT v2: a plain ViT (optionally Shrunk or Shrunk++) with ATM decoders, and the
+class-incremental (continual) setting.
+
+Classes are split into contiguous groups, one per learning step (`model.continual.steps`, e.g. [6, 5];
+one group of all classes when not continual). Each step has its own ATM decoder with its own class
+tokens and class head; the prediction concatenates the steps' per-class scores. At step t > 0 with
+`continual.freeze` (SegViT's recipe), the encoder, QU and every earlier decoder are frozen (no gradient,
+kept in eval mode) and only decoder t trains; with `freeze: false` everything trains (plain
+fine-tuning, the forgetting baseline). Either way only the current step's classes are labelled: the
+others are negatives, so earlier decoders, if trained, learn their classes as absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from omniseg.models.base import Segmenter, label_map_from_targets
+from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
+from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
+
+
+def _get(cfg: Mapping, key: str, default=None):
+    return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
+def class_steps(cfg: Mapping, num_classes: int) -> tuple[list[int], int]:
+    """(class counts per step, current step) from model.continual; one step of all classes by default."""
+    cont = dict(_get(cfg, "continual", {}) or {})
+    steps = [int(s) for s in (cont.get("steps") or [num_classes])]
+    if sum(steps) != num_classes or any(s < 1 for s in steps):
+        raise ValueError(f"model.continual.steps {steps} must be positive and sum to the {num_classes} classes")
+    step = int(cont.get("step") if cont.get("step") is not None else len(steps) - 1)
+    if not 0 <= step < len(steps):
+        raise ValueError(f"model.continual.step {step} outside the {len(steps)} steps {steps}")
+    return steps, step
+
+
+class SegViT(Segmenter):
+    """ViT encoder -> (Shrunk: QU) -> one ATM decoder per learning step -> per-class scores.
+
+    Args:
+        cfg: the `model` section (configs/segvit_demo.yaml lists every key).
+        num_classes: K over all steps.
+        thing_ids: unused (semantic only).
+    """
+
+    tasks = ("semantic",)
+    default_task = None
+    training_only = ()
+    raw_output_names = ("sem_seg",)
+
+    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = 255
+        self.shrink = _get(cfg, "shrink")
+        self.backbone = PlainViT(
+            _get(cfg, "backbone", "vit_b"), out_indices=tuple(_get(cfg, "vit_out_indices", (5, 7, 11))),
+            shrink=self.shrink, qd_index=int(_get(cfg, "qd_index", 4)), tau=float(_get(cfg, "edge_tau", 0.7)),
+            weights=_get(cfg, "backbone_weights"), drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+            **dict(_get(cfg, "backbone_kwargs", {}) or {}))
+        enc_dim = self.backbone.embed_dim
+        dim = int(_get(cfg, "hidden_dim", enc_dim // 2))
+        heads = int(_get(cfg, "nheads", max(1, dim // 64)))
+        dropout = float(_get(cfg, "dropout", 0.1))
+        self.qu = None
+        stages = len(self.backbone.out_indices)
+        if self.shrink:
+            self.qu = QueryUpsample(enc_dim, dim, heads, int(_get(cfg, "qu_layers", 2)), dropout)
+            stages, in_dim = 1, dim
+        else:
+            in_dim = enc_dim
+        layers = int(_get(cfg, "dec_layers", 3))
+        self.steps, self.step = class_steps(cfg, num_classes)
+        self.offsets = [sum(self.steps[:i]) for i in range(len(self.steps))]
+        self.decoders = nn.ModuleList(
+            ATMDecoder(in_dim, k, dim=dim, heads=heads, stages=stages, layers_per_stage=layers, dropout=dropout)
+            for k in self.steps[: self.step + 1])
+        cont = dict(_get(cfg, "continual", {}) or {})
+        self.freeze_old = bool(cont.get("freeze", True)) and self.step > 0
+        loss = dict(_get(cfg, "loss", {}) or {})
+        self.loss_weights = {"class_weight": float(loss.get("class_weight", 1.0)),
+                             "focal_weight": float(loss.get("focal_weight", 20.0)),
+                             "dice_weight": float(loss.get("dice_weight", 1.0)),
+                             "eos_coef": float(loss.get("eos_coef", 0.1))}
+        self.edge_weight = float(loss.get("edge_weight", 1.0))
+        self.register_pixel_stats(cfg)
+        if self.freeze_old:
+            for module in self.frozen_modules():
+                module.requires_grad_(False)
+        if bool(_get(cfg, "activation_checkpointing", False)):
+            self.set_activation_checkpointing(True)
+
+    @property
+    def seen_classes(self) -> int:
+        """Classes the model predicts: those of steps 0..step."""
+        return sum(self.steps[: self.step + 1])
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """What SegViT's continual recipe freezes at step t > 0: encoder, QU and the earlier decoders."""
+        if not self.freeze_old:
+            return []
+        return [m for m in (self.backbone, self.qu) if m is not None] + list(self.decoders[: self.step])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen_modules():  # frozen parts keep eval behaviour (no dropout / drop-path)
+            module.eval()
+        return self
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the ViT blocks in backward."""
+        self.backbone.body.set_grad_checkpointing(enabled)
+
+    # -- network -------------------------------------------------------------------------------
+    def decoder_inputs(self, x: torch.Tensor):
+        """Normalised images -> (decoder features deepest first, their paddings, grid, encoder output)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_old):
+            enc = self.backbone(x)
+            if self.qu is not None:
+                feats, pads = [self.qu(enc.hi_res, enc.deep, enc.deep_padding)], [None]
+            else:
+                feats, pads = list(reversed(enc.taps)), [None] * len(enc.taps)
+        return feats, pads, enc.grid, enc
+
+    def network(self, x: torch.Tensor) -> tuple[list[list[dict]], object]:
+        """Normalised images -> (per step, the ATM outputs of its decoder; the encoder output)."""
+        feats, pads, grid, enc = self.decoder_inputs(x)
+        outs = []
+        for t, decoder in enumerate(self.decoders):
+            trains = torch.is_grad_enabled() and (t == self.step or not self.freeze_old)
+            with torch.set_grad_enabled(trains):
+                outs.append(decoder(feats, grid, pads))
+        return outs, enc
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> per-class scores [B, seen classes, h, w] at the patch grid."""
+        outs, _ = self.network(x)
+        return torch.cat([semantic_scores(o[-1]["pred_logits"], o[-1]["pred_masks"]) for o in outs], dim=1)
+
+    def forward_raw(self, x: torch.Tensor) -> dict:
+        """Normalised images [B,3,H,W] -> {"sem_seg": per-class scores [B, seen classes, H, W]}."""
+        return {"sem_seg": F.interpolate(self.scores(x), size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+    # -- training ------------------------------------------------------------------------------
+    def current_targets(self, targets: Sequence[dict]) -> list[dict]:
+        """Only the current step's classes are labelled; other classes' masks are dropped."""
+        lo, hi = self.offsets[self.step], self.offsets[self.step] + self.steps[self.step]
+        out = []
+        for t in targets:
+            keep = (t["labels"] >= lo) & (t["labels"] < hi)
+            out.append({**t, "labels": t["labels"][keep], "masks": t["masks"][keep]})
+        return out
+
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """images: uint8 [B,3,Hp,Wp]; targets: the engine's semantic targets (one mask per class)."""
+        outs, enc = self.network(self.normalize(images))
+        current = self.current_targets(targets)
+        losses: dict[str, torch.Tensor] = {}
+        with torch.autocast(images.device.type, enabled=False):
+            for t, out in enumerate(outs):
+                if self.freeze_old and t != self.step:
+                    continue
+                prefix = "" if len(outs) == 1 else f"step{t}_"
+                for k, v in atm_losses(out, current, self.steps[t], label_offset=self.offsets[t],
+                                       **self.loss_weights).items():
+                    losses[prefix + k] = v
+            if enc.edge_logits is not None and not self.freeze_old:
+                labels = label_map_from_targets(targets, tuple(images.shape[-2:]), self.ignore_index)
+                edge_gt = edge_patch_targets(labels, self.backbone.patch_size, enc.grid, self.ignore_index)
+                losses["loss_edge"] = self.edge_weight * F.cross_entropy(
+                    enc.edge_logits.float().flatten(0, 1), edge_gt.flatten(), ignore_index=self.ignore_index)
+        return losses
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                output_sizes: Sequence[tuple[int, int]] | None = None,
+                tasks: Sequence[str] = ("semantic",), *, return_raw: bool = False) -> list[dict]:
+        """Padded uint8 images -> [{"semantic": int64 [H,W]}] at `output_sizes` (default: image sizes);
+        labels are global class ids of the steps learnt so far."""
+        unsupported = [t for t in tasks if t not in self.tasks]
+        if unsupported:
+            raise ValueError(f"SegViT predicts {list(self.tasks)} only, not {unsupported}")
+        scores = self.scores(self.normalize(images))
+        scores = F.interpolate(scores, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+        results = []
+        for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes or image_sizes)):
+            s = scores[i:i + 1, :, :h, :w]
+            if tuple(out_size) != (h, w):
+                s = F.interpolate(s, size=tuple(out_size), mode="bilinear", align_corners=False)
+            result = {"semantic": s[0].argmax(0)} if "semantic" in tasks else {}
+            if return_raw:
+                result["raw"] = {"sem_seg": scores[i]}
+            results.append(result)
+        return results
