@@ -34,6 +34,9 @@ CANDIDATES = {
     "fastfcn": ("FastFCN: JPU + PSPNet head", "fastfcn_jpu_demo", []),
     "danet": ("DANet (dilated OS8)", "danet_demo", []),
     "gscnn": ("Gated-SCNN (dilated OS8)", "gscnn_demo", []),
+    "segvit": ("SegViT: plain ViT + ATM", "segvit_demo", []),
+    "segvit_shrunkpp": ("SegViT Shrunk++ ViT + ATM", "segvit_shrunkpp_demo", []),
+    "upernet_vit": ("plain ViT + UPerNet", "upernet_vit_demo", []),
 }
 MASK_REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "mp_former_camvid" / "results.json"
 

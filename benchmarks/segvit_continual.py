@@ -60,6 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--camvid-root", type=Path, default=None)
     ap.add_argument("--first-iters", type=int, default=1000)
     ap.add_argument("--step-iters", type=int, default=500)
+    ap.add_argument("--protocols", nargs="+", default=None,
+                    help="subset of the protocols to run, e.g. 4-2 6-5 (default: all of each dataset)")
     args = ap.parse_args(argv)
     from omniseg.bench import cpu_model
     from omniseg.engine.continual import train_continual
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
     for dataset in datasets:
         first = None
         for steps in PROTOCOLS[dataset]:
+            if args.protocols and "-".join(map(str, steps)) not in args.protocols:
+                continue
             for freeze in (True, False):
                 out = args.runs / "segvit_continual" / dataset / f"{'-'.join(map(str, steps))}_{'frozen' if freeze else 'finetune'}"
                 if first is not None:

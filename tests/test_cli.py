@@ -133,3 +133,9 @@ def test_data_synth_and_check(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("circle", "square", "triangle", "cross", "stripes", "dots"):
         assert name in result.output
+
+
+def test_train_continual_needs_steps():
+    result = runner.invoke(app, ["train-continual", "segvit_demo"])
+    assert result.exit_code == 2
+    assert "model.continual.steps" in result.output

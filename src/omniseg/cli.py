@@ -264,6 +264,15 @@ def models():
         arch = "mp_former" if m.get("mp") is not None and m.mp.get("enabled") else m.arch
         if m.arch in ("mask2former", "maskformer", "oneformer"):
             details = f"{m.num_queries} queries, {m.dec_layers} decoder layers"
+        elif m.arch == "segvit":
+            details = {None: "plain ViT", "shrunk": "Shrunk ViT", "shrunkpp": "Shrunk++ ViT"}[m.get("shrink")] + " + ATM"
+        elif m.arch in ("maskrcnn", "panet"):
+            details = f"FPN {m.get('fpn_dim', 256)}" + (", bottom-up path, adaptive pooling, fc fusion"
+                                                        if m.arch == "panet" else "")
+        elif m.arch == "blendmask":
+            details = f"FCOS + blender, variant {m.get('variant', 'standard')}"
+        elif m.arch == "upernet":
+            details = "UPerNet on a ViT feature pyramid" if str(m.backbone).startswith("vit") else "UPerNet"
         else:  # per-pixel family
             details = "JPU neck" if m.get("neck") == "jpu" else f"dilated, output stride {m.get('output_stride', 8)}"
         rows.append((name, arch, m.backbone, details))

@@ -17,13 +17,17 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     wd = float(cfg["weight_decay"])
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
+    # The backbone is whatever the model exposes as `backbone` (an attribute, or a property where a
+    # wrapped detector holds it, as in the R-CNN family).
+    backbone = getattr(model, "backbone", None)
+    in_backbone = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             p_lr, p_wd = lr, wd
-            if module_name.startswith("backbone"):
+            if id(param) in in_backbone:
                 p_lr = lr * float(cfg.get("backbone_multiplier", 1.0))
             if isinstance(module, _NORM_TYPES):
                 p_wd = float(cfg.get("weight_decay_norm", 0.0))

@@ -37,6 +37,11 @@ class Segmenter(nn.Module):
         return self.predict(images, image_sizes, **predict_kwargs)
 
 
+def cfg_get(cfg: Mapping, key: str, default=None):
+    """cfg[key], or `default` when the key is missing or null (model configs leave optional keys null)."""
+    return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
 def label_map_from_targets(targets: Sequence[dict], size: tuple[int, int], ignore_index: int = 255) -> torch.Tensor:
     """Engine targets ({"labels": [N], "masks": bool [N,H,W]}, one mask per class for the semantic task)
     -> int64 label maps [B,H,W]; pixels in no mask (padding, void) are `ignore_index`."""

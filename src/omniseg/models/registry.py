@@ -47,6 +47,20 @@ def _build_segvit(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> n
     return SegViT(cfg, num_classes=num_classes, thing_ids=thing_ids)
 
 
+@register_arch("maskrcnn", "panet")
+def _build_rcnn(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
+    from omniseg.models.rcnn.model import RCNNSegmenter
+
+    return RCNNSegmenter(cfg, num_classes=num_classes, thing_ids=thing_ids)
+
+
+@register_arch("blendmask")
+def _build_blendmask(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
+    from omniseg.models.blendmask.model import BlendMask
+
+    return BlendMask(cfg, num_classes=num_classes, thing_ids=thing_ids)
+
+
 def build_model(model_cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()) -> nn.Module:
     arch = model_cfg.get("arch", "mask2former")
     if arch not in _BUILDERS:

@@ -12,14 +12,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter
+from omniseg.models.base import Segmenter, cfg_get
 from omniseg.models.maskformer.criterion import SetCriterion
 from omniseg.models.maskformer.matcher import HungarianMatcher
 from omniseg.models.maskformer.postprocess import check_mode, postprocess
 
-
-def _get(cfg: Mapping, key: str, default=None):
-    return cfg[key] if key in cfg and cfg[key] is not None else default
 
 
 def _to_float(obj):
@@ -48,18 +45,18 @@ class MaskFormer(Segmenter):
 
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__()
-        self.arch = _get(cfg, "arch", "mask2former")
+        self.arch = cfg_get(cfg, "arch", "mask2former")
         self.num_classes = num_classes
         self.thing_ids = sorted(int(i) for i in thing_ids)
-        hidden = int(_get(cfg, "hidden_dim", 256))
-        conv_dim = int(_get(cfg, "conv_dim", 256))
-        mask_dim = int(_get(cfg, "mask_dim", 256))
+        hidden = int(cfg_get(cfg, "hidden_dim", 256))
+        conv_dim = int(cfg_get(cfg, "conv_dim", 256))
+        mask_dim = int(cfg_get(cfg, "mask_dim", 256))
         self.backbone = build_backbone(
-            _get(cfg, "backbone", "resnet50"),
-            norm=_get(cfg, "backbone_norm", "bn"),
-            weights=_get(cfg, "backbone_weights"),
-            drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
-            **dict(_get(cfg, "backbone_kwargs", {}) or {}),
+            cfg_get(cfg, "backbone", "resnet50"),
+            norm=cfg_get(cfg, "backbone_norm", "bn"),
+            weights=cfg_get(cfg, "backbone_weights"),
+            drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
+            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}),
         )
         specs = self.backbone.specs
         if self.arch in ("mask2former", "oneformer"):
@@ -67,15 +64,15 @@ class MaskFormer(Segmenter):
             from omniseg.models.maskformer.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
             self.pixel_decoder = MSDeformAttnPixelDecoder(
-                specs, conv_dim=conv_dim, mask_dim=mask_dim, num_encoder_layers=int(_get(cfg, "enc_layers", 6)),
-                num_heads=int(_get(cfg, "nheads", 8)), dim_feedforward=int(_get(cfg, "enc_dim_feedforward", 1024)),
-                num_points=int(_get(cfg, "enc_num_points", 4)), common_stride=int(_get(cfg, "common_stride", 4)),
+                specs, conv_dim=conv_dim, mask_dim=mask_dim, num_encoder_layers=int(cfg_get(cfg, "enc_layers", 6)),
+                num_heads=int(cfg_get(cfg, "nheads", 8)), dim_feedforward=int(cfg_get(cfg, "enc_dim_feedforward", 1024)),
+                num_points=int(cfg_get(cfg, "enc_num_points", 4)), common_stride=int(cfg_get(cfg, "common_stride", 4)),
             )
             self.predictor = MultiScaleMaskedTransformerDecoder(
-                conv_dim, num_classes=num_classes, hidden_dim=hidden, num_queries=int(_get(cfg, "num_queries", 100)),
-                nheads=int(_get(cfg, "nheads", 8)), dim_feedforward=int(_get(cfg, "dim_feedforward", 2048)),
-                dec_layers=int(_get(cfg, "dec_layers", 9)), mask_dim=mask_dim, pre_norm=bool(_get(cfg, "pre_norm", False)),
-                enforce_input_project=bool(_get(cfg, "enforce_input_project", False)),
+                conv_dim, num_classes=num_classes, hidden_dim=hidden, num_queries=int(cfg_get(cfg, "num_queries", 100)),
+                nheads=int(cfg_get(cfg, "nheads", 8)), dim_feedforward=int(cfg_get(cfg, "dim_feedforward", 2048)),
+                dec_layers=int(cfg_get(cfg, "dec_layers", 9)), mask_dim=mask_dim, pre_norm=bool(cfg_get(cfg, "pre_norm", False)),
+                enforce_input_project=bool(cfg_get(cfg, "enforce_input_project", False)),
                 learned_query_content=self.learned_query_content,
             )
         elif self.arch == "maskformer":
@@ -85,15 +82,15 @@ class MaskFormer(Segmenter):
             self.pixel_decoder = FPNPixelDecoder(specs, conv_dim=conv_dim, mask_dim=mask_dim)
             self.predictor = DetrTransformerPredictor(
                 specs["res5"].channels, num_classes=num_classes, hidden_dim=hidden,
-                num_queries=int(_get(cfg, "num_queries", 100)), nheads=int(_get(cfg, "nheads", 8)),
-                dropout=float(_get(cfg, "dropout", 0.1)), dim_feedforward=int(_get(cfg, "dim_feedforward", 2048)),
-                enc_layers=int(_get(cfg, "enc_layers", 0)), dec_layers=int(_get(cfg, "dec_layers", 6)),
-                pre_norm=bool(_get(cfg, "pre_norm", False)), mask_dim=mask_dim,
+                num_queries=int(cfg_get(cfg, "num_queries", 100)), nheads=int(cfg_get(cfg, "nheads", 8)),
+                dropout=float(cfg_get(cfg, "dropout", 0.1)), dim_feedforward=int(cfg_get(cfg, "dim_feedforward", 2048)),
+                enc_layers=int(cfg_get(cfg, "enc_layers", 0)), dec_layers=int(cfg_get(cfg, "dec_layers", 6)),
+                pre_norm=bool(cfg_get(cfg, "pre_norm", False)), mask_dim=mask_dim,
             )
         else:
             raise ValueError(f"unknown mask-classification arch {self.arch!r} (mask2former | maskformer | oneformer)")
 
-        loss = dict(_get(cfg, "loss", {}) or {})
+        loss = dict(cfg_get(cfg, "loss", {}) or {})
         mask_loss = loss.get("mask_loss", "bce")
         num_points = int(loss.get("train_num_points", 12544))
         weights = {"loss_ce": float(loss.get("class_weight", 2.0)), "loss_mask": float(loss.get("mask_weight", 5.0)),
@@ -106,7 +103,7 @@ class MaskFormer(Segmenter):
             num_points=num_points, oversample_ratio=float(loss.get("oversample_ratio", 3.0)),
             importance_sample_ratio=float(loss.get("importance_sample_ratio", 0.75)), mask_loss=mask_loss,
         )
-        mp = dict(_get(cfg, "mp", {}) or {})
+        mp = dict(cfg_get(cfg, "mp", {}) or {})
         self.mask_pilot = None  # MP-Former's mask-piloted training (training only)
         if mp.get("enabled", False):
             if self.arch != "mask2former":
@@ -114,9 +111,9 @@ class MaskFormer(Segmenter):
             from omniseg.models.mp_former import MaskPilot, PilotSettings
 
             self.mask_pilot = MaskPilot(num_classes, hidden, PilotSettings.from_config(mp))
-        if bool(_get(cfg, "activation_checkpointing", False)):
+        if bool(cfg_get(cfg, "activation_checkpointing", False)):
             self.set_activation_checkpointing(True)
-        test = dict(_get(cfg, "test", {}) or {})
+        test = dict(cfg_get(cfg, "test", {}) or {})
         self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
         self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
         self.topk = int(test.get("topk", 100))

@@ -18,7 +18,8 @@ from torch import nn
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 from omniseg.models.maskformer.detr_decoder import DetrDecoderLayer
-from omniseg.models.maskformer.model import MaskFormer, _get
+from omniseg.models.base import cfg_get
+from omniseg.models.maskformer.model import MaskFormer
 from omniseg.models.oneformer.text import (
     TASKS,
     PromptTokenizer,
@@ -68,19 +69,19 @@ class OneFormer(MaskFormer):
     training_only = MaskFormer.training_only + ("text_mapper", "logit_scale")
 
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        if dict(_get(cfg, "mp", {}) or {}).get("enabled", False):
+        if dict(cfg_get(cfg, "mp", {}) or {}).get("enabled", False):
             raise ValueError("model.mp (mask-piloted training) is not available for OneFormer")
         super().__init__(cfg, num_classes, thing_ids)
-        of = dict(_get(cfg, "oneformer", {}) or {})
+        of = dict(cfg_get(cfg, "oneformer", {}) or {})
         hidden = self.predictor.hidden_dim
         if self.predictor.num_queries < 2:
             raise ValueError("OneFormer needs num_queries >= 2 (N-1 object queries plus the task token)")
         self.task_seq_len = int(of.get("task_seq_len", 77))
         self.task_mlp = MLP(self.task_seq_len, hidden, hidden, 2)
         self.query_init = QueryInitializer(
-            int(_get(cfg, "mask_dim", 256)), hidden, int(_get(cfg, "nheads", 8)),
-            int(_get(cfg, "dim_feedforward", 2048)), layers=int(of.get("query_dec_layers", 2)),
-            dropout=float(of.get("query_dropout", 0.1)), pre_norm=bool(_get(cfg, "pre_norm", False)))
+            int(cfg_get(cfg, "mask_dim", 256)), hidden, int(cfg_get(cfg, "nheads", 8)),
+            int(cfg_get(cfg, "dim_feedforward", 2048)), layers=int(of.get("query_dec_layers", 2)),
+            dropout=float(of.get("query_dropout", 0.1)), pre_norm=bool(cfg_get(cfg, "pre_norm", False)))
         n_ctx = int(of.get("n_ctx", 16))
         self.num_text = self.predictor.num_queries - n_ctx
         if self.num_text < 1:
@@ -94,7 +95,7 @@ class OneFormer(MaskFormer):
             n_ctx=n_ctx, causal=bool(of.get("text_causal", True)))
         self.contrastive_weight = float(of.get("contrastive_weight", 0.5))
         self.logit_scale = nn.Parameter(torch.tensor(1 / float(of.get("contrastive_temperature", 0.07))).log())
-        self.default_task = str(_get(cfg, "test", {}).get("task", "panoptic"))
+        self.default_task = str(cfg_get(cfg, "test", {}).get("task", "panoptic"))
         if self.default_task not in TASKS:
             raise ValueError(f"model.test.task must be one of {TASKS}, got {self.default_task!r}")
 

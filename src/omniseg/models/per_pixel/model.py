@@ -15,16 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, label_map_from_targets
+from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets
 from omniseg.models.per_pixel.blocks import (
     ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
 )
 
 ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
 
-
-def _get(cfg: Mapping, key: str, default=None):
-    return cfg[key] if key in cfg and cfg[key] is not None else default
 
 
 class GatedSCNNHead(nn.Module):
@@ -63,41 +60,41 @@ class PerPixelSegmenter(Segmenter):
 
     def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__()
-        self.arch = _get(cfg, "arch", "pspnet")
+        self.arch = cfg_get(cfg, "arch", "pspnet")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown per-pixel arch {self.arch!r} ({' | '.join(ARCHS)})")
         self.num_classes = num_classes
         self.ignore_index = 255
-        self.neck_name = _get(cfg, "neck")
+        self.neck_name = cfg_get(cfg, "neck")
         if self.neck_name not in (None, "jpu"):
             raise ValueError(f"model.neck must be null (dilated backbone) or 'jpu', got {self.neck_name!r}")
-        output_stride = int(_get(cfg, "output_stride", 8))
+        output_stride = int(cfg_get(cfg, "output_stride", 8))
         if self.neck_name == "jpu":
             output_stride = 32  # the JPU replaces the dilation
         elif output_stride not in (8, 16, 32):
             raise ValueError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
-        backbone_kwargs = dict(_get(cfg, "backbone_kwargs", {}) or {})
+        backbone_kwargs = dict(cfg_get(cfg, "backbone_kwargs", {}) or {})
         if output_stride != 32:
             backbone_kwargs["output_stride"] = output_stride
         self.backbone = build_backbone(
-            _get(cfg, "backbone", "resnet50"), norm=_get(cfg, "backbone_norm", "bn"),
-            weights=_get(cfg, "backbone_weights"), drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+            cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "bn"),
+            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
             **backbone_kwargs,
         )
         specs = self.backbone.specs
         top_channels = specs["res5"].channels
         self.neck = None
         if self.neck_name == "jpu":
-            width = int(_get(cfg, "jpu_width", 512))
+            width = int(cfg_get(cfg, "jpu_width", 512))
             self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], width)
             top_channels = self.neck.out_channels
-        width = int(_get(cfg, "head_width", 512))
-        dropout = float(_get(cfg, "dropout", 0.1))
-        rates = tuple(int(r) for r in _get(cfg, "aspp_rates", (12, 24, 36)))
+        width = int(cfg_get(cfg, "head_width", 512))
+        dropout = float(cfg_get(cfg, "dropout", 0.1))
+        rates = tuple(int(r) for r in cfg_get(cfg, "aspp_rates", (12, 24, 36)))
         if self.arch == "fcn":
             self.head = FCNHead(top_channels, num_classes, width, dropout)
         elif self.arch == "pspnet":
-            self.head = PSPHead(top_channels, num_classes, width, tuple(_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
+            self.head = PSPHead(top_channels, num_classes, width, tuple(cfg_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
         elif self.arch == "danet":
             self.head = DANetHead(top_channels, num_classes, width, dropout)
         elif self.arch == "deeplabv3":
@@ -106,16 +103,16 @@ class PerPixelSegmenter(Segmenter):
             if self.neck is not None:
                 raise ValueError("UPerNet reads every backbone level: model.neck must be null")
             self.head = UPerHead([specs[n].channels for n in ("res2", "res3", "res4", "res5")], num_classes, width,
-                                 tuple(_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
+                                 tuple(cfg_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
         else:
             from omniseg.models.per_pixel.gscnn import EdgeFusion, ShapeStream
 
             self.shape_stream = ShapeStream(specs["res2"].channels, [specs[n].channels for n in ("res3", "res4", "res5")],
-                                            int(_get(cfg, "shape_width", 64)))
-            self.edge_fusion = EdgeFusion(*_get(cfg, "canny_thresholds", (10.0, 100.0)))
+                                            int(cfg_get(cfg, "shape_width", 64)))
+            self.edge_fusion = EdgeFusion(*cfg_get(cfg, "canny_thresholds", (10.0, 100.0)))
             self.head = GatedSCNNHead(top_channels, specs["res2"].channels, num_classes, width, rates, dropout)
-        loss = dict(_get(cfg, "loss", {}) or {})
-        self.aux_weight = float(_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet")
+        loss = dict(cfg_get(cfg, "loss", {}) or {})
+        self.aux_weight = float(cfg_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet")
                                      else 0.0))
         self.aux_head = FCNHead(specs["res4"].channels, num_classes, dropout=dropout) if self.aux_weight > 0 else None
         self.branch_weight = float(loss.get("branch_weight", 1.0))  # DANet: each attention branch's own CE
@@ -131,7 +128,7 @@ class PerPixelSegmenter(Segmenter):
             class_weights = torch.tensor(class_weights)
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.register_pixel_stats(cfg)
-        if bool(_get(cfg, "activation_checkpointing", False)):
+        if bool(cfg_get(cfg, "activation_checkpointing", False)):
             self.set_activation_checkpointing(True)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:

@@ -18,18 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.models.base import Segmenter, label_map_from_targets
+from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets
 from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
 from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
 
 
-def _get(cfg: Mapping, key: str, default=None):
-    return cfg[key] if key in cfg and cfg[key] is not None else default
-
 
 def class_steps(cfg: Mapping, num_classes: int) -> tuple[list[int], int]:
     """(class counts per step, current step) from model.continual; one step of all classes by default."""
-    cont = dict(_get(cfg, "continual", {}) or {})
+    cont = dict(cfg_get(cfg, "continual", {}) or {})
     steps = [int(s) for s in (cont.get("steps") or [num_classes])]
     if sum(steps) != num_classes or any(s < 1 for s in steps):
         raise ValueError(f"model.continual.steps {steps} must be positive and sum to the {num_classes} classes")
@@ -57,32 +54,32 @@ class SegViT(Segmenter):
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = 255
-        self.shrink = _get(cfg, "shrink")
+        self.shrink = cfg_get(cfg, "shrink")
         self.backbone = PlainViT(
-            _get(cfg, "backbone", "vit_b"), out_indices=tuple(_get(cfg, "vit_out_indices", (5, 7, 11))),
-            shrink=self.shrink, qd_index=int(_get(cfg, "qd_index", 4)), tau=float(_get(cfg, "edge_tau", 0.7)),
-            weights=_get(cfg, "backbone_weights"), drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
-            **dict(_get(cfg, "backbone_kwargs", {}) or {}))
+            cfg_get(cfg, "backbone", "vit_b"), out_indices=tuple(cfg_get(cfg, "vit_out_indices", (5, 7, 11))),
+            shrink=self.shrink, qd_index=int(cfg_get(cfg, "qd_index", 4)), tau=float(cfg_get(cfg, "edge_tau", 0.7)),
+            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
+            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}))
         enc_dim = self.backbone.embed_dim
-        dim = int(_get(cfg, "hidden_dim", enc_dim // 2))
-        heads = int(_get(cfg, "nheads", max(1, dim // 64)))
-        dropout = float(_get(cfg, "dropout", 0.1))
+        dim = int(cfg_get(cfg, "hidden_dim", enc_dim // 2))
+        heads = int(cfg_get(cfg, "nheads", max(1, dim // 64)))
+        dropout = float(cfg_get(cfg, "dropout", 0.1))
         self.qu = None
         stages = len(self.backbone.out_indices)
         if self.shrink:
-            self.qu = QueryUpsample(enc_dim, dim, heads, int(_get(cfg, "qu_layers", 2)), dropout)
+            self.qu = QueryUpsample(enc_dim, dim, heads, int(cfg_get(cfg, "qu_layers", 2)), dropout)
             stages, in_dim = 1, dim
         else:
             in_dim = enc_dim
-        layers = int(_get(cfg, "dec_layers", 3))
+        layers = int(cfg_get(cfg, "dec_layers", 3))
         self.steps, self.step = class_steps(cfg, num_classes)
         self.offsets = [sum(self.steps[:i]) for i in range(len(self.steps))]
         self.decoders = nn.ModuleList(
             ATMDecoder(in_dim, k, dim=dim, heads=heads, stages=stages, layers_per_stage=layers, dropout=dropout)
             for k in self.steps[: self.step + 1])
-        cont = dict(_get(cfg, "continual", {}) or {})
+        cont = dict(cfg_get(cfg, "continual", {}) or {})
         self.freeze_old = bool(cont.get("freeze", True)) and self.step > 0
-        loss = dict(_get(cfg, "loss", {}) or {})
+        loss = dict(cfg_get(cfg, "loss", {}) or {})
         self.loss_weights = {"class_weight": float(loss.get("class_weight", 1.0)),
                              "focal_weight": float(loss.get("focal_weight", 20.0)),
                              "dice_weight": float(loss.get("dice_weight", 1.0)),
@@ -92,7 +89,7 @@ class SegViT(Segmenter):
         if self.freeze_old:
             for module in self.frozen_modules():
                 module.requires_grad_(False)
-        if bool(_get(cfg, "activation_checkpointing", False)):
+        if bool(cfg_get(cfg, "activation_checkpointing", False)):
             self.set_activation_checkpointing(True)
 
     @property

@@ -1,0 +1,5 @@
+"""BlendMask (FCOS + blender) instance / panoptic segmentation; see model.py."""
+
+from omniseg.models.blendmask.model import BlendMask
+
+__all__ = ["BlendMask"]

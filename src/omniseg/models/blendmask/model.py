@@ -1,0 +1,319 @@
+"""BlendMask (Chen et al., CVPR 2020; AdelaiDet): FCOS + a bottom module predicting K bases + per-detection
+K x M x M attentions, blended inside each box into an R x R mask.
+
+Variants (`model.variant`): "standard" (AdelaiDet R_50 configs), "rt" (BlendMask-RT: P3-P6, 3 shared BN
+tower convs, 2 basis convs, M = 7) and "panoptic" (a stuff branch on the basis features, merged with the
+instances as Panoptic-FPN). Every `model.blendmask.*` key left null takes the variant's value (VARIANTS).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.nn import functional as F
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
+
+from omniseg.masks import boxes_from_masks
+from omniseg.models.backbones import build_backbone
+from omniseg.models.base import Segmenter, cfg_get
+from omniseg.models.blendmask.basis import BasisModule, SemanticHead
+from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, pool_bases
+from omniseg.models.blendmask.fcos import (
+    FCOSHead, fcos_detect, fcos_losses, fcos_targets, flatten_levels, locations, size_ranges,
+)
+from omniseg.models.blendmask.panoptic import combine_panoptic
+
+BASIS_STRIDE = 4
+# Per-variant values of the structural keys (AdelaiDet configs/BlendMask/{R_50_1x, RT_R_50_4x-BN-head,
+# Panoptic/R_50_3x}; RT's M = 7 follows the paper's RT model, AdelaiDet's RT config keeps ATTN_SIZE 14).
+VARIANTS = {
+    "standard": dict(num_levels=5, attn_size=14, num_cls_convs=4, num_box_convs=4, num_share_convs=0,
+                     tower_norm="gn", basis_num_convs=3, sizes_of_interest=[64, 128, 256, 512]),
+    "rt": dict(num_levels=4, attn_size=7, num_cls_convs=0, num_box_convs=0, num_share_convs=3,
+               tower_norm="bn", basis_num_convs=2, sizes_of_interest=[64, 128, 256]),
+}
+VARIANTS["panoptic"] = dict(VARIANTS["standard"])
+COMMON = dict(num_bases=4, bottom_resolution=56, basis_channels=128, center_sample_radius=1.5,
+              focal_alpha=0.25, focal_gamma=2.0, aux_semantic_weight=0.3, stuff_weight=0.5)
+TEST = dict(score_threshold=0.05, pre_nms_topk=1000, nms_threshold=0.6, detections_per_image=100,
+            mask_threshold=0.5, instance_score_threshold=0.5, overlap_threshold=0.5, stuff_area_threshold=4096)
+
+
+
+class LastLevelP6(ExtraFPNBlock):
+    """P6 = conv3x3 stride 2 on P5 (AdelaiDet's LastLevelP6, FCOS TOP_LEVELS 1: the RT / 550 configs)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.p6 = torch.nn.Conv2d(channels, channels, 3, 2, 1)
+        torch.nn.init.kaiming_uniform_(self.p6.weight, a=1)
+        torch.nn.init.constant_(self.p6.bias, 0)
+
+    def forward(self, p, c, names):
+        return [*p, self.p6(p[-1])], [*names, "p6"]
+
+
+def freeze_stages(backbone, freeze_at: int) -> None:
+    """detectron2's BACKBONE.FREEZE_AT on a timm ResNet: 1 freezes the stem, 2 also res2 (`layer1`), ..."""
+    if freeze_at <= 0:
+        return
+    body = getattr(backbone, "body", backbone)
+    stem = [m for n, m in body.named_children() if n in ("conv1", "bn1")]
+    if not stem:
+        raise ValueError("model.backbone_freeze_at applies to ResNet backbones (stem conv1/bn1 + layer1..4)")
+    for m in stem + [getattr(body, f"layer{i}") for i in range(1, freeze_at) if hasattr(body, f"layer{i}")]:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+class BlendMask(Segmenter):
+    """FCOS detector + blender masks; `predict` gives instances (and panoptic / semantic for the panoptic variant).
+
+    Args:
+        cfg: the `model` section (configs/_blendmask_.yaml lists every key).
+        num_classes: all contiguous classes of the dataset.
+        thing_ids: contiguous ids of thing classes (the detector's classes; the rest are stuff). Empty: all
+            classes are things.
+    """
+
+    default_task = None
+    training_only = ("aux_semantic",)  # the auxiliary thing-semantic head only shapes the bases in training
+
+    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__()
+        self.variant = str(cfg_get(cfg, "variant", "standard"))
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model.variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        bm = dict(cfg_get(cfg, "blendmask", {}) or {})
+        opt = {**COMMON, **VARIANTS[self.variant], **{k: v for k, v in bm.items() if v is not None and k != "test"}}
+        self.test_cfg = {**TEST, **{k: v for k, v in (bm.get("test") or {}).items() if v is not None}}
+        self.num_classes = num_classes
+        self.thing_ids = sorted({int(t) for t in thing_ids}) or list(range(num_classes))
+        self.stuff_ids = [c for c in range(num_classes) if c not in set(self.thing_ids)]
+        self.panoptic = self.variant == "panoptic"
+        if self.panoptic and not self.stuff_ids:
+            raise ValueError("the panoptic BlendMask needs stuff classes (classes not in thing_ids)")
+        self.tasks = ("panoptic", "instance", "semantic") if self.panoptic else ("instance",)
+        # contiguous id -> detector class (-1: stuff); -> stuff-branch class (0 = "things", j = stuff_ids[j-1]).
+        det_of = torch.full((num_classes,), -1, dtype=torch.int64)
+        det_of[self.thing_ids] = torch.arange(len(self.thing_ids))
+        stuff_of = torch.zeros(num_classes, dtype=torch.int64)
+        if self.stuff_ids:
+            stuff_of[self.stuff_ids] = torch.arange(1, len(self.stuff_ids) + 1)
+        self.register_buffer("det_of", det_of, persistent=False)
+        self.register_buffer("stuff_of", stuff_of, persistent=False)
+        self.register_buffer("thing_table", torch.tensor(self.thing_ids, dtype=torch.int64), persistent=False)
+        self.register_buffer("stuff_table", torch.tensor(self.stuff_ids, dtype=torch.int64), persistent=False)
+
+        self.num_levels = int(opt["num_levels"])
+        if self.num_levels not in (3, 4, 5):
+            raise ValueError(f"model.blendmask.num_levels must be 3 (P3-P5), 4 (P3-P6) or 5 (P3-P7), "
+                             f"got {self.num_levels}")
+        self.strides = [8, 16, 32, 64, 128][: self.num_levels]
+        self.sizes_of_interest = [float(s) for s in opt["sizes_of_interest"]]
+        if len(self.sizes_of_interest) != self.num_levels - 1:
+            raise ValueError(f"model.blendmask.sizes_of_interest needs {self.num_levels - 1} split points")
+        self.num_bases = int(opt["num_bases"])
+        self.attn_size = int(opt["attn_size"])
+        self.resolution = int(opt["bottom_resolution"])
+        self.radius = float(opt["center_sample_radius"])
+        self.focal = (float(opt["focal_alpha"]), float(opt["focal_gamma"]))
+        self.aux_weight = float(opt["aux_semantic_weight"])
+        self.stuff_weight = float(opt["stuff_weight"])
+
+        self.backbone = build_backbone(
+            cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "frozen_bn"),
+            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
+            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}),
+        )
+        freeze_stages(self.backbone, int(cfg_get(cfg, "backbone_freeze_at", 0)))
+        specs = self.backbone.specs
+        width = int(cfg_get(cfg, "fpn_channels", 256))
+        # P6 (/P7) from P5 (LastLevelP6P7 reads P5 when in == out channels), as FCOS / AdelaiDet.
+        extra = (None if self.num_levels == 3 else LastLevelP6(width) if self.num_levels == 4
+                 else LastLevelP6P7(width, width))
+        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in ("res3", "res4", "res5")], width,
+                                         extra_blocks=extra)
+        self.head = FCOSHead(width, len(self.thing_ids), self.num_levels, num_cls_convs=int(opt["num_cls_convs"]),
+                             num_box_convs=int(opt["num_box_convs"]), num_share_convs=int(opt["num_share_convs"]),
+                             norm=str(opt["tower_norm"]), attn_channels=self.num_bases * self.attn_size ** 2)
+        channels = int(opt["basis_channels"])
+        self.basis = BasisModule(width, 3, channels, int(opt["basis_num_convs"]), self.num_bases)
+        self.aux_semantic = (SemanticHead(width, len(self.thing_ids) + 1, channels, 2) if self.aux_weight > 0
+                             else None)
+        self.stuff_head = SemanticHead(channels, len(self.stuff_ids) + 1, channels, 1) if self.panoptic else None
+        self.register_pixel_stats(cfg)
+
+    # -- network -------------------------------------------------------------------------------
+    def network(self, x: torch.Tensor) -> dict:
+        """Normalised images -> FPN levels, FCOS outputs per level, bases, basis features."""
+        feats = self.backbone(x)
+        pyramid = list(self.fpn(OrderedDict((n, feats[n]) for n in ("res3", "res4", "res5"))).values())
+        out = self.head(pyramid)
+        out["bases"], out["basis_feats"] = self.basis(pyramid[:3])
+        out["pyramid"] = pyramid
+        return out
+
+    def _flat(self, out: dict, device) -> dict:
+        sizes = [tuple(m.shape[-2:]) for m in out["logits"]]
+        xy, strides, levels = locations(sizes, self.strides, device)
+        return {"logits": flatten_levels(out["logits"]), "reg": flatten_levels(out["reg"]),
+                "ctr": flatten_levels(out["ctr"])[..., 0], "attn": flatten_levels(out["attn"]),
+                "xy": xy, "strides": strides, "levels": levels}
+
+    # -- training ------------------------------------------------------------------------------
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """images uint8 [B,3,Hp,Wp] (padded); targets [{"labels" [N], "masks" bool [N,Hp,Wp]}] (stuff ones too
+        for the panoptic variant). FCOS + blender mask loss (+ auxiliary thing semantics, + stuff)."""
+        out = self.network(self.normalize(images))
+        flat = self._flat(out, images.device)
+        ranges = size_ranges(self.sizes_of_interest, flat["levels"], images.device)
+        num_det = len(self.thing_ids)
+        cls_t, reg_t, gt_global, gt_boxes, gt_masks, gt_image = [], [], [], [], [], []
+        offset = 0
+        for i, t in enumerate(targets):
+            labels, masks = t["labels"].to(images.device), t["masks"].to(images.device)
+            det = self.det_of[labels]
+            things = det >= 0
+            boxes = boxes_from_masks(masks[things])
+            c, r, g = fcos_targets(flat["xy"], flat["strides"], ranges, boxes, det[things], num_det, self.radius)
+            cls_t.append(c)
+            reg_t.append(r)
+            gt_global.append(torch.where(g >= 0, g + offset, g))
+            gt_boxes.append(boxes)
+            gt_masks.append(masks[things])
+            gt_image.append(torch.full((boxes.shape[0],), i, dtype=torch.int64, device=images.device))
+            offset += boxes.shape[0]
+        with torch.autocast(images.device.type, enabled=False):
+            losses, ctr_t, pos = fcos_losses(
+                flat["logits"].flatten(0, 1).float(), flat["reg"].flatten(0, 1).float(), flat["ctr"].flatten().float(),
+                torch.cat(cls_t), torch.cat(reg_t), num_det, *self.focal)
+            losses["loss_mask"] = self._mask_loss(out["bases"].float(), flat["attn"].flatten(0, 1).float(), pos,
+                                                  ctr_t, torch.cat(gt_global), torch.cat(gt_boxes),
+                                                  torch.cat(gt_image), torch.cat(gt_masks))
+            if self.aux_semantic is not None:
+                losses["loss_aux_semantic"] = self.aux_weight * self._aux_semantic_loss(out["pyramid"][0], targets)
+            if self.stuff_head is not None:
+                logits = self.stuff_head(out["basis_feats"]).float()
+                logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+                losses["loss_stuff"] = self.stuff_weight * F.cross_entropy(
+                    logits, self._stuff_labels(targets, tuple(images.shape[-2:])), ignore_index=255)
+        return losses
+
+    def mask_proposals(self, pos: torch.Tensor, gt_global: torch.Tensor, gt_boxes: torch.Tensor,
+                       gt_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training proposals: every positive location's assigned GT box (AdelaiDet: GT boxes, no top-D).
+        Returns (box index [P] into gt_boxes, boxes [P,4], image index [P])."""
+        g = gt_global[pos]
+        return g, gt_boxes[g], gt_image[g]
+
+    def _mask_loss(self, bases, attn, pos, ctr_t, gt_global, gt_boxes, gt_image, gt_masks) -> torch.Tensor:
+        """Per positive location: mean BCE of blend(its GT box's RoI, its attention) against the GT mask
+        cropped to 56 x 56, weighted by its centerness target, summed / the weights' sum."""
+        if not bool(pos.any()):
+            return bases.sum() * 0 + attn.sum() * 0
+        g, _, _ = self.mask_proposals(pos, gt_global, gt_boxes, gt_image)
+        # Each GT box is pooled once and shared by its positive locations.
+        rois = pool_bases(bases, gt_boxes, gt_image, self.resolution, BASIS_STRIDE)
+        crops = crop_masks(gt_masks, gt_boxes, self.resolution)
+        logits = blend(rois[g], attn[pos])
+        bce = F.binary_cross_entropy_with_logits(logits, crops[g].float(), reduction="none").flatten(1).mean(1)
+        return (bce * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+
+    def _aux_semantic_loss(self, p3: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """CE of thing classes + background (0) on P3 against the instance map (later instances overwrite),
+        nearest-subsampled by 8 as AdelaiDet's offline sem_seg target. Padding counts as background."""
+        h, w = targets[0]["masks"].shape[-2:]
+        labels = torch.zeros((len(targets), h, w), dtype=torch.int64, device=p3.device)
+        for i, t in enumerate(targets):
+            det = self.det_of[t["labels"].to(p3.device)]
+            for m, c in zip(t["masks"][det >= 0].to(p3.device), det[det >= 0].tolist()):
+                labels[i][m] = c + 1
+        labels = labels[:, ::8, ::8][:, : p3.shape[-2], : p3.shape[-1]]
+        return F.cross_entropy(self.aux_semantic(p3).float()[..., : labels.shape[-2], : labels.shape[-1]], labels)
+
+    def _stuff_labels(self, targets: list[dict], size: tuple[int, int]) -> torch.Tensor:
+        """Panoptic-FPN "separated" targets: 0 on thing pixels, j on stuff class stuff_ids[j-1], 255 elsewhere."""
+        out = torch.full((len(targets), *size), 255, dtype=torch.int64, device=self.det_of.device)
+        for i, t in enumerate(targets):
+            for m, c in zip(t["masks"].to(out.device), t["labels"].tolist()):
+                out[i][m] = 0 if int(self.det_of[c]) >= 0 else int(self.stuff_of[c])
+        return out
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                output_sizes: Sequence[tuple[int, int]] | None = None, tasks: Sequence[str] = ("instance",), *,
+                return_raw: bool = False) -> list[dict]:
+        """Padded uint8 images -> per image {"instances": {"masks" bool [n,H,W], "labels" int64, "scores",
+        "boxes" [n,4] xyxy}} at `output_sizes` (default the image sizes); the panoptic variant adds
+        {"panoptic": {"segment_map", "segments_info"}} and {"semantic": int64 [H,W]} when asked."""
+        unsupported = [t for t in tasks if t not in self.tasks]
+        if unsupported:
+            raise ValueError(f"BlendMask ({self.variant}) predicts {list(self.tasks)} only, not {unsupported}")
+        output_sizes = list(output_sizes or image_sizes)
+        out = self.network(self.normalize(images))
+        flat = self._flat(out, images.device)
+        tc = self.test_cfg
+        dets = [fcos_detect(flat["logits"][i], flat["reg"][i], flat["ctr"][i], flat["xy"], flat["strides"],
+                            flat["levels"], self.num_levels, tuple(image_sizes[i]),
+                            score_threshold=float(tc["score_threshold"]), pre_nms_topk=int(tc["pre_nms_topk"]),
+                            nms_threshold=float(tc["nms_threshold"]), max_detections=int(tc["detections_per_image"]))
+                for i in range(images.shape[0])]
+        # One RoIAlign and one blend for every detection of the batch.
+        boxes = torch.cat([d[0] for d in dets])
+        image_idx = torch.cat([torch.full((d[0].shape[0],), i, dtype=torch.int64, device=images.device)
+                               for i, d in enumerate(dets)])
+        attn = torch.cat([flat["attn"][i, d[3]] for i, d in enumerate(dets)]).float()
+        mask_logits = blend(pool_bases(out["bases"].float(), boxes, image_idx, self.resolution, BASIS_STRIDE), attn)
+        mask_logits = mask_logits.split([d[0].shape[0] for d in dets])
+        want_stuff = self.panoptic and ("panoptic" in tasks or "semantic" in tasks)
+        stuff_logits = self.stuff_head(out["basis_feats"]).float() if want_stuff else None
+        results = []
+        for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
+            det_boxes, scores, cls, _ = dets[i]
+            scale = det_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
+            out_boxes = det_boxes * scale
+            masks = paste_masks(mask_logits[i].sigmoid(), out_boxes, (int(oh), int(ow)), float(tc["mask_threshold"]))
+            instances = {"masks": masks, "labels": self.thing_table[cls],
+                         "scores": scores.float(), "boxes": out_boxes.float()}
+            result = {"instances": instances} if "instance" in tasks else {}
+            if stuff_logits is not None:
+                result.update(self._panoptic(instances, stuff_logits[i], tuple(images.shape[-2:]), (h, w), (oh, ow),
+                                             tasks))
+            if return_raw:
+                result["raw"] = {"boxes": det_boxes, "scores": scores, "labels": self.thing_table[cls],
+                                 "mask_logits": mask_logits[i], "bases": out["bases"][i]}
+                if stuff_logits is not None:
+                    result["raw"]["stuff_logits"] = stuff_logits[i]
+            results.append(result)
+        return results
+
+    def _panoptic(self, instances: dict, stuff_logits: torch.Tensor, padded: tuple[int, int],
+                  image_size: tuple[int, int], output_size: tuple[int, int], tasks: Sequence[str]) -> dict:
+        """Stuff logits -> padded input -> crop -> output size (the mask-classification order); Panoptic-FPN
+        merge; semantic = each thing segment's class, elsewhere the most likely stuff class."""
+        (h, w), (oh, ow) = image_size, output_size
+        logits = F.interpolate(stuff_logits[None], size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+        if (h, w) != (oh, ow):
+            logits = F.interpolate(logits, size=(oh, ow), mode="bilinear", align_corners=False)
+        probs = logits[0].softmax(0)
+        tc = self.test_cfg
+        segment_map, infos = combine_panoptic(
+            instances["masks"], instances["scores"], instances["labels"], probs.argmax(0), probs, self.stuff_ids,
+            overlap_threshold=float(tc["overlap_threshold"]), stuff_area_threshold=int(tc["stuff_area_threshold"]),
+            instance_score_threshold=float(tc["instance_score_threshold"]))
+        result = {}
+        if "panoptic" in tasks:
+            result["panoptic"] = {"segment_map": segment_map, "segments_info": infos}
+        if "semantic" in tasks:
+            lut = torch.zeros(len(infos) + 1, dtype=torch.int64, device=segment_map.device)
+            is_thing = torch.zeros(len(infos) + 1, dtype=torch.bool, device=segment_map.device)
+            for s in infos:
+                lut[s["id"]], is_thing[s["id"]] = s["category"], s["isthing"]
+            semantic = self.stuff_table[probs[1:].argmax(0)]
+            result["semantic"] = torch.where(is_thing[segment_map], lut[segment_map], semantic)
+        return result

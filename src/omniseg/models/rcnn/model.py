@@ -1,0 +1,319 @@
+"""Mask R-CNN and PANet on torchvision's detection stack, behind omniseg's Segmenter interface.
+
+torchvision's `MaskRCNN` supplies the RPN, RoIHeads, box coder, sampling, losses, NMS and mask pasting; omniseg
+supplies the backbone (timm ResNet, res2..res5) under a torchvision FPN, the normalisation (inside the model,
+as every omniseg family) and the data pipeline. torchvision's transform is replaced by one that only batches:
+the engine has already augmented and padded the images, and resizing again would break the padded targets.
+
+`arch: panet` swaps in PANet's bottom-up path, adaptive feature pooling and fully-connected-fusion mask head
+(omniseg.models.rcnn.panet); every other part, including losses and inference, is the Mask R-CNN one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import LevelMapper
+
+from omniseg.masks import boxes_from_masks
+from omniseg.models.backbones import FEATURE_NAMES, build_backbone
+from omniseg.models.base import Segmenter, cfg_get
+from omniseg.models.rcnn.panet import (
+    AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, FusedMaskHead, rois_from_boxes,
+)
+
+ARCHS = ("maskrcnn", "panet")
+
+
+
+class BatchOnlyTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform that neither resizes nor normalises: inputs arrive normalised at their final
+    size. It still batches (zero-padding to `size_divisible`) for callers of `MaskRCNN.forward`, and its
+    `postprocess` (box rescaling, mask pasting at the output size) is the one omniseg's `predict` uses."""
+
+    def __init__(self, size_divisible: int = 32):
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+                         size_divisible=size_divisible)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def resize(self, image: torch.Tensor, target: dict | None = None):
+        return image, target
+
+
+class FPNBackbone(nn.Module):
+    """omniseg backbone (res2..res5) -> torchvision FPN (P2..P5) [-> PANet bottom-up path (N2..N5)] -> + max-pool
+    level ("pool", stride 64, RPN only). Returns the OrderedDict torchvision's detection heads expect."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256, bottom_up: bool = False):
+        super().__init__()
+        self.body = body
+        specs = body.specs
+        self.strides = [int(specs[n].stride) for n in FEATURE_NAMES]
+        prefix = "n" if bottom_up else "p"
+        self.level_names = [f"{prefix}{int(math.log2(s))}" for s in self.strides]
+        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in FEATURE_NAMES], out_channels)
+        self.bottom_up = BottomUpPath(out_channels, len(FEATURE_NAMES)) if bottom_up else None
+        self.top_block = LastLevelMaxPool()
+        self.out_channels = out_channels  # what torchvision's MaskRCNN reads
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)
+        levels = list(self.fpn(OrderedDict((n, feats[n]) for n in FEATURE_NAMES)).values())
+        if self.bottom_up is not None:
+            levels = self.bottom_up(levels)
+        out = OrderedDict(zip(self.level_names, levels))
+        # LastLevelMaxPool: P6 (N6 for PANet) = max_pool(kernel 1, stride 2) of the top level, as detectron2.
+        pooled, _ = self.top_block([levels[-1]], [levels[-1]], ["top"])
+        out["pool"] = pooled[-1]
+        return out
+
+
+class LevelRoIAlign(MultiScaleRoIAlign):
+    """Mask R-CNN's pooler: each RoI pooled from the one FPN level of Eq. (1) of the FPN paper
+    (k = floor(4 + log2(sqrt(area) / 224)), clamped), with torchvision's roi_align. `aligned=True` is
+    detectron2's ROIAlignV2 (torchvision's own MultiScaleRoIAlign is aligned=False); strides are the
+    backbone's, not inferred from the padded size."""
+
+    def __init__(self, featmap_names: Sequence[str], strides: Sequence[int], output_size: int,
+                 sampling_ratio: int = 2, aligned: bool = True, canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__(list(featmap_names), output_size, sampling_ratio,
+                         canonical_scale=canonical_scale, canonical_level=canonical_level)
+        self.strides = [int(s) for s in strides]
+        self.aligned = aligned
+        levels = [int(math.log2(s)) for s in self.strides]
+        self.mapper = LevelMapper(levels[0], levels[-1], canonical_scale, canonical_level)
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        rois = rois_from_boxes(boxes)
+        first = x[self.featmap_names[0]]
+        out = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
+        if rois.shape[0] == 0:
+            return out
+        target = self.mapper(boxes)
+        for level, (name, stride) in enumerate(zip(self.featmap_names, self.strides)):
+            idx = torch.where(target == level)[0]
+            if idx.numel():
+                pooled = roi_align(x[name], rois[idx].to(x[name].dtype), self.output_size, spatial_scale=1.0 / stride,
+                                   sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+                out = out.index_put((idx,), pooled.to(out.dtype))
+        return out
+
+
+class RCNNSegmenter(Segmenter):
+    """Mask R-CNN (`arch: maskrcnn`) or PANet (`arch: panet`) instance segmentation.
+
+    Args:
+        cfg: the `model` section (configs/_rcnn_.yaml lists every key).
+        num_classes: K (contiguous ids 0..K-1; torchvision's class 0 is background, so it sees K + 1).
+        thing_ids: unused (targets of the instance task are things only); kept for the uniform builder signature.
+    """
+
+    tasks = ("instance",)  # what predict can produce
+    default_task = None
+    training_only = ()
+
+    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__()
+        self.arch = cfg_get(cfg, "arch", "maskrcnn")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown R-CNN arch {self.arch!r} ({' | '.join(ARCHS)})")
+        self.num_classes = num_classes
+        panet = dict(cfg_get(cfg, "panet", {}) or {}) if self.arch == "panet" else {}
+        bottom_up = bool(panet.get("bottom_up", True)) if self.arch == "panet" else False
+        adaptive = bool(panet.get("adaptive_pooling", True)) if self.arch == "panet" else False
+        fc_fusion = bool(panet.get("fc_fusion", True)) if self.arch == "panet" else False
+
+        body = build_backbone(cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "frozen_bn"),
+                              weights=cfg_get(cfg, "backbone_weights"),
+                              drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
+                              **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}))
+        _freeze_stages(body, int(cfg_get(cfg, "backbone_freeze_at", 0)))
+        dim = int(cfg_get(cfg, "fpn_dim", 256))
+        backbone = FPNBackbone(body, dim, bottom_up=bottom_up)
+        names, strides = backbone.level_names, backbone.strides
+
+        rpn = dict(cfg_get(cfg, "rpn", {}) or {})
+        sizes = [int(s) for s in rpn.get("anchor_sizes", (32, 64, 128, 256, 512))]
+        ratios = [float(r) for r in rpn.get("aspect_ratios", (0.5, 1.0, 2.0))]
+        if len(sizes) != len(names) + 1:
+            raise ValueError(f"model.rpn.anchor_sizes needs one size per level ({len(names) + 1}: "
+                             f"{names + ['pool']}), got {sizes}")
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
+
+        roi = dict(cfg_get(cfg, "roi", {}) or {})
+        box_res, mask_res = int(roi.get("box_resolution", 7)), int(roi.get("mask_resolution", 14))
+        ratio, aligned = int(roi.get("sampling_ratio", 2)), bool(roi.get("aligned", True))
+        box_dim, mask_dim = int(roi.get("box_head_dim", 1024)), int(roi.get("mask_head_dim", 256))
+        if adaptive:
+            # PANet's adaptive pooling is aligned RoIAlign, sampling ratio 2 (spec), on every level.
+            box_pool = AdaptiveRoIAlign(names, strides, box_res, ratio, aligned=True)
+            mask_pool = AdaptiveRoIAlign(names, strides, mask_res, ratio, aligned=True)
+            box_head = AdaptiveTwoMLPHead(len(names), dim * box_res * box_res, box_dim)
+        else:
+            box_pool = LevelRoIAlign(names, strides, box_res, ratio, aligned)
+            mask_pool = LevelRoIAlign(names, strides, mask_res, ratio, aligned)
+            box_head = TwoMLPHead(dim * box_res * box_res, box_dim)
+        if self.arch == "panet":
+            mask_head = FusedMaskHead(len(names) if adaptive else 1, dim, num_classes + 1, mask_dim, mask_res,
+                                      fc_fusion=fc_fusion, fusion_relu=bool(panet.get("fusion_relu", True)))
+            if not adaptive:
+                mask_head = _OneLevel(mask_head)
+            mask_predictor = nn.Identity()  # FusedMaskHead already returns per-class logits
+        else:
+            mask_head = MaskRCNNHeads(dim, [mask_dim] * int(roi.get("mask_convs", 4)), 1)
+            mask_predictor = MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1)
+
+        test = dict(cfg_get(cfg, "test", {}) or {})
+        self.mask_threshold = float(test.get("mask_threshold", 0.5))
+        self.detector = MaskRCNN(
+            backbone, num_classes=None,
+            rpn_anchor_generator=anchors,
+            rpn_pre_nms_top_n_train=int(rpn.get("pre_nms_topk_train", 2000)),
+            rpn_pre_nms_top_n_test=int(rpn.get("pre_nms_topk_test", 1000)),
+            rpn_post_nms_top_n_train=int(rpn.get("post_nms_topk_train", 1000)),
+            rpn_post_nms_top_n_test=int(rpn.get("post_nms_topk_test", 1000)),
+            rpn_nms_thresh=float(rpn.get("nms_thresh", 0.7)),
+            rpn_fg_iou_thresh=float(rpn.get("fg_iou_thresh", 0.7)),
+            rpn_bg_iou_thresh=float(rpn.get("bg_iou_thresh", 0.3)),
+            rpn_batch_size_per_image=int(rpn.get("batch_size_per_image", 256)),
+            rpn_positive_fraction=float(rpn.get("positive_fraction", 0.5)),
+            box_roi_pool=box_pool, box_head=box_head,
+            box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
+            box_score_thresh=float(test.get("score_thresh", 0.05)),
+            box_nms_thresh=float(test.get("nms_thresh", 0.5)),
+            box_detections_per_img=int(test.get("detections_per_img", 100)),
+            box_fg_iou_thresh=float(roi.get("fg_iou_thresh", 0.5)),
+            box_bg_iou_thresh=float(roi.get("bg_iou_thresh", 0.5)),
+            box_batch_size_per_image=int(roi.get("batch_size_per_image", 512)),
+            box_positive_fraction=float(roi.get("positive_fraction", 0.25)),
+            bbox_reg_weights=tuple(float(w) for w in roi.get("bbox_reg_weights", (10.0, 10.0, 5.0, 5.0))),
+            mask_roi_pool=mask_pool, mask_head=mask_head, mask_predictor=mask_predictor,
+        )
+        self.detector.transform = BatchOnlyTransform(32)
+        self.register_pixel_stats(cfg)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The omniseg backbone, so `backbone_multiplier` and weight loading find it as in other families."""
+        return self.detector.backbone.body
+
+    # -- training ------------------------------------------------------------------------------
+    def _detection_targets(self, targets: list[dict]) -> list[dict]:
+        """Engine targets -> torchvision's: boxes from the masks (x2 = last pixel + 1, the continuous
+        convention of detectron2's BitMasks boxes), labels shifted to 1..K (0 is background)."""
+        out = []
+        for t in targets:
+            masks = t["masks"].bool()
+            labels = t["labels"].to(torch.int64)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"instance labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+            out.append({"boxes": boxes_from_masks(masks), "labels": labels + 1, "masks": masks})
+        return out
+
+    def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """images: uint8 [B,3,Hp,Wp] padded; targets: [{"labels": [N], "masks": bool [N,Hp,Wp]}] (N may be 0).
+        Returns torchvision's five terms: loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
+        loss_mask. The padded size serves as every image's size (the engine passes no unpadded sizes)."""
+        x = self.normalize(images)
+        det_targets = self._detection_targets(targets)
+        image_list = ImageList(x, [tuple(x.shape[-2:])] * x.shape[0])
+        features = self.detector.backbone(x)
+        proposals, rpn_losses = self.detector.rpn(image_list, features, det_targets)
+        _, roi_losses = self.detector.roi_heads(features, proposals, image_list.image_sizes, det_targets)
+        return {**rpn_losses, **roi_losses}
+
+    # -- inference -----------------------------------------------------------------------------
+    @contextmanager
+    def _inference_mode(self):
+        """RPN / RoIHeads / transform pick their inference branch from `.training`: force it for predict."""
+        parts = (self.detector.rpn, self.detector.roi_heads, self.detector.transform)
+        modes = [p.training for p in parts]
+        for p in parts:
+            p.training = False
+        try:
+            yield
+        finally:
+            for p, m in zip(parts, modes):
+                p.training = m
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                output_sizes: Sequence[tuple[int, int]] | None = None,
+                tasks: Sequence[str] = ("instance",), *, return_raw: bool = False) -> list[dict]:
+        """Padded uint8 images -> [{"instances": {"masks": bool [n,H,W], "labels": int64 [n] (0-based),
+        "scores": float [n], "boxes": float [n,4] xyxy}}] at `output_sizes` (default: `image_sizes`).
+
+        Boxes are scaled from the image size to the output size and the 28x28 mask probabilities pasted into
+        them at the output size (torchvision's postprocess), then thresholded at `model.test.mask_threshold`.
+        `return_raw` adds "raw": the detections at the input resolution with the unpasted mask probabilities.
+        """
+        unsupported = [t for t in tasks if t not in self.tasks]
+        if unsupported:
+            raise ValueError(f"{type(self).__name__} ({self.arch}) predicts {list(self.tasks)} only, not {unsupported}")
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        outs = [(int(h), int(w)) for h, w in (output_sizes or sizes)]
+        if len(sizes) != images.shape[0] or len(outs) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(sizes)} image sizes and {len(outs)} output sizes")
+        x = self.normalize(images)
+        with self._inference_mode():
+            features = self.detector.backbone(x)
+            proposals, _ = self.detector.rpn(ImageList(x, sizes), features)
+            detections, _ = self.detector.roi_heads(features, proposals, sizes)
+            raw = [{"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"],
+                    "mask_probs": d["masks"][:, 0]} for d in detections]
+            detections = self.detector.transform.postprocess(detections, sizes, outs)
+        results = []
+        for det, r in zip(detections, raw):
+            result = {}
+            if "instance" in tasks:
+                result["instances"] = {
+                    "masks": det["masks"][:, 0] > self.mask_threshold,  # pasted probabilities [n,1,H,W]
+                    "labels": det["labels"].to(torch.int64) - 1,
+                    "scores": det["scores"].float(),
+                    "boxes": det["boxes"].float(),
+                }
+            if return_raw:
+                result["raw"] = r
+            results.append(result)
+        return results
+
+
+class _OneLevel(nn.Module):
+    """Feeds a single-level pooled map [R,C,S,S] to a per-level head as one level (PANet without adaptive pooling)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[None])
+
+
+def _freeze_stages(body: nn.Module, freeze_at: int) -> None:
+    """detectron2's BACKBONE.FREEZE_AT for timm ResNets: 1 freezes the stem, 2 also res2 (stage `layer1`), ..."""
+    if freeze_at <= 0:
+        return
+    inner = getattr(body, "body", body)
+    stem = [m for n, m in inner.named_children() if n in ("conv1", "bn1", "act1", "maxpool")]
+    stages = [getattr(inner, f"layer{i}") for i in range(1, freeze_at) if hasattr(inner, f"layer{i}")]
+    if not stem:
+        raise ValueError("model.backbone_freeze_at applies to ResNet backbones (stem conv1/bn1 + layer1..4)")
+    for m in stem + stages:
+        for p in m.parameters():
+            p.requires_grad_(False)
