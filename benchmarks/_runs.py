@@ -31,3 +31,13 @@ def all_finished(runs) -> bool:
         return True
     print("[bench] not all models are trained yet; report skipped", flush=True)
     return False
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command as typed, with the script path relative to the working directory it ran from (so
+    relative --out / --runs paths in it stay meaningful)."""
+    import os
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", os.path.relpath(script, os.getcwd()), *args])

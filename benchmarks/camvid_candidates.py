@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
-from _runs import all_finished, train_or_reuse  # benchmarks/_runs.py
+from _runs import all_finished, command_line, train_or_reuse  # benchmarks/_runs.py
 from camvid_best import camvid_overrides, check_camvid_root, seconds_per_iteration
 
 # key -> (label, preset, overrides)
@@ -102,7 +101,7 @@ def main(argv=None) -> None:
     if not all_finished(runs.values()):
         return
     machine = f"{_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    command = "python benchmarks/camvid_candidates.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     rows = {key: {**summarize(key, run), "command": command, "machine": machine} for key, run in runs.items()}
     rows = {**earlier_rows(args.out / "results.json", args.iters), **rows}  # a table grows over separate calls
     reference = {} if {"mp_former", "mask2former"} & set(rows) else mask_reference(args.iters)

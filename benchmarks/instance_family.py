@@ -22,12 +22,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _runs import all_finished, train_or_reuse  # benchmarks/_runs.py
+from _runs import all_finished, command_line, train_or_reuse  # benchmarks/_runs.py
 
 # key -> (label, preset, overrides)
 MODELS = {
@@ -132,7 +131,7 @@ def main(argv=None) -> None:
               for key in runs if key in KEEP_N}
 
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    command = "python benchmarks/instance_family.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = ["# Instance segmentation from scratch: BlendMask, PANet, Mask R-CNN, Mask2Former", "",
              f"Command: `{command}`", "", f"Machine: {machine}", "",
              f"{args.iters} iterations each, batch 8, 128 px synthetic scenes (600 train, same seed and data order), "

@@ -27,12 +27,11 @@ import argparse
 import json
 import platform
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import finished, train_or_reuse  # benchmarks/_runs.py
+from _runs import command_line, finished, train_or_reuse  # benchmarks/_runs.py
 
 NARROW_RESNET18 = {"channels": [32, 64, 128, 256]}
 
@@ -161,7 +160,7 @@ def main(argv=None) -> None:
     pre_metrics = json.loads((pre_run / "final_metrics.json").read_text())["metrics"]
 
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    command = "python benchmarks/pssl_downstream.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     n_crops = sum(info["images"].values())
     lines = [
         "# PSSL: pre-training on pseudo labels from classifier explanations, and what it gives downstream", "",

@@ -20,10 +20,10 @@ import json
 import math
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+from _runs import command_line  # benchmarks/_runs.py
 
 PROTOCOLS = {"synthetic": [[4, 2], [4, 1, 1]], "camvid": [[6, 5]]}
 RECIPES = {True: "SegViT (earlier parameters frozen)", False: "plain fine-tuning"}
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
                 studies.append({"dataset": dataset, "protocol": "-".join(map(str, steps)), "freeze": freeze, **report})
 
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    command = "python benchmarks/segvit_continual.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
 
     def fmt(v: float) -> str:
         return "-" if v is None or math.isnan(v) else f"{v:.1f}"

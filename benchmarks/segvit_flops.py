@@ -21,11 +21,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _runs import command_line  # benchmarks/_runs.py
 from torch.utils.flop_counter import FlopCounterMode
 
 MODELS = {  # key -> (label, preset)
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
                       f"(encoder {encoder:6.1f}, decoder {total - encoder:6.1f})  {params:6.1f} M"
                       + (f"  {row['ms']:7.0f} ms" if "ms" in row else ""), flush=True)
     machine = f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    command = "python benchmarks/segvit_flops.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     by = {r["model"]: r for r in rows if r["edge_share"] is None}
     atm, uper, plain = by["atm"], by["upernet"], by["atm"]
     lines = [
