@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -73,12 +71,13 @@ def summarize(key: str, run: Path) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def time_vs_instances(key: str, run: Path, counts: list[int], size: int, repeats: int, synthetic_root: str) -> dict:
+def time_vs_instances(key: str, run: Path, counts: list[int], size: int, repeats: int) -> dict:
     """Median predict time (ms) with exactly n detections, for each n; and the detections actually kept."""
     from omegaconf import OmegaConf
     from torch.nn import functional as F
 
     from omniseg.api import load_model
+    from omniseg.bench import median_ms
     from omniseg.config import from_yaml
     from omniseg.data.build import build_dataset
 
@@ -94,13 +93,8 @@ def time_vs_instances(key: str, run: Path, counts: list[int], size: int, repeats
         model = load_model(weights, config=cfg)[0]
         with torch.no_grad():
             kept = model.predict(image, [(size, size)])[0]["instances"]["masks"].shape[0]
-            times = []
-            for i in range(repeats + 1):
-                t0 = time.perf_counter()
-                model.predict(image, [(size, size)])
-                if i:  # the first run is the warm-up
-                    times.append((time.perf_counter() - t0) * 1000)
-        out[n] = {"ms": statistics.median(times), "kept": int(kept)}
+            ms = median_ms(lambda: model.predict(image, [(size, size)]), 1, repeats)
+        out[n] = {"ms": ms, "kept": int(kept)}
         print(f"{MODELS[key][0]:<14} {n:4d} detections requested, {kept:4d} kept: {out[n]['ms']:7.1f} ms", flush=True)
     return out
 
@@ -127,7 +121,7 @@ def main(argv=None) -> None:
     rows = {key: summarize(key, run) for key, run in runs.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
-    timing = {key: time_vs_instances(key, runs[key], args.instances, args.size, args.repeats, args.synthetic_root)
+    timing = {key: time_vs_instances(key, runs[key], args.instances, args.size, args.repeats)
               for key in runs if key in KEEP_N}
 
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"

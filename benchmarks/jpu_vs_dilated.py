@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from omniseg.bench import median_ms
 
 HEADS = {"fcn": "FCN", "pspnet": "PSPNet", "deeplabv3": "DeepLabV3 (ASPP)", "danet": "DANet"}
 VARIANTS = {  # key -> (label, overrides)
@@ -49,13 +49,7 @@ def measure(model: torch.nn.Module, size: int, repeats: int, latency: bool) -> d
         result = {"gflops": counter.get_total_flops() / 1e9,
                   "params_m": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aux_head")) / 1e6}
         if latency:
-            model.forward_raw(x)  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model.forward_raw(x)
-                times.append((time.perf_counter() - t0) * 1000)
-            result["ms"] = statistics.median(times)
+            result["ms"] = median_ms(lambda: model.forward_raw(x), 1, repeats)
     return result
 
 

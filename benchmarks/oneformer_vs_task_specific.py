@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,13 +37,9 @@ OWN_METRIC = {"m2f_panoptic": "PQ", "m2f_instance": "AP", "m2f_semantic": "mIoU"
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    from omniseg.bench import median_ms
+
+    return median_ms(fn, 1, repeats)
 
 
 def inference_cost(size: int, repeats: int) -> dict:

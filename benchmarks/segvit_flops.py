@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -76,16 +74,6 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return counter.get_total_flops() / 1e9, encoder.get_total_flops() / 1e9
 
 
-def median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    model.forward_raw(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.forward_raw(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def camvid_edge_share(root: Path, size: int = 512, patch: int = 16) -> float:
     """Share of patch x patch cells that contain more than one label in CamVid val labels resized to `size`."""
     import numpy as np
@@ -117,7 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from omniseg.bench import cpu_model
+    from omniseg.bench import cpu_model, median_ms
 
     shares = list(args.edge_shares)
     camvid_share = None
@@ -137,7 +125,7 @@ def main(argv=None) -> None:
                 row = {"model": key, "label": label, "preset": preset, "edge_share": share, "params_m": params,
                        "gflops": total, "encoder_gflops": encoder, "decoder_gflops": total - encoder}
                 if not args.no_latency:
-                    row["ms"] = median_ms(model, x, args.repeats)
+                    row["ms"] = median_ms(lambda: model.forward_raw(x), 1, args.repeats)
                 if hook is not None:
                     hook.remove()
                 rows.append(row)

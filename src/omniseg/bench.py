@@ -86,7 +86,8 @@ class BenchResult:
         return "\n".join(lines + [""] + self.notes) + "\n"
 
 
-def _median_ms(fn, warmup: int, repeats: int) -> float:
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    """Median wall time (ms) of `repeats` calls of `fn` after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -339,8 +340,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         if emulated:
             result.notes.append("This CPU has no bf16 matmul instructions (no AMX / AVX512-BF16): bf16 autocast runs "
                                 "emulated and is expected to be slower than fp32.")
-        t_ours = _median_ms(ours_forward, s.warmup, s.repeats)
-        t_hf = _median_ms(hf_forward, s.warmup, s.repeats) if hf_model is not None else None
+        t_ours = median_ms(ours_forward, s.warmup, s.repeats)
+        t_hf = median_ms(hf_forward, s.warmup, s.repeats) if hf_model is not None else None
         result.rows.append(("forward", t_ours, t_hf, "ms"))
         achieved = gflop / (t_ours / 1000)
         note = f"Forward: {gflop:.0f} GFLOP (matmul/conv) per batch; omniseg achieves {achieved:.0f} GFLOP/s"
@@ -377,14 +378,14 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             theirs_ms = None
             if processor is not None:
                 fn = getattr(processor, hf_call)
-                theirs_ms = _median_ms(lambda: fn(hf_out, target_sizes=[hw]), s.warmup, s.repeats)
+                theirs_ms = median_ms(lambda: fn(hf_out, target_sizes=[hw]), s.warmup, s.repeats)
             for inputs_name, inputs in (("model outputs", out0), ("shaped outputs", shaped)):
                 preds = {}
                 for mode in ("official", "fast"):
                     def run():
                         return postprocess(inputs, image_size=hw, output_size=hw, tasks=[task],
                                            thing_ids=model.thing_ids, padded_size=hw, mode=mode)
-                    ours_ms = _median_ms(run, s.warmup, s.repeats)
+                    ours_ms = median_ms(run, s.warmup, s.repeats)
                     hf_ms = theirs_ms if inputs_name == "model outputs" else None
                     result.rows.append((f"post-processing {task}, {mode}, {inputs_name}", ours_ms, hf_ms, "ms"))
                     preds[mode] = run()
@@ -415,11 +416,11 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             out.masks_queries_logits = out.masks_queries_logits.float()
             return processor.post_process_panoptic_segmentation(out, target_sizes=[hw])
 
-        theirs_predict = _median_ms(hf_predict, s.warmup, s.repeats) if hf_model is not None else None
-        result.rows.append(("predict (uint8 image -> panoptic), 1 image", _median_ms(ours_predict, s.warmup, s.repeats),
+        theirs_predict = median_ms(hf_predict, s.warmup, s.repeats) if hf_model is not None else None
+        result.rows.append(("predict (uint8 image -> panoptic), 1 image", median_ms(ours_predict, s.warmup, s.repeats),
                             theirs_predict, "ms"))
         model.postprocess_mode = "fast"
-        result.rows.append(("predict, fast post-processing", _median_ms(ours_predict, s.warmup, s.repeats),
+        result.rows.append(("predict, fast post-processing", median_ms(ours_predict, s.warmup, s.repeats),
                             theirs_predict, "ms"))
         model.postprocess_mode = "official"
         hf_model = None  # free it before the training subprocesses

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -35,6 +36,23 @@ class Segmenter(nn.Module):
             return self.losses(images, targets)
         image_sizes = predict_kwargs.pop("image_sizes", [tuple(images.shape[-2:])] * images.shape[0])
         return self.predict(images, image_sizes, **predict_kwargs)
+
+
+def semantic_results(scores: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                     output_sizes: Sequence[tuple[int, int]] | None, tasks: Sequence[str],
+                     return_raw: bool = False) -> list[dict]:
+    """Per-class scores at the padded batch size [B,K,Hp,Wp] -> [{"semantic": int64 [H,W]}] per image:
+    cropped to its size inside the padding, resized to its output size (default: image size), argmax."""
+    results = []
+    for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes or image_sizes)):
+        s = scores[i:i + 1, :, :h, :w]
+        if tuple(out_size) != (h, w):
+            s = F.interpolate(s, size=tuple(out_size), mode="bilinear", align_corners=False)
+        result = {"semantic": s[0].argmax(0)} if "semantic" in tasks else {}
+        if return_raw:
+            result["raw"] = {"sem_seg": scores[i]}
+        results.append(result)
+    return results
 
 
 def cfg_get(cfg: Mapping, key: str, default=None):

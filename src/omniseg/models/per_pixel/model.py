@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets
+from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets, semantic_results
 from omniseg.models.per_pixel.blocks import (
     ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
 )
@@ -221,14 +221,4 @@ class PerPixelSegmenter(Segmenter):
         logits = self.network(self.normalize(images))["sem_seg"]
         padded = tuple(images.shape[-2:])
         logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
-        output_sizes = output_sizes or image_sizes
-        results = []
-        for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes)):
-            scores = logits[i:i + 1, :, :h, :w]
-            if tuple(out_size) != (h, w):
-                scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)
-            result = {"semantic": scores[0].argmax(0)} if "semantic" in tasks else {}
-            if return_raw:
-                result["raw"] = {"sem_seg": logits[i]}
-            results.append(result)
-        return results
+        return semantic_results(logits, image_sizes, output_sizes, tasks, return_raw)

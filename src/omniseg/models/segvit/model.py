@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets
+from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets, semantic_results
 from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
 from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
 
@@ -185,13 +185,4 @@ class SegViT(Segmenter):
             raise ValueError(f"SegViT predicts {list(self.tasks)} only, not {unsupported}")
         scores = self.scores(self.normalize(images))
         scores = F.interpolate(scores, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-        results = []
-        for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes or image_sizes)):
-            s = scores[i:i + 1, :, :h, :w]
-            if tuple(out_size) != (h, w):
-                s = F.interpolate(s, size=tuple(out_size), mode="bilinear", align_corners=False)
-            result = {"semantic": s[0].argmax(0)} if "semantic" in tasks else {}
-            if return_raw:
-                result["raw"] = {"sem_seg": scores[i]}
-            results.append(result)
-        return results
+        return semantic_results(scores, image_sizes, output_sizes, tasks, return_raw)
