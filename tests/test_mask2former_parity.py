@@ -22,7 +22,8 @@ from omniseg.hub.hf_mask2former import (  # noqa: E402
     hf_mask2former_config_to_omniseg,
     load_hf_mask2former_folder,
 )
-from omniseg.models.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core  # noqa: E402
+from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
+    MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample)
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -182,6 +183,51 @@ def test_ms_deform_attn_core_matches_hand_written_bilinear_sampling():
     expected = _naive_deform_attn(value, shapes, locations, weights)
     torch.testing.assert_close(ms_deform_attn_core(value, shapes, locations, weights), expected)
     torch.testing.assert_close(ms_deform_attn_core(value, torch.tensor(shapes), locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn_core_grid_sample(value, shapes, locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn_core_gather(value, shapes, locations, weights), expected)
+
+
+def test_ms_deform_attn_gather_core_gradients_match_grid_sample():
+    """The gather core is differentiable like the grid_sample one: same gradients for the values, the
+    sampling locations (through the bilinear weights) and the attention weights."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 6), (3, 3), (2, 4)]
+    inputs = [torch.randn(2, sum(h * w for h, w in shapes), 3, 4, generator=g, dtype=torch.float64),
+              torch.rand(2, 7, 3, 3, 4, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15,
+              torch.rand(2, 7, 3, 3, 4, generator=g, dtype=torch.float64)]
+    grads = []
+    for core in (ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = core(leaves[0], shapes, leaves[1], leaves[2])
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_ms_deform_attn_gather_core_in_bf16_close_to_fp32():
+    g = torch.Generator().manual_seed(2)
+    shapes = [(16, 16), (8, 8), (4, 4)]
+    value = torch.randn(1, 336, 8, 32, generator=g)
+    locations = torch.rand(1, 336, 8, 3, 4, 2, generator=g)
+    weights = torch.rand(1, 336, 8, 3, 4, generator=g).softmax(-1)
+    fp32 = ms_deform_attn_core_gather(value, shapes, locations, weights)
+    bf16 = ms_deform_attn_core_gather(value.bfloat16(), shapes, locations, weights)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.03, rtol=0.02)
+
+
+def test_ms_deform_attn_core_gathers_in_inference_and_grid_samples_for_training(monkeypatch):
+    from omniseg.models.layers import ms_deform_attn as module
+    used = []
+    monkeypatch.setattr(module, "ms_deform_attn_core_gather", lambda *a: used.append("gather") or a[0])
+    monkeypatch.setattr(module, "ms_deform_attn_core_grid_sample", lambda *a: used.append("grid") or a[0])
+    value, locations, weights = torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 1, 1, 2), torch.zeros(1, 3, 1, 1, 1)
+    with torch.no_grad():
+        module.ms_deform_attn_core(value.requires_grad_(), [(2, 2)], locations, weights)
+    module.ms_deform_attn_core(value, [(2, 2)], locations, weights)
+    module.ms_deform_attn_core(value.detach(), [(2, 2)], locations, weights)
+    assert used == ["gather", "grid", "gather"]
 
 
 def test_ms_deform_attn_official_init():

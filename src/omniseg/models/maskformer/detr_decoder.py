@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from omniseg.models.layers.mask_logits import PixelEmbeddings
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 from omniseg.models.maskformer.fpn_pixel_decoder import c2_xavier_fill
@@ -128,14 +129,13 @@ class DetrTransformerPredictor(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
         predictions = []
+        pixels = PixelEmbeddings(mask_features)
         for layer in self.decoder_layers:
             tgt = layer(tgt, memory, pos, query_pos)
-            predictions.append(self._predict(self.decoder_norm(tgt), mask_features))
+            predictions.append(self._predict(self.decoder_norm(tgt), pixels))
         out = dict(predictions[-1])
         out["aux_outputs"] = predictions[:-1]
         return out
 
-    def _predict(self, queries: torch.Tensor, mask_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask_embed = self.mask_embed(queries)
-        return {"pred_logits": self.class_embed(queries),
-                "pred_masks": torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)}
+    def _predict(self, queries: torch.Tensor, pixels: PixelEmbeddings) -> dict[str, torch.Tensor]:
+        return {"pred_logits": self.class_embed(queries), "pred_masks": pixels.logits(self.mask_embed(queries))}

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.layers.checkpointing import run_block
+from omniseg.models.layers.mask_logits import PixelEmbeddings
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 
@@ -207,12 +208,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         also keeps SDPA away from all-masked rows (NaN)."""
         return blocked & ~blocked.all(dim=-1, keepdim=True)
 
-    def forward_prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size):
+    def forward_prediction_heads(self, output: torch.Tensor, pixels: PixelEmbeddings, attn_mask_target_size):
         """Shared head on the layer-normed queries [B,Q,C] -> (class logits [B,Q,K+1], mask logits
         [B,Q,H/4,W/4], blocked mask [B,Q,h*w] at `attn_mask_target_size` for the next layer)."""
         decoded = self.decoder_norm(output)
         outputs_class = self.class_embed(decoded)
-        outputs_mask = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        outputs_mask = pixels.logits(self.mask_embed(decoded))
         blocked = self._attention_mask_from_prediction(outputs_mask, attn_mask_target_size)
         return outputs_class, outputs_mask, blocked
 
@@ -249,7 +250,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             output = torch.cat([extra.content, output], dim=1)
             query_pos = torch.cat([extra.pos, query_pos], dim=1)
 
-        sets = [self.forward_prediction_heads(output, mask_features, sizes[0])]
+        pixels = PixelEmbeddings(mask_features)
+        sets = [self.forward_prediction_heads(output, pixels, sizes[0])]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             blocked = sets[-1][2]
@@ -258,7 +260,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 blocked = torch.cat([forced.to(blocked.device), blocked[:, num_extra:]], dim=1)
             output = run_block(self.forward_layer, i, output, memory[level], memory_pos[level], query_pos,
                                self.unblock_empty_rows(blocked), self_blocked, enabled=self.activation_checkpointing)
-            sets.append(self.forward_prediction_heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels]))
+            sets.append(self.forward_prediction_heads(output, pixels, sizes[(i + 1) % self.num_feature_levels]))
 
         learnable = [{"pred_logits": c[:, num_extra:], "pred_masks": m[:, num_extra:]} for c, m, _ in sets]
         out = {**learnable[-1], "aux_outputs": learnable[:-1]}

@@ -7,6 +7,7 @@ Module names follow detectron2 closely (`input_proj`, `transformer`, `adapter_1`
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -105,7 +106,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """res3-res5 -> 1x1 conv + GN -> deformable encoder; res2 (and any other finer level down to
     `common_stride`) is added FPN-style to give the mask features.
 
-    Runs in fp32 with autocast disabled, as the official implementation does.
+    Under fp16 autocast it runs in fp32, as the official implementation does (deformable attention's
+    sums overflow fp16's range). bf16 has fp32's exponent range, so bf16 autocast (AMX on CPUs) runs
+    through it; the benchmark checks the result against fp32 eager.
     """
 
     def __init__(self, input_specs: dict[str, FeatureSpec], *, conv_dim: int = 256, mask_dim: int = 256,
@@ -158,10 +161,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (mask_features [B, mask_dim, H/4, W/4], [1/32, 1/16, 1/8] maps [B, conv_dim, h, w])."""
         device_type = next(iter(features.values())).device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+        with torch.autocast(device_type=device_type, enabled=False) if fp16 else contextlib.nullcontext():
             srcs, pos = [], []
             for idx, name in enumerate(self.transformer_in_features[::-1]):
-                x = features[name].float()
+                x = features[name].float() if fp16 else features[name]
                 srcs.append(self.input_proj[idx](x))
                 pos.append(self.pe_layer(x))
             memory, shapes, _ = self.transformer(srcs, pos)
@@ -169,7 +173,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             outs = [z.transpose(1, 2).reshape(b, -1, h, w)
                     for z, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-                lateral = self._lateral_convs[idx](features[name].float())
+                lateral = self._lateral_convs[idx](features[name].float() if fp16 else features[name])
                 y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
                 outs.append(self._output_convs[idx](y))
             multi_scale_features = outs[: self.maskformer_num_feature_levels]
