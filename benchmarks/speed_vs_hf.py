@@ -1,6 +1,6 @@
 """omniseg vs HF transformers Mask2Former on this machine: forward, post-processing, predict, training step, memory.
 
-    python benchmarks/speed_vs_hf.py [--preset mask2former_swin_t] [--size 512] [--threads 2] [--dtypes fp32 [bf16]]
+    python benchmarks/speed_vs_hf.py [--preset mask2former_swin_t] [--size 512] [--threads 2] [--dtypes fp32 [bf16]] [--compile]
                                      [--out docs/benchmarks/speed_vs_hf.md]
 
 One table per dtype (same weights on both sides, outputs checked first), written to --out with the
@@ -29,6 +29,8 @@ def main(argv=None) -> str:
                     help="default: fp32, plus bf16 when the CPU has bf16 matmul instructions")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true",
+                    help="one more table: the last dtype with omniseg's network torch.compile'd (no training rows)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/speed_vs_hf.md"))
     args = ap.parse_args(argv)
     parts = [
@@ -42,12 +44,14 @@ def main(argv=None) -> str:
         "",
     ]
     dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16_matmul() else ["fp32"])
-    for dtype in dtypes:
+    runs = [(dtype, False) for dtype in dtypes] + ([(dtypes[-1], True)] if args.compile else [])
+    for dtype, compiled in runs:
         settings = BenchSettings(preset=args.preset, size=args.size, threads=args.threads, dtype=dtype,
-                                 repeats=args.repeats, train_steps=args.train_steps)
+                                 repeats=args.repeats, train_steps=args.train_steps, compile=compiled,
+                                 train=not compiled)
         table = run_bench(settings, progress=lambda msg: print(msg, file=sys.stderr)).table()
         print(table)
-        parts += [f"## {dtype}", "", table]
+        parts += [f"## {dtype}{' + torch.compile' if compiled else ''}", "", table]
     text = "\n".join(parts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

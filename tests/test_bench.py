@@ -37,3 +37,45 @@ def test_bench_without_hf_and_cli_errors(tmp_path):
     assert bad.exit_code == 2 and "Mask2Former presets" in bad.output
     bad = runner.invoke(app, ["bench", "--dtype", "fp8"])
     assert bad.exit_code == 2 and "fp32 or bf16" in bad.output
+
+
+def test_bench_bf16_is_checked_against_fp32_eager():
+    result = run_bench(BenchSettings(**SMALL, hf=False, train=False, dtype="bf16"), progress=lambda _: None)
+    note = next(n for n in result.notes if n.startswith("bf16 autocast vs fp32 eager omniseg"))
+    assert "asserted <= 5%" in note
+
+
+def test_check_against_fp32_rejects_a_wrong_result():
+    import torch
+
+    from omniseg.bench import _check_against_fp32
+
+    fp32 = {"pred_masks": torch.ones(1, 2, 4, 4), "aux_outputs": [{"pred_masks": torch.full((1, 2, 4, 4), 4.0)}]}
+    close = {"pred_masks": torch.ones(1, 2, 4, 4), "aux_outputs": [{"pred_masks": torch.full((1, 2, 4, 4), 4.1)}]}
+    assert "max |diff| 0.1" in _check_against_fp32("x", close, fp32)
+    far = {"pred_masks": torch.ones(1, 2, 4, 4), "aux_outputs": [{"pred_masks": torch.full((1, 2, 4, 4), 4.5)}]}
+    with pytest.raises(AssertionError, match="differ from fp32 eager by 0.5"):
+        _check_against_fp32("x", far, fp32)
+
+
+def test_compile_network_matches_eager_and_leaves_training_eager(synth_root):
+    import torch
+
+    from conftest import TINY_MODEL
+    from omniseg.config import load_config
+    from omniseg.engine.trainer import build_datasets, build_model_from_config
+
+    cfg = load_config("mask2former_demo", [*TINY_MODEL, f"data.train.root={synth_root}", f"data.val.root={synth_root}"])
+    _, meta = build_datasets(cfg, splits=("val",))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, meta).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        eager = model.forward_raw(x)
+        model.compile_network()
+        compiled = model.forward_raw(x)
+    torch.testing.assert_close(compiled["pred_masks"], eager["pred_masks"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled["pred_logits"], eager["pred_logits"], atol=1e-4, rtol=1e-4)
+    assert "forward_raw" in vars(model)  # the compiled wrapper shadows the method
+    outputs, _ = model.training_outputs(x, [])  # training stays eager
+    assert outputs["pred_masks"].shape == eager["pred_masks"].shape

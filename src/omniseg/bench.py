@@ -60,6 +60,7 @@ class BenchSettings:
     hf: bool = True
     train: bool = True
     activation_checkpointing: bool = False  # omniseg training step only
+    compile: bool = False  # torch.compile omniseg's network (forward and predict rows) after the eager checks
     seed: int = 0
 
     def __post_init__(self):
@@ -76,7 +77,7 @@ class BenchResult:
     def table(self) -> str:
         s = self.settings
         head = (f"omniseg bench {s.preset}: {s.size}x{s.size}, batch {s.batch} (train {s.train_batch}), {s.threads} "
-                f"threads, {s.dtype}, {s.num_classes} classes, {s.num_queries} queries, median of {s.repeats} "
+                f"threads, {s.dtype}{' + torch.compile' if s.compile else ''}, {s.num_classes} classes, {s.num_queries} queries, median of {s.repeats} "
                 f"after {s.warmup} warm-up | torch {torch.__version__} | {platform.machine()}")
         lines = [head, "", "| measure | omniseg | HF transformers | HF / omniseg |", "|---|---|---|---|"]
         for name, ours, theirs, unit in self.rows:
@@ -198,6 +199,20 @@ def _autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
+def _check_against_fp32(name: str, outputs: dict, fp32: dict, tolerance: float = 0.05) -> str:
+    """AssertionError unless the first prediction set's mask logits (before any masked attention, whose
+    0.5 threshold flips bits under rounding with random weights) are within `tolerance` x their scale of
+    fp32 eager; returns the note for the table."""
+    ours, ref = outputs["aux_outputs"][0]["pred_masks"].float(), fp32["aux_outputs"][0]["pred_masks"]
+    gap, scale = (ours - ref).abs().max().item(), max(ref.abs().max().item(), 1.0)
+    if gap > tolerance * scale:
+        raise AssertionError(f"{name} mask logits differ from fp32 eager by {gap:.3g} (scale {scale:.3g}): "
+                             f"timing would be meaningless")
+    final = (outputs["pred_masks"].float() - fp32["pred_masks"]).abs().max().item()
+    return (f"{name} vs fp32 eager omniseg, mask logits: max |diff| {gap:.3g} for the first prediction set "
+            f"(logits up to {scale:.3g}; asserted <= {tolerance:.0%} of that), {final:.3g} for the last.")
+
+
 def _random_targets(batch: int, size: int, num_classes: int, generator: torch.Generator):
     """8 random boxes per image with random classes: bool masks [8, size, size] and labels [8]."""
     targets = []
@@ -306,10 +321,13 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
                 return hf_model(pixel_values=pixels)
 
         raw = ours_forward()
+        with torch.no_grad():
+            fp32 = model.forward_raw(pixels)
+        if s.dtype == "bf16":
+            result.notes.append(_check_against_fp32("bf16 autocast", raw, fp32))
         if hf_model is not None:
             with torch.no_grad():
                 ref = hf_model(pixel_values=pixels, output_auxiliary_logits=True)
-                fp32 = model.forward_raw(pixels)
             # Set 0 (before any masked attention) must agree to fp32 rounding. Later sets can differ more:
             # masked attention thresholds sigmoid(mask) at 0.5, and random weights put many pixels within
             # rounding of it, so a few attention-mask bits flip between implementations.
@@ -323,11 +341,15 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             result.notes.append(f"Outputs checked before timing (fp32): max |omniseg - HF| = {first:.1e} for the "
                                 f"first prediction set, {final:.1e} for the last (attention-mask bits at the 0.5 "
                                 f"threshold flip under rounding with random weights).")
-            if s.dtype == "bf16":
-                bf = raw["pred_masks"].float()
-                result.notes.append(f"bf16 vs fp32 omniseg mask logits: max |diff| = "
-                                    f"{(bf - fp32['pred_masks']).abs().max().item():.3g}.")
 
+        if s.compile:
+            progress("torch.compile ...")
+            model.compile_network()
+            start = time.perf_counter()
+            compiled = ours_forward()
+            result.notes.append(f"torch.compile: the first compiled forward took {time.perf_counter() - start:.0f} s; "
+                                f"omniseg's forward and predict rows are compiled, HF's eager. "
+                                + _check_against_fp32("compiled", compiled, fp32))
         progress("forward ...")
         from torch.utils.flop_counter import FlopCounterMode
 

@@ -220,6 +220,8 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
           train: bool = typer.Option(True, help="also time training steps and peak memory"),
           activation_checkpointing: bool = typer.Option(False, help="omniseg's training step with activation "
                                                         "checkpointing (model.activation_checkpointing)"),
+          compile_network: bool = typer.Option(False, "--compile", help="torch.compile omniseg's network "
+                                               "(minutes on a CPU) and time the compiled forward and predict"),
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the table (markdown) here")):
     """Speed and memory of omniseg vs HF transformers Mask2Former, same weights, one table."""
     from omniseg.bench import BenchSettings, run_bench
@@ -232,7 +234,7 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
         settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
                                  dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
                                  repeats=repeats, train_steps=train_steps, hf=hf, train=train,
-                                 activation_checkpointing=activation_checkpointing)
+                                 activation_checkpointing=activation_checkpointing, compile=compile_network)
         table = run_bench(settings, progress=lambda msg: typer.echo(msg, err=True)).table()
     except ValueError as e:
         _fail(str(e))
