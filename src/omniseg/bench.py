@@ -321,10 +321,12 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
                 return hf_model(pixel_values=pixels)
 
         raw = ours_forward()
-        with torch.no_grad():
-            fp32 = model.forward_raw(pixels)
         if s.dtype == "bf16":
+            with torch.no_grad():
+                fp32 = model.forward_raw(pixels)
             result.notes.append(_check_against_fp32("bf16 autocast", raw, fp32))
+        else:
+            fp32 = raw
         if hf_model is not None:
             with torch.no_grad():
                 ref = hf_model(pixel_values=pixels, output_auxiliary_logits=True)

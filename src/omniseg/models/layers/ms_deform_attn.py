@@ -2,9 +2,9 @@
 
 The official CUDA kernel is replaced by pure PyTorch, two ways that match it up to float rounding:
 `ms_deform_attn_core_gather` folds the bilinear corner weights into the attention weights and reads
-all levels, heads and points in one `embedding_bag` (3-5x faster than `grid_sample` in inference on
-a 2-core CPU, see docs/results.md); `ms_deform_attn_core_grid_sample` is one `grid_sample` per level,
-HF transformers' way, used when gradients are needed. `ms_deform_attn_core` picks between them.
+all levels, heads and points in one `embedding_bag` (about 3x faster than `grid_sample` in inference
+on a 2-core CPU: benchmarks/ms_deform_attn_cores.py); `ms_deform_attn_core_grid_sample` is one
+`grid_sample` per level, HF transformers' way, used when gradients are needed. `ms_deform_attn_core` picks between them.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
     attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
 
     Inference takes the gather path (`ms_deform_attn_core_gather`); when a gradient is needed the
-    `grid_sample` path is used, whose backward is about twice as fast as `embedding_bag`'s (which sorts
-    every index) on a CPU.
+    `grid_sample` path is used, because `embedding_bag`'s backward (it sorts every index) is slower on
+    a CPU (benchmarks/ms_deform_attn_cores.py times both ways).
     """
     needs_grad = torch.is_grad_enabled() and (value.requires_grad or sampling_locations.requires_grad
                                               or attention_weights.requires_grad)
@@ -41,15 +41,12 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
     return core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def _per_column(values: Sequence[int], repeats: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One constant per level, repeated over the level's sampling points: the columns of a gather row."""
-    return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(repeats)
-
-
-def _bilinear_axis(coord: torch.Tensor, size: torch.Tensor, last: torch.Tensor):
-    """Along one axis: the two neighbouring pixel indices (clamped into the level, so always valid) and
-    their linear weights, zero for a neighbour outside the level (`align_corners=False`, zero padding)."""
-    pixel = coord * size - 0.5  # pixel centres sit at integer + 0.5
+def _bilinear_axis(coord: torch.Tensor, size: torch.Tensor):
+    """Along one axis of sizes `size` (int32, per column): the two neighbouring pixel indices (clamped
+    into the level, so always valid) and their linear weights, zero for a neighbour outside the level
+    (`align_corners=False`, zero padding)."""
+    last = size - 1
+    pixel = coord * size.to(coord.dtype) - 0.5  # pixel centres sit at integer + 0.5
     low = pixel.floor()
     frac = pixel - low
     low = low.to(torch.int32)
@@ -70,14 +67,12 @@ def ms_deform_attn_core_gather(value: torch.Tensor, spatial_shapes: torch.Tensor
     shapes = _shapes_as_list(spatial_shapes)
     b, num_values, heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    device, ftype = value.device, sampling_locations.dtype
-    widths = _per_column([w for _, w in shapes], num_points, ftype, device)
-    heights = _per_column([h for h, _ in shapes], num_points, ftype, device)
-    last_x = _per_column([w - 1 for _, w in shapes], num_points, torch.int32, device)
-    last_y = _per_column([h - 1 for h, _ in shapes], num_points, torch.int32, device)
-    row_stride = _per_column([w for _, w in shapes], num_points, torch.int32, device)
-    starts = _per_column([sum(h * w for h, w in shapes[:i]) for i in range(num_levels)], num_points,
-                         torch.int32, device)
+    device = value.device
+    # per-column constants: columns are (level, point), the level's value repeated over its points
+    level_sizes = torch.tensor(shapes, dtype=torch.int32, device=device).repeat_interleave(num_points, dim=0)
+    heights, widths = level_sizes.unbind(1)  # int32 [levels*points]; a row of a level is `widths` long
+    starts = torch.tensor([sum(h * w for h, w in shapes[:i]) for i in range(num_levels)], dtype=torch.int32,
+                          device=device).repeat_interleave(num_points)
     rows = b * num_queries * heads
     # The table is value laid [B, heads, Lv, Dh]: value[b, v, head] is row (b * heads + head) * Lv + v.
     table = value.permute(0, 2, 1, 3).reshape(-1, head_dim)
@@ -85,10 +80,10 @@ def ms_deform_attn_core_gather(value: torch.Tensor, spatial_shapes: torch.Tensor
                  + torch.arange(heads, dtype=torch.int32, device=device)[None, None, :]) * num_values)
     level_base = bag_base.expand(b, num_queries, heads).reshape(rows, 1) + starts  # [rows, levels*points]
     locations = sampling_locations.reshape(rows, num_levels * num_points, 2)
-    x0, x1, wx0, wx1 = _bilinear_axis(locations[..., 0], widths, last_x)
-    y0, y1, wy0, wy1 = _bilinear_axis(locations[..., 1], heights, last_y)
-    row0 = level_base + y0 * row_stride
-    row1 = level_base + y1 * row_stride
+    x0, x1, wx0, wx1 = _bilinear_axis(locations[..., 0], widths)
+    y0, y1, wy0, wy1 = _bilinear_axis(locations[..., 1], heights)
+    row0 = level_base + y0 * widths
+    row1 = level_base + y1 * widths
     indices = torch.stack([row0 + x0, row0 + x1, row1 + x0, row1 + x1], -1).view(rows, -1)
     attention = attention_weights.reshape(rows, num_levels * num_points)
     top, bottom = attention * wy0, attention * wy1

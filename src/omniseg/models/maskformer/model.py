@@ -144,8 +144,8 @@ class MaskFormer(Segmenter):
 
     def compile_network(self, **options) -> None:
         """`torch.compile` the network (`forward_raw`, hence `predict`) for inference; `options` go to
-        torch.compile. It fuses the many small elementwise ops eager mode runs one by one (Mask2Former
-        Swin-T bf16 512x512 on a 2-core CPU: about 3 minutes to compile, then ~25% faster, see
+        torch.compile. It fuses the many small elementwise ops eager mode runs one by one; compiling
+        takes minutes on a CPU (`omniseg bench --compile` reports the time and the speed-up, see
         docs/results.md). Each new input size compiles again; training and `losses` stay eager."""
         self.forward_raw = torch.compile(type(self).forward_raw.__get__(self), **options)
 

@@ -162,10 +162,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """-> (mask_features [B, mask_dim, H/4, W/4], [1/32, 1/16, 1/8] maps [B, conv_dim, h, w])."""
         device_type = next(iter(features.values())).device.type
         fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+        if fp16:
+            features = {name: f.float() for name, f in features.items()}
         with torch.autocast(device_type=device_type, enabled=False) if fp16 else contextlib.nullcontext():
             srcs, pos = [], []
             for idx, name in enumerate(self.transformer_in_features[::-1]):
-                x = features[name].float() if fp16 else features[name]
+                x = features[name]
                 srcs.append(self.input_proj[idx](x))
                 pos.append(self.pe_layer(x))
             memory, shapes, _ = self.transformer(srcs, pos)
@@ -173,7 +175,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             outs = [z.transpose(1, 2).reshape(b, -1, h, w)
                     for z, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-                lateral = self._lateral_convs[idx](features[name].float() if fp16 else features[name])
+                lateral = self._lateral_convs[idx](features[name])
                 y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
                 outs.append(self._output_convs[idx](y))
             multi_scale_features = outs[: self.maskformer_num_feature_levels]
