@@ -78,16 +78,17 @@ def _build_axis(low: int, padded: int, image: int, output: int, device: str) -> 
     return _Axis(taps, lo.to(device), pixels.to(device), weights.float().to(device), count.to(device))
 
 
-def _run_min_max(maps: torch.Tensor, dim: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of maps[i .. i+taps-1] (clamped) along `dim` for every start i, by shifted slices."""
-    low, high = maps.clone(), maps.clone()
+def _run_reduce(maps: torch.Tensor, dim: int, taps: int, op) -> torch.Tensor:
+    """op (torch.minimum / torch.maximum) of maps[i .. i+taps-1] (clamped) along `dim` for every start i:
+    one fresh output, then in-place shifted slices."""
     n = maps.shape[dim]
+    if taps < 2 or n < 2:
+        return maps.clone()
+    out = maps.clone()
     for t in range(1, min(taps, n)):
-        head, tail = maps.narrow(dim, t, n - t), low.narrow(dim, 0, n - t)
-        torch.minimum(tail, head, out=tail)
-        tail = high.narrow(dim, 0, n - t)
-        torch.maximum(tail, head, out=tail)
-    return low, high
+        tail = out.narrow(dim, 0, n - t)
+        op(tail, maps.narrow(dim, t, n - t), out=tail)
+    return out
 
 
 class ResizeGrid:
@@ -125,8 +126,10 @@ class ResizeGrid:
 
     def window_min_max(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """maps [N, h, w] -> (min, max) over each window's taps, [N, h, w]."""
-        rmin, rmax = _run_min_max(maps, 1, self.rows.taps)
-        return _run_min_max(rmin, 2, self.cols.taps)[0], _run_min_max(rmax, 2, self.cols.taps)[1]
+        rows, cols = self.rows.taps, self.cols.taps
+        low = _run_reduce(_run_reduce(maps, 1, rows, torch.minimum), 2, cols, torch.minimum)
+        high = _run_reduce(_run_reduce(maps, 1, rows, torch.maximum), 2, cols, torch.maximum)
+        return low, high
 
     def to_pixels(self, window_map: torch.Tensor) -> torch.Tensor:
         """[..., h, w] -> [..., H, W]: every output pixel takes its window's value. Both expansions run
@@ -172,13 +175,11 @@ class ResizeGrid:
         [h, w]: its lower bound beats every other channel's upper bound, candidates [N, h, w]: in undecided
         windows, the channels whose upper bound reaches the best lower bound -- the only possible winners)."""
         best_lower, winner = lower.max(0)
-        if upper.shape[0] > 1:
-            top2, top2_idx = upper.topk(2, dim=0)
-            rival = torch.where(top2_idx[0] == winner, top2[1], top2[0])
-        else:
-            rival = torch.full_like(best_lower, -torch.inf)
-        decided = (best_lower > rival) | ~self.nonempty
-        return winner, decided, (upper >= best_lower) & ~decided
+        # The winner's own upper bound always reaches its lower bound, so the window is decided exactly
+        # when no other channel's upper bound does (a tie leaves it undecided).
+        reach = upper >= best_lower
+        decided = (reach.sum(0, dtype=torch.int32) == 1) | ~self.nonempty
+        return winner, decided, reach & ~decided
 
     def resized_argmax(self, maps: torch.Tensor, winner: torch.Tensor, decided: torch.Tensor,
                        candidates: torch.Tensor, value_at=None):
