@@ -24,8 +24,8 @@ def test_every_pixel_from_its_window_block_equals_the_resize_chain(low, padded, 
     wr, wc = torch.nonzero(grid.nonempty, as_tuple=True)
     assert int(grid.window_pixel_count.sum()) == output[0] * output[1]  # the windows partition the output
     for channel in range(3):
-        values = grid.block_values(maps, torch.full_like(wr, channel), wr, wc)
-        pixels, valid = grid.block_pixels(wr, wc)
+        channels, pixels, valid, values = grid.window_values(maps, torch.full_like(wr, channel), wr, wc)
+        assert (channels == channel).all()
         got = torch.full((output[0] * output[1],), float("nan"))
         got[pixels[valid]] = values[valid]
         assert torch.allclose(got.view(output), reference[channel], atol=1e-5)
@@ -41,9 +41,25 @@ def test_resized_argmax_equals_argmax_of_the_resized_maps(low, padded, image, ou
     # smooth maps: most windows are decided by their bounds, the rest evaluated exactly
     maps = F.interpolate(torch.randn(1, 6, 3, 3, generator=g), size=low, mode="bilinear")[0] * 3
     grid = ResizeGrid(low, padded, image, output)
-    winner, decided, candidates = grid.argmax_candidates(*grid.window_min_max(maps))
-    argmax, _ = grid.resized_argmax(maps, winner, decided, candidates)
+    candidates = grid.argmax_candidates(*grid.window_min_max(maps))
+    argmax, pixels = grid.resized_argmax(maps, candidates)
+    reference = grid.resize(maps)
+    assert torch.equal(argmax, reference.argmax(0))
+    assert candidates.decided.any() and (~candidates.decided).any()  # both routes were taken
+    # the exactly evaluated pixels are those of the undecided windows, and their values are exact
+    assert len(pixels) == int(grid.window_pixel_count[~candidates.decided].sum())
+    exact = grid.pixel_values(maps, argmax.view(-1)[pixels], pixels)
+    assert torch.allclose(exact, reference.flatten(1).max(0).values[pixels], atol=1e-5)
+    # only channels that can win are evaluated: at least one per window, usually far fewer than all
+    per_window = torch.bincount(candidates.window, minlength=len(candidates.windows[0]))
+    assert per_window.min() >= 1 and len(candidates.channel) < maps.shape[0] * len(per_window)
+
+
+def test_ties_go_to_the_lowest_channel_like_torch_argmax():
+    grid = ResizeGrid((4, 4), (16, 16), (16, 16), (16, 16))
+    maps = torch.zeros(3, 4, 4)
+    maps[1, :, 2:] = 1.0
+    maps[2, :, 2:] = 1.0  # channels 1 and 2 tie on the right half; 0, 1, 2 tie at 0.0 elsewhere
+    maps[0, 0, 0] = -0.0
+    argmax, _ = grid.resized_argmax(maps, grid.argmax_candidates(*grid.window_min_max(maps)))
     assert torch.equal(argmax, grid.resize(maps).argmax(0))
-    assert decided.any() and (~decided).any()  # both routes were taken
-    # only channels that can win are evaluated: never more than all of them, usually far fewer
-    assert candidates[:, ~decided].sum(0).min() >= 1 and candidates.sum() < maps.shape[0] * (~decided).sum()

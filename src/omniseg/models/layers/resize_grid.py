@@ -26,13 +26,21 @@ import torch.nn.functional as F
 @dataclass
 class _Axis:
     """One axis of the resize chain. Window i = the output indices whose support starts at low index i;
-    its taps are i .. i+L-1 (clamped), a superset of each member's support, so window bounds hold."""
+    its taps are i .. i+L-1 (clamped), a superset of each member's support, so window bounds hold.
+
+    Exact values are computed per *group*: up to P output indices of one window (a window with more
+    members, e.g. at the border, has several groups), so blocks are not padded to the largest window."""
 
     taps: int  # L, the widest support
     window: torch.Tensor  # [n_out] window (= first low-resolution index of the support) of each output index
-    window_pixels: torch.Tensor  # [n_low, P] output indices in each window (padded; see window_count)
-    window_weights: torch.Tensor  # [n_low, P, L] their interpolation weights on the window's taps
     window_count: torch.Tensor  # [n_low] number of output indices in each window (may be 0)
+    pixel_weights: torch.Tensor  # [n_out, L] each output index's interpolation weights on its window's taps
+    window_groups: torch.Tensor  # [n_low] number of groups of each window (0 for an empty window)
+    first_group: torch.Tensor  # [n_low] index of each window's first group
+    group_window: torch.Tensor  # [G] the window of each group
+    group_pixels: torch.Tensor  # [G, P] output indices of each group (padded by repeating a member)
+    group_count: torch.Tensor  # [G] number of real members of each group
+    group_weights: torch.Tensor  # [G, P, L] their interpolation weights on the window's taps
 
 
 def resize_chain(maps: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
@@ -58,6 +66,14 @@ def _axis_matrix(low: int, padded: int, image: int, output: int) -> torch.Tensor
     return resize_chain(deltas, (padded, 1), (image, 1), (output, 1))[:, :, 0].T.contiguous()
 
 
+def _group_size(count: torch.Tensor, taps: int) -> int:
+    """P minimising sum(ceil(count / P) * (P + taps)) over the non-empty windows: padded members plus a
+    per-group cost (its taps are gathered and weighted once per group)."""
+    count = count[count > 0]
+    groups = lambda p: torch.div(count + p - 1, p, rounding_mode="floor")  # noqa: E731
+    return min(range(1, int(count.max()) + 1), key=lambda p: (int((groups(p) * (p + taps)).sum()), p))
+
+
 @lru_cache(maxsize=32)
 def _build_axis(low: int, padded: int, image: int, output: int, device: str) -> _Axis:
     """Cached: every image of a size shares it (the tensors are only read)."""
@@ -67,36 +83,70 @@ def _build_axis(low: int, padded: int, image: int, output: int, device: str) -> 
     lo = torch.where(nonzero, positions, low).min(1).values
     hi = torch.where(nonzero, positions, -1).max(1).values
     taps = int((hi - lo).max()) + 1
+    tap_index = lo[:, None] + torch.arange(taps)  # [n_out, L], unclamped
+    pixel_weights = torch.where(tap_index < low, matrix.gather(1, tap_index.clamp(max=low - 1)), 0.0)
     count = torch.bincount(lo, minlength=low)
-    order = torch.argsort(lo, stable=True)
-    starts = torch.cumsum(count, 0) - count
-    slots = torch.arange(max(int(count.max()), 1))
-    pixels = order[(starts[:, None] + torch.minimum(slots, (count[:, None] - 1).clamp(min=0))).clamp(max=output - 1)]
-    tap_index = torch.arange(low)[:, None] + torch.arange(taps)  # [n_low, L], unclamped
-    weights = matrix[pixels[:, :, None], tap_index.clamp(max=low - 1)[:, None, :]]
-    weights = torch.where((tap_index < low)[:, None, :], weights, 0.0)  # clamped taps repeat a row: weigh 0
-    return _Axis(taps, lo.to(device), pixels.to(device), weights.float().to(device), count.to(device))
+    size = _group_size(count, taps)
+    groups = torch.div(count + size - 1, size, rounding_mode="floor")
+    first_group = torch.cumsum(groups, 0) - groups
+    group_window = torch.repeat_interleave(torch.arange(low), groups)
+    rank = torch.arange(len(group_window)) - first_group[group_window]  # group's rank within its window
+    group_count = torch.minimum(count[group_window] - rank * size, torch.tensor(size))
+    order = torch.argsort(lo, stable=True)  # output indices sorted by window
+    starts = (torch.cumsum(count, 0) - count)[group_window] + rank * size  # [G] first member's position
+    slot = torch.minimum(torch.arange(size), group_count[:, None] - 1)
+    group_pixels = order[starts[:, None] + slot]
+    group_weights = pixel_weights[group_pixels]
+    f32 = dict(dtype=torch.float32, device=device)
+    return _Axis(taps, lo.to(device), count.to(device), pixel_weights.to(**f32), groups.to(device),
+                 first_group.to(device), group_window.to(device), group_pixels.to(device), group_count.to(device),
+                 group_weights.to(**f32))
 
 
 def _run_reduce(maps: torch.Tensor, dim: int, taps: int, op) -> torch.Tensor:
     """op (torch.minimum / torch.maximum) of maps[i .. i+taps-1] (clamped) along `dim` for every start i:
-    one fresh output, then in-place shifted slices."""
+    the first shift writes a fresh output, later ones update it in place."""
     n = maps.shape[dim]
     if taps < 2 or n < 2:
         return maps.clone()
-    out = maps.clone()
-    for t in range(1, min(taps, n)):
+    out = torch.empty_like(maps)
+    op(maps.narrow(dim, 0, n - 1), maps.narrow(dim, 1, n - 1), out=out.narrow(dim, 0, n - 1))
+    out.narrow(dim, n - 1, 1).copy_(maps.narrow(dim, n - 1, 1))
+    for t in range(2, min(taps, n)):
         tail = out.narrow(dim, 0, n - t)
         op(tail, maps.narrow(dim, t, n - t), out=tail)
     return out
+
+
+def _channel_keys(values: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like (value, -channel): one max-reduction finds the largest value and, among
+    equal values, the lowest channel (torch.argmax's rule). Floats map to order-preserving integers."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0 (they compare equal)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return (ordered << 16) | (_KEY_CHANNELS - 1 - channel).expand_as(values)
+
+
+_KEY_CHANNELS = 1 << 16  # channels a key can tell apart
+
+
+@dataclass
+class ArgmaxCandidates:
+    """Which channel can be largest where, from per-window bounds (`ResizeGrid.argmax_candidates`)."""
+
+    winner: torch.Tensor  # [h, w] channel with the best lower bound: the answer in decided windows
+    decided: torch.Tensor  # [h, w] windows whose winner beats every other channel's upper bound (or empty)
+    windows: tuple[torch.Tensor, torch.Tensor]  # (rows [M], cols [M]) of the undecided windows
+    channel: torch.Tensor  # [C] channels that can still win in an undecided window ...
+    window: torch.Tensor  # [C] ... and which one (index into `windows`)
+    work: int  # output pixels x channels to evaluate exactly
 
 
 class ResizeGrid:
     """The resize chain low (h, w) -> padded -> crop to image -> output, seen through its windows.
 
     Windows are indexed like the low-resolution map itself ([..., h, w]); every output pixel belongs to
-    exactly one. Exact values are computed a window *block* at a time: the [P, P'] output pixels of one
-    window from its [L, L] taps.
+    exactly one. Exact values are computed a *block* at a time: the [P, P'] output pixels of one group
+    of rows by one group of columns of a window, from the window's [L, L'] taps.
     """
 
     def __init__(self, low_size: Sequence[int], padded_size: Sequence[int], image_size: Sequence[int],
@@ -108,21 +158,19 @@ class ResizeGrid:
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.rows = _build_axis(self.low_size[0], int(padded_size[0]), int(image_size[0]), self.output_size[0], device)
         self.cols = _build_axis(self.low_size[1], int(padded_size[1]), int(image_size[1]), self.output_size[1], device)
-        self.nonempty = self.window_pixel_count > 0  # [h, w]: windows that own output pixels (select only these)
+        self.window_pixel_count = self.rows.window_count[:, None] * self.cols.window_count[None, :]  # [h, w]
+        self.nonempty = self.window_pixel_count > 0  # [h, w]: windows that own output pixels
 
-    @property
-    def window_pixel_count(self) -> torch.Tensor:
-        """[n_win_rows, n_win_cols] number of output pixels in each window."""
-        return self.rows.window_count[:, None] * self.cols.window_count[None, :]
+    def selected_work(self, selected: torch.Tensor) -> int:
+        """Output pixels x maps to evaluate exactly for the `selected` [N, h, w] windows."""
+        return int((selected.sum(0) * self.window_pixel_count).sum())
 
-    def exact_work_exceeds_dense(self, selected: torch.Tensor, fraction: float = 0.04) -> bool:
-        """Whether evaluating the output pixels of the `selected` [N, h, w] windows exactly costs more than
-        `fraction` of resizing all N maps densely. Exact evaluation costs about 25x a dense resize per
-        pixel on CPU (gathers and scatters), hence 4% by default: trained-model-like masks need ~1%,
-        random-weight masks ~12% (break-evens measured with `omniseg bench --no-hf --no-train`)."""
-        pixels = (selected & self.nonempty).flatten(1).float() @ self.window_pixel_count.flatten().float()
-        dense = selected.shape[0] * self.output_size[0] * self.output_size[1]
-        return bool(pixels.sum() > fraction * dense)
+    def exact_work_exceeds_dense(self, work: int, n_maps: int, fraction: float = 0.04) -> bool:
+        """Whether evaluating `work` output pixels x maps exactly costs more than `fraction` of resizing
+        all `n_maps` maps densely. Exact evaluation costs about 25x a dense resize per pixel on CPU
+        (gathers and scatters), hence 4% by default: trained-model-like masks need ~1%, random-weight
+        masks ~12% (break-evens measured with `omniseg bench --no-hf --no-train`)."""
+        return work > fraction * n_maps * self.output_size[0] * self.output_size[1]
 
     def window_min_max(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """maps [N, h, w] -> (min, max) over each window's taps, [N, h, w]."""
@@ -137,76 +185,108 @@ class ResizeGrid:
         cols = window_map.transpose(-1, -2).index_select(-2, self.cols.window)  # [..., W, w]
         return cols.transpose(-1, -2).contiguous().index_select(-2, self.rows.window)
 
-    def block_pixels(self, wr: torch.Tensor, wc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat output pixel index [M, P, P'] of the blocks of non-empty windows (wr, wc), and which
-        entries are real (the others repeat a real pixel of the same block, with the same value)."""
-        rows, cols = self.rows.window_pixels[wr], self.cols.window_pixels[wc]
+    def blocks(self, wr: torch.Tensor, wc: torch.Tensor, *per_window: torch.Tensor):
+        """Windows (wr, wc) [M] -> their blocks (row group [B], column group [B], *per_window tensors
+        repeated per block). Empty windows have no block."""
+        nr, nc = self.rows.window_groups[wr], self.cols.window_groups[wc]
+        gr, gc = self.rows.first_group[wr], self.cols.first_group[wc]
+        n = nr * nc
+        if bool((n == 1).all()):
+            return gr, gc, *per_window
+        block = torch.repeat_interleave(n)  # [B] window of each block
+        rank = torch.arange(len(block), device=wr.device) - (torch.cumsum(n, 0) - n)[block]
+        ncb = nc[block]
+        return gr[block] + rank // ncb, gc[block] + rank % ncb, *(t[block] for t in per_window)
+
+    def block_pixels(self, gr: torch.Tensor, gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat output pixel index [B, P, P'] of blocks (gr, gc), and which entries are real (the others
+        repeat a real pixel of the same block, with the same value)."""
+        rows, cols = self.rows.group_pixels[gr], self.cols.group_pixels[gc]
         pixel = rows[:, :, None] * self.output_size[1] + cols[:, None, :]
         slots_r = torch.arange(rows.shape[1], device=rows.device)
         slots_c = torch.arange(cols.shape[1], device=cols.device)
-        valid = ((slots_r < self.rows.window_count[wr, None])[:, :, None]
-                 & (slots_c < self.cols.window_count[wc, None])[:, None, :])
+        valid = ((slots_r < self.rows.group_count[gr, None])[:, :, None]
+                 & (slots_c < self.cols.group_count[gc, None])[:, None, :])
         return pixel, valid
 
-    def block_values(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor,
-                     wc: torch.Tensor) -> torch.Tensor:
-        """Exact resized values of map `channel` [M] on the blocks of windows (wr, wc): [M, P, P']."""
+    def _taps(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+        """maps[channel] on the taps of windows (wr, wc): [M, L, L']."""
         h, w = self.low_size
         rows = (wr[:, None] + torch.arange(self.rows.taps, device=wr.device)).clamp(max=h - 1)  # [M, L]
         cols = (wc[:, None] + torch.arange(self.cols.taps, device=wc.device)).clamp(max=w - 1)
-        taps = maps.reshape(-1)[((channel[:, None] * h + rows)[:, :, None] * w + cols[:, None, :])]  # [M, L, L]
-        along_cols = (taps[:, :, None, :] * self.cols.window_weights[wc][:, None, :, :]).sum(-1)  # [M, L, P']
-        return (self.rows.window_weights[wr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [M, P, P']
+        return maps.reshape(-1)[((channel[:, None] * h + rows)[:, :, None] * w + cols[:, None, :])]
+
+    def block_values(self, maps: torch.Tensor, channel: torch.Tensor, gr: torch.Tensor,
+                     gc: torch.Tensor) -> torch.Tensor:
+        """Exact resized values of map `channel` [B] on blocks (gr, gc): [B, P, P']."""
+        taps = self._taps(maps, channel, self.rows.group_window[gr], self.cols.group_window[gc])
+        along_cols = (taps[:, :, None, :] * self.cols.group_weights[gc][:, None, :, :]).sum(-1)  # [B, L, P']
+        return (self.rows.group_weights[gr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [B, P, P']
+
+    def pixel_values(self, maps: torch.Tensor, channel: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Exact resized value of map channel[i] at flat output pixel pixels[i]: [M]."""
+        r, c = pixels // self.output_size[1], pixels % self.output_size[1]
+        taps = self._taps(maps, channel, self.rows.window[r], self.cols.window[c])  # [M, L, L']
+        along_cols = (taps * self.cols.pixel_weights[c][:, None, :]).sum(-1)  # [M, L]
+        return (self.rows.pixel_weights[r] * along_cols).sum(-1)
+
+    def window_values(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor):
+        """Exact values of map channel[i] on all pixels of window (wr[i], wc[i]), block by block:
+        (channel [B], flat pixel [B, P, P'], valid [B, P, P'], values [B, P, P'])."""
+        gr, gc, channel = self.blocks(wr, wc, channel)
+        pixel, valid = self.block_pixels(gr, gc)
+        return channel, pixel, valid, self.block_values(maps, channel, gr, gc)
 
     def edge_blocks(self, maps: torch.Tensor, selected: torch.Tensor):
-        """Exact values of map k on the blocks of the windows where `selected` [N, h, w] is True (typically
-        where a threshold lies between the window's bounds): (k [M], flat pixel [M, P, P'], valid
-        [M, P, P'], values [M, P, P'])."""
-        k, wr, wc = torch.nonzero(selected & self.nonempty, as_tuple=True)
-        pixel, valid = self.block_pixels(wr, wc)
-        return k, pixel, valid, self.block_values(maps, k, wr, wc)
+        """`window_values` of map k on the windows where `selected` [N, h, w] is True (typically where a
+        threshold lies between the window's bounds)."""
+        k, wr, wc = torch.nonzero(selected, as_tuple=True)
+        return self.window_values(maps, k, wr, wc)
+
+    def window_pixels(self, wr: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+        """Flat output pixels of windows (wr, wc)."""
+        pixel, valid = self.block_pixels(*self.blocks(wr, wc))
+        return pixel[valid]
 
     def resize(self, maps: torch.Tensor) -> torch.Tensor:
         """The dense route: [N, h, w] -> [N, H, W] through the whole chain."""
         return resize_chain(maps, self.padded_size, self.image_size, self.output_size)
 
-    def argmax_candidates(self, lower: torch.Tensor, upper: torch.Tensor):
-        """From per-window bounds [N, h, w] of each channel's value: (winner [h, w] by lower bound, decided
-        [h, w]: its lower bound beats every other channel's upper bound, candidates [N, h, w]: in undecided
-        windows, the channels whose upper bound reaches the best lower bound -- the only possible winners)."""
+    def argmax_candidates(self, lower: torch.Tensor, upper: torch.Tensor) -> ArgmaxCandidates:
+        """From per-window bounds [N, h, w] of each channel's value: the winner by lower bound, decided
+        where its lower bound beats every other channel's upper bound, and in the undecided windows the
+        channels whose upper bound reaches the best lower bound -- the only possible winners."""
+        if lower.shape[0] > _KEY_CHANNELS:
+            raise ValueError(f"argmax over {lower.shape[0]} channels: at most {_KEY_CHANNELS} supported")
         best_lower, winner = lower.max(0)
         # The winner's own upper bound always reaches its lower bound, so the window is decided exactly
         # when no other channel's upper bound does (a tie leaves it undecided).
         reach = upper >= best_lower
-        decided = (reach.sum(0, dtype=torch.int32) == 1) | ~self.nonempty
-        return winner, decided, reach & ~decided
+        count = reach.sum(0, dtype=torch.int32)
+        decided = (count == 1) | ~self.nonempty
+        wr, wc = torch.nonzero(~decided, as_tuple=True)
+        channel, window = torch.nonzero(reach[:, wr, wc], as_tuple=True)
+        work = int((count[wr, wc] * self.window_pixel_count[wr, wc]).sum())
+        return ArgmaxCandidates(winner, decided, (wr, wc), channel, window, work)
 
-    def resized_argmax(self, maps: torch.Tensor, winner: torch.Tensor, decided: torch.Tensor,
-                       candidates: torch.Tensor, value_at=None):
+    def resized_argmax(self, maps: torch.Tensor, candidates: ArgmaxCandidates, value_at=None):
         """Per output pixel, the channel whose (monotone-in-the-map) value is largest; ties -> lowest channel.
 
-        Takes `argmax_candidates`' answer; `value_at(resized, channel) -> values` turns exact resized map
-        values into values (identity when None). Decided windows take their winner; in the others the
-        candidates are evaluated exactly. Returns (argmax [H, W], (flat pixels evaluated exactly [M], the
-        winner's resized map value there [M])).
-        """
-        argmax = self.to_pixels(winner)
-        wr, wc = torch.nonzero(~decided, as_tuple=True)
-        pixels, valid = self.block_pixels(wr, wc)
-        pixels = pixels[valid]
+        `value_at(resized, channel) -> values` turns exact resized map values into values (identity when
+        None). Decided windows take their winner; in the others the candidates are evaluated exactly.
+        Returns (argmax [H, W], the flat output pixels that were evaluated exactly [M])."""
+        argmax = self.to_pixels(candidates.winner)
+        wr, wc = candidates.windows
+        pixels = self.window_pixels(wr, wc)
         if len(wr) == 0:
-            return argmax, (pixels, maps.new_zeros(0))
-        channel, pixel, _, resized = self.edge_blocks(maps, candidates)
-        pixel, resized = pixel.flatten(1), resized.flatten(1)  # [C, P*P']
-        values = resized if value_at is None else value_at(resized, channel[:, None])
-        channel = channel[:, None].expand_as(pixel)
-        size = self.output_size[0] * self.output_size[1]
-        best = torch.full((size,), -torch.inf, device=maps.device).scatter_reduce(0, pixel.flatten(), values.flatten(), "amax")
-        at_best = values == best[pixel]
-        first = torch.full((size,), maps.shape[0], dtype=torch.int64, device=maps.device)
-        first = first.scatter_reduce(0, pixel[at_best], channel[at_best], "amin")
-        argmax.view(-1)[pixels] = first[pixels]
-        won = channel == first[pixel]
-        winner_value = torch.zeros(size, device=maps.device)
-        winner_value[pixel[won]] = resized[won]
-        return argmax, (pixels, winner_value[pixels])
+            return argmax, pixels
+        gr, gc, channel = self.blocks(wr[candidates.window], wc[candidates.window], candidates.channel)
+        pixel, _ = self.block_pixels(gr, gc)  # padded entries repeat a real pixel and its value: harmless
+        resized = self.block_values(maps, channel, gr, gc)
+        channel = channel[:, None, None]
+        values = resized if value_at is None else value_at(resized, channel)
+        best = torch.full((self.output_size[0] * self.output_size[1],), torch.iinfo(torch.int64).min,
+                          device=maps.device)
+        best.scatter_reduce_(0, pixel.flatten(), _channel_keys(values, channel).flatten(), "amax")
+        argmax.view(-1)[pixels] = _KEY_CHANNELS - 1 - (best[pixels] & (_KEY_CHANNELS - 1))
+        return argmax, pixels

@@ -326,12 +326,12 @@ def _postprocess_fast(mask_cls, mask_pred, padded_size, image_size, output_size,
     result: dict = {}
     if "semantic" in tasks:
         probs = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
-        scores = torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())  # [K, h, w]
-        winner, decided, candidates = grid.argmax_candidates(*grid.window_min_max(scores))
-        if grid.exact_work_exceeds_dense(candidates):
+        scores = (probs.T @ mask_pred.sigmoid().flatten(1)).view(-1, *mask_pred.shape[-2:])  # [K, h, w]
+        candidates = grid.argmax_candidates(*grid.window_min_max(scores))
+        if grid.exact_work_exceeds_dense(candidates.work, scores.shape[0]):
             result["semantic"] = grid.resize(scores).argmax(0)
         else:
-            result["semantic"] = grid.resized_argmax(scores, winner, decided, candidates)[0]
+            result["semantic"] = grid.resized_argmax(scores, candidates)[0]
     if "panoptic" in tasks:
         keep, scores, classes = _panoptic_selection(mask_cls, object_mask_threshold)
         result["panoptic"] = _fast_panoptic(grid, scores[keep], classes[keep], mask_pred[keep], thing_ids,
@@ -355,20 +355,20 @@ def _fast_panoptic(grid: ResizeGrid, scores: torch.Tensor, classes: torch.Tensor
     low, high = grid.window_min_max(logits)  # logit bounds per window
     straddles = (low < 0) & (high >= 0)  # windows where "logit >= 0" is not decided by the bounds
     s = scores.view(-1, 1, 1)
-    window_winner, decided, candidates = grid.argmax_candidates(s * low.sigmoid(), s * high.sigmoid())
+    candidates = grid.argmax_candidates(s * low.sigmoid(), s * high.sigmoid())
     # the dense route does more per pixel here (sigmoid, score product, argmax over N): break-even ~10%
-    if grid.exact_work_exceeds_dense(straddles | candidates, fraction=0.10):
+    if grid.exact_work_exceeds_dense(candidates.work + grid.selected_work(straddles), n, fraction=0.10):
         segment_map, segments_info = _merge_kept(scores, classes, grid.resize(logits).sigmoid(), thing_ids,
                                                  overlap_threshold)
         return {"segment_map": segment_map, "segments_info": segments_info}
-    winner, (pixels, winner_logit) = grid.resized_argmax(logits, window_winner, decided, candidates,
-                                                         value_at=lambda u, k: scores[k] * u.sigmoid())
+    winner, pixels = grid.resized_argmax(logits, candidates, value_at=lambda u, k: scores[k] * u.sigmoid())
     # Is the winner's logit >= 0? From the winner's bounds where they decide, exactly elsewhere.
+    window_winner = candidates.winner
     confident = grid.to_pixels(low.gather(0, window_winner[None])[0] >= 0)
     flat = confident.view(-1)
-    flat[pixels] = winner_logit >= 0  # windows without a decided winner
-    winner_straddles = torch.zeros_like(straddles).scatter_(0, window_winner[None], decided[None]) & straddles
-    _, block, _, values = grid.edge_blocks(logits, winner_straddles)
+    flat[pixels] = grid.pixel_values(logits, winner.view(-1)[pixels], pixels) >= 0  # undecided windows
+    wr, wc = torch.nonzero(straddles.gather(0, window_winner[None])[0] & candidates.decided, as_tuple=True)
+    _, block, _, values = grid.window_values(logits, window_winner[wr, wc], wr, wc)
     flat[block.flatten()] = (values >= 0).flatten()
     # Each query's area with logit >= 0: whole windows from the bounds, straddling windows pixel by pixel.
     area = ((low >= 0) * grid.window_pixel_count).flatten(1).sum(1)
@@ -385,7 +385,7 @@ def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred
     logits = mask_pred[unique_queries]
     low, high = grid.window_min_max(logits)
     straddles = (low <= threshold) & (high > threshold)
-    if grid.exact_work_exceeds_dense(straddles):
+    if grid.exact_work_exceeds_dense(grid.selected_work(straddles), logits.shape[0]):
         return _instances_from_selected(class_scores, labels, grid.resize(logits)[inverse], threshold)
     inside = low > threshold
     masks = grid.to_pixels(inside)
