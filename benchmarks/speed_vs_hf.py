@@ -15,7 +15,11 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
+from omniseg.allocator import tune_malloc
+
+tune_malloc()  # as the `omniseg` command does, before torch is imported
+
+import torch  # noqa: E402
 
 from omniseg.bench import BenchSettings, cpu_model, native_bf16_matmul, run_bench
 

@@ -23,7 +23,8 @@ from omniseg.hub.hf_mask2former import (  # noqa: E402
     load_hf_mask2former_folder,
 )
 from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
-    MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample)
+    MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample,
+    ms_deform_attn_core_recompute)
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -196,13 +197,51 @@ def test_ms_deform_attn_gather_core_gradients_match_grid_sample():
               torch.rand(2, 7, 3, 3, 4, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15,
               torch.rand(2, 7, 3, 3, 4, generator=g, dtype=torch.float64)]
     grads = []
-    for core in (ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample):
+    for core in (ms_deform_attn_core_gather, ms_deform_attn_core_recompute, ms_deform_attn_core_grid_sample):
         leaves = [t.clone().requires_grad_() for t in inputs]
         out = core(leaves[0], shapes, leaves[1], leaves[2])
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads.append([t.grad for t in leaves])
-    for ours, reference in zip(*grads):
-        torch.testing.assert_close(ours, reference)
+    for gather, recompute, reference in zip(*grads):
+        torch.testing.assert_close(gather, reference)
+        torch.testing.assert_close(recompute, reference)
+
+
+def test_ms_deform_attn_training_core_passes_gradcheck_and_stores_no_samples():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (2, 2)]
+    inputs = [torch.randn(1, 16, 2, 3, generator=g, dtype=torch.float64, requires_grad=True),
+              (torch.rand(1, 4, 2, 2, 2, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1).requires_grad_(),
+              torch.rand(1, 4, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn_core_recompute(v, shapes, l, w), inputs)
+
+    def stored_bytes(core):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            core(inputs[0], shapes, inputs[1], inputs[2]).sum().backward()
+        return sum(sizes)
+
+    samples = 1 * 2 * 3 * 2 * 4 * 8  # batch*heads, Dh, points, queries in float64, per level
+    assert stored_bytes(ms_deform_attn_core_grid_sample) - stored_bytes(ms_deform_attn_core_recompute) >= 2 * samples
+
+
+def test_ms_deform_attn_training_core_under_bf16_autocast_close_to_fp32():
+    g = torch.Generator().manual_seed(4)
+    shapes = [(8, 8), (4, 4)]
+    inputs = [torch.randn(2, 80, 4, 8, generator=g), torch.rand(2, 80, 4, 2, 4, 2, generator=g),
+              torch.rand(2, 80, 4, 2, 4, generator=g).softmax(-1)]
+    results = []
+    for autocast in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = leaves[0].to(torch.bfloat16) if autocast else leaves[0]  # a bf16 value projection
+            out = ms_deform_attn_core_recompute(value, shapes, leaves[1], leaves[2])
+        assert out.dtype == value.dtype
+        out.float().square().sum().backward()
+        results.append([out.float()] + [t.grad for t in leaves])
+    for fp32, bf16 in zip(*results):  # bf16 rounds the values: compare whole tensors, not single elements
+        assert ((bf16 - fp32).norm() / fp32.norm()).item() < 0.01
 
 
 def test_ms_deform_attn_gather_core_in_bf16_close_to_fp32():
@@ -221,7 +260,7 @@ def test_ms_deform_attn_core_gathers_in_inference_and_grid_samples_for_training(
     from omniseg.models.layers import ms_deform_attn as module
     used = []
     monkeypatch.setattr(module, "ms_deform_attn_core_gather", lambda *a: used.append("gather") or a[0])
-    monkeypatch.setattr(module, "ms_deform_attn_core_grid_sample", lambda *a: used.append("grid") or a[0])
+    monkeypatch.setattr(module, "ms_deform_attn_core_recompute", lambda *a: used.append("grid") or a[0])
     value, locations, weights = torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 1, 1, 2), torch.zeros(1, 3, 1, 1, 1)
     with torch.no_grad():
         module.ms_deform_attn_core(value.requires_grad_(), [(2, 2)], locations, weights)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from omniseg.allocator import malloc_tuned, tuned_environment
+
 # Backbones HF builds natively, as they appear in omniseg's presets.
 HF_BACKBONES = {
     "swin_t": lambda: _swin(96, [2, 2, 6, 2], [3, 6, 12, 24]),
@@ -272,7 +274,8 @@ def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[floa
 
 def _train_step(side: str, folder: Path, settings: BenchSettings) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "omniseg.bench", side, str(folder), json.dumps(asdict(settings))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # both sides' workers get the allocator settings the `omniseg` command uses (omniseg/allocator.py)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tuned_environment())
     if proc.returncode != 0:
         raise RuntimeError(f"{side} training-step subprocess failed:\n{proc.stderr[-3000:]}")
     step, rss = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -297,6 +300,10 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         pass
     result = BenchResult(settings)
     s = settings
+    result.notes.append("glibc malloc keeps freed memory (omniseg/allocator.py) for both sides: "
+                        + ("yes" if malloc_tuned() else "no (OMNISEG_MALLOC_TUNING=0 or torch imported first)")
+                        + "; the training-step workers: "
+                        + ("yes" if "MALLOC_TOP_PAD_" in tuned_environment() else "no"))
     with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
         folder = Path(tmp)
         progress("building a random checkpoint ...")

@@ -1,10 +1,12 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
-The official CUDA kernel is replaced by pure PyTorch, two ways that match it up to float rounding:
+The official CUDA kernel is replaced by pure PyTorch, three ways that match it up to float rounding:
 `ms_deform_attn_core_gather` folds the bilinear corner weights into the attention weights and reads
 all levels, heads and points in one `embedding_bag` (about 3x faster than `grid_sample` in inference
-on a 2-core CPU: benchmarks/ms_deform_attn_cores.py); `ms_deform_attn_core_grid_sample` is one
-`grid_sample` per level, HF transformers' way, used when gradients are needed. `ms_deform_attn_core` picks between them.
+on a 2-core CPU: benchmarks/ms_deform_attn_cores.py); `ms_deform_attn_core_recompute` is one
+`grid_sample` per level whose samples are recomputed in the backward pass instead of stored, used
+when gradients are needed; `ms_deform_attn_core_grid_sample` is the same with plain autograd, HF
+transformers' way, kept as the reference. `ms_deform_attn_core` picks between the first two.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
     attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
 
     Inference takes the gather path (`ms_deform_attn_core_gather`); when a gradient is needed the
-    `grid_sample` path is used, because `embedding_bag`'s backward (it sorts every index) is slower on
-    a CPU (benchmarks/ms_deform_attn_cores.py times both ways).
+    `grid_sample` path that stores no samples (`ms_deform_attn_core_recompute`), because
+    `embedding_bag`'s backward (it sorts every index) is slower on a CPU
+    (benchmarks/ms_deform_attn_cores.py times the ways).
     """
     needs_grad = torch.is_grad_enabled() and (value.requires_grad or sampling_locations.requires_grad
                                               or attention_weights.requires_grad)
-    core = ms_deform_attn_core_grid_sample if needs_grad else ms_deform_attn_core_gather
+    core = ms_deform_attn_core_recompute if needs_grad else ms_deform_attn_core_gather
     return core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -92,9 +95,39 @@ def ms_deform_attn_core_gather(value: torch.Tensor, spatial_shapes: torch.Tensor
     return out.view(b, num_queries, heads * head_dim)
 
 
+def _level_grids(sampling_locations: torch.Tensor, attention_weights: torch.Tensor, heads: int):
+    """Per-level grid_sample inputs in a [B*heads, ..., points, Lq] layout, so the weighted sum over points
+    reduces a non-innermost axis of grid_sample's [B*heads, Dh, points, Lq] output (a vectorised
+    multiply-add of contiguous rows, no transposed copy): grids [B*heads, levels, points, Lq, 2] in
+    [-1, 1] and weights [B*heads, 1, levels, points, Lq]."""
+    b, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(b * heads, num_levels, num_points,
+                                                                         num_queries, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(b * heads, 1, num_levels, num_points, num_queries)
+    return grids, weights
+
+
+def _value_levels(value: torch.Tensor, shapes: list[tuple[int, int]]):
+    """value [B, Lv, heads, Dh] -> one [B*heads, Dh, h, w] map per level."""
+    b, _, heads, head_dim = value.shape
+    return [v.permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
+            for v, (h, w) in zip(value.split([h * w for h, w in shapes], dim=1), shapes)]
+
+
+def _heads_last(output: torch.Tensor, b: int, heads: int) -> torch.Tensor:
+    """[B*heads, Dh, Lq] -> [B, Lq, heads*Dh]."""
+    _, head_dim, num_queries = output.shape
+    return output.view(b, heads, head_dim, num_queries).permute(0, 3, 1, 2).reshape(b, num_queries, heads * head_dim)
+
+
+def _sample(value_l: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(value_l, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
-                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Sample every level at the given locations and take the attention-weighted sum.
+                                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """`ms_deform_attn_core` as one `grid_sample` per level and plain autograd, HF transformers' way
+    (kept as the reference the training core is checked and benchmarked against).
 
     value [B, Lv, heads, Dh] (levels concatenated in `spatial_shapes` order),
     sampling_locations [B, Lq, heads, levels, points, 2] as (x, y) in [0, 1],
@@ -102,25 +135,66 @@ def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.T
     Locations outside [0, 1] read zeros (`padding_mode="zeros"`, `align_corners=False`), like the CUDA kernel.
     """
     shapes = _shapes_as_list(spatial_shapes)
-    b, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    # [B, Lq, heads, levels, points] -> [B*heads, Lq, levels, points]
-    weights = attention_weights.transpose(1, 2).reshape(b * heads, num_queries, num_levels, num_points)
+    heads = value.shape[2]
+    grids, weights = _level_grids(sampling_locations, attention_weights, heads)
     output = None
-    for level, (h, w) in enumerate(shapes):
-        # [B, h*w, heads, Dh] -> [B*heads, Dh, h, w]
-        value_l = value_per_level[level].permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
-        # [B, Lq, heads, points, 2] -> [B*heads, Lq, points, 2]
-        grid_l = grids[:, :, :, level].transpose(1, 2).reshape(b * heads, num_queries, num_points, 2)
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # weighted sum over points as a batched matmul (no [B*heads, Dh, Lq, points] product tensor):
-        # [B*heads, Lq, Dh, points] @ [B*heads, Lq, points, 1] -> [B*heads, Lq, Dh]
-        contribution = torch.matmul(sampled.transpose(1, 2), weights[:, :, level, :, None].to(sampled.dtype))
-        output = contribution.squeeze(-1) if output is None else output + contribution.squeeze(-1)
-    # [B*heads, Lq, Dh] -> [B, Lq, heads*Dh]
-    return output.view(b, heads, num_queries, head_dim).permute(0, 2, 1, 3).reshape(b, num_queries, heads * head_dim)
+    for level, value_l in enumerate(_value_levels(value, shapes)):
+        sampled = _sample(value_l, grids[:, level])  # [B*heads, Dh, points, Lq]
+        contribution = (sampled * weights[:, :, level].to(sampled.dtype)).sum(2)
+        output = contribution if output is None else output + contribution
+    return _heads_last(output, value.shape[0], heads)
+
+
+class _SampleAndWeigh(torch.autograd.Function):
+    """sum_p grid_sample(value_l, grid)[:, :, p] * weights[:, :, p] for one level, keeping only the
+    inputs for the backward pass: the [B*heads, Dh, points, Lq] samples (the largest tensor of the
+    pixel decoder, 44 MB per level and layer at 512x512, batch 2) are recomputed there instead of stored.
+
+    Runs in fp32 (or float64) whatever the input dtype, like `grid_sample` under autocast; returns
+    value_l's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, value_l, grid, weights):
+        dtype = torch.promote_types(value_l.dtype, torch.float32)
+        ctx.save_for_backward(value_l, grid, weights)
+        with torch.autocast(value_l.device.type, enabled=False):
+            sampled = _sample(value_l.to(dtype), grid.to(dtype))
+            return (sampled * weights.to(dtype)).sum(2).to(value_l.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value_l, grid, weights = ctx.saved_tensors
+        dtype = torch.promote_types(value_l.dtype, torch.float32)
+        value32, grid32 = value_l.to(dtype), grid.to(dtype)
+        grad = grad_output.to(dtype).unsqueeze(2)  # [B*heads, Dh, 1, Lq]
+        grad_weights = None
+        if ctx.needs_input_grad[2]:
+            grad_weights = (grad * _sample(value32, grid32)).sum(1, keepdim=True).to(weights.dtype)
+        grad_value = grad_grid = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_value, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                grad * weights.to(dtype), value32, grid32, 0, 0, False,  # bilinear, zeros, align_corners=False
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
+            grad_value = grad_value.to(value_l.dtype) if ctx.needs_input_grad[0] else None
+            grad_grid = grad_grid.to(grid.dtype) if ctx.needs_input_grad[1] else None
+        return grad_value, grad_grid, grad_weights
+
+
+def ms_deform_attn_core_recompute(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
+                                  sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """`ms_deform_attn_core` for training: `ms_deform_attn_core_grid_sample`'s values and gradients,
+    but the per-level samples are recomputed in the backward pass rather than stored (one extra
+    `grid_sample` per level there; benchmarks/ms_deform_attn_cores.py measures time and stored bytes)."""
+    shapes = _shapes_as_list(spatial_shapes)
+    heads = value.shape[2]
+    grids, weights = _level_grids(sampling_locations, attention_weights, heads)
+    output = None
+    for level, value_l in enumerate(_value_levels(value, shapes)):
+        contribution = _SampleAndWeigh.apply(value_l, grids[:, level], weights[:, :, level])
+        output = contribution if output is None else output + contribution
+    return _heads_last(output, value.shape[0], heads)
 
 
 class MSDeformAttn(nn.Module):
