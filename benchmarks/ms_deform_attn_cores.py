@@ -1,11 +1,13 @@
-"""The two pure-PyTorch multi-scale deformable attention cores side by side, inference and training.
+"""The pure-PyTorch multi-scale deformable attention cores side by side, inference and training.
 
     python benchmarks/ms_deform_attn_cores.py [--size 512] [--threads 2] [--out docs/benchmarks/ms_deform_attn_cores.md]
 
 Shapes are those of Mask2Former's pixel decoder at --size (levels 1/8, 1/16, 1/32; 8 heads of 32
-channels; 4 points): one call per encoder layer, 6 per forward. `grid_sample` is HF transformers'
-way; `gather` is omniseg's inference core (`ms_deform_attn_core` picks it when no gradient is needed).
-Outputs and gradients are checked equal before timing.
+channels; 4 points): one call per encoder layer, 6 per forward. The peer is HF transformers'
+`multi_scale_deformable_attention` (when transformers is installed); `gather` is omniseg's inference
+core and `recompute` its training core (`ms_deform_attn_core` picks by whether a gradient is needed).
+"stored for backward" counts the bytes autograd keeps between forward and backward. Outputs and
+gradients are checked equal before timing.
 """
 
 from __future__ import annotations
@@ -16,12 +18,38 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
+from omniseg.allocator import malloc_tuned, tune_malloc
 
-from omniseg.bench import cpu_model, median_ms
-from omniseg.models.layers.ms_deform_attn import ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample
+tune_malloc()  # as the `omniseg` command does, before torch is imported
 
-CORES = {"grid_sample (HF's way)": ms_deform_attn_core_grid_sample, "gather (omniseg inference)": ms_deform_attn_core_gather}
+import torch  # noqa: E402
+
+from omniseg.bench import cpu_model, median_ms  # noqa: E402
+from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
+    ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample, ms_deform_attn_core_recompute)
+
+CORES = {"grid_sample + autograd (omniseg reference)": ms_deform_attn_core_grid_sample,
+         "gather (omniseg inference)": ms_deform_attn_core_gather,
+         "grid_sample, samples recomputed in backward (omniseg training)": ms_deform_attn_core_recompute}
+try:
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    CORES = {"HF transformers `multi_scale_deformable_attention`": multi_scale_deformable_attention, **CORES}
+except ImportError:
+    pass
+
+
+def stored_mib(fn) -> float:
+    """MiB that autograd stores for the backward pass while `fn` runs (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
 
 
 def _inputs(size: int, batch: int, generator: torch.Generator, requires_grad: bool):
@@ -43,8 +71,9 @@ def main(argv=None) -> str:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     shapes, (value, locations, weights) = _inputs(args.size, 1, g, requires_grad=False)
-    outputs = {name: core(value, shapes, locations, weights) for name, core in CORES.items()}
-    torch.testing.assert_close(*outputs.values(), atol=1e-4, rtol=1e-4)
+    outputs = [core(value, shapes, locations, weights) for core in CORES.values()]
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], atol=1e-4, rtol=1e-4)
     train_shapes, train_inputs = _inputs(args.size, 2, g, requires_grad=True)
     grads = []
     for core in CORES.values():
@@ -52,11 +81,15 @@ def main(argv=None) -> str:
         grads.append([t.grad.clone() for t in train_inputs])
         for t in train_inputs:
             t.grad = None
-    for ours, theirs in zip(*grads):
-        torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+    for other in grads[1:]:
+        for ours, theirs in zip(other, grads[0]):
+            torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
 
-    def step(core):
-        core(*train_inputs[:1], train_shapes, *train_inputs[1:]).sum().backward()
+    def step(core, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = train_inputs[0].to(torch.bfloat16) if autocast else train_inputs[0]  # a bf16 value projection
+            out = core(value, train_shapes, *train_inputs[1:])
+        out.float().sum().backward()
 
     rows = []
     for name, core in CORES.items():
@@ -66,7 +99,9 @@ def main(argv=None) -> str:
             with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside the model under bf16 autocast
                 bf16 = median_ms(lambda: core(bf16_value, shapes, locations, weights), 2, args.repeats)
         train = median_ms(lambda: step(core), 1, max(3, args.repeats // 2))
-        rows.append(f"| {name} | {fp32:.1f} ms | {bf16:.1f} ms | {train:.1f} ms |")
+        train_bf16 = median_ms(lambda: step(core, autocast=True), 1, max(3, args.repeats // 2))
+        stored = stored_mib(lambda: step(core))
+        rows.append(f"| {name} | {fp32:.1f} ms | {bf16:.1f} ms | {train:.1f} ms | {train_bf16:.1f} ms | {stored:.0f} MiB |")
     levels = ", ".join(f"{h}x{w}" for h, w in shapes)
     text = "\n".join([
         "# Multi-scale deformable attention cores",
@@ -75,10 +110,12 @@ def main(argv=None) -> str:
         "",
         f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
         f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query; "
-        f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first.",
+        f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first. "
+        f"glibc malloc keeps freed memory (omniseg/allocator.py): {'yes' if malloc_tuned() else 'no'}.",
         "",
-        "| core | inference, batch 1, fp32 | inference, batch 1, bf16 values | forward + backward, batch 2, fp32 |",
-        "|---|---|---|---|",
+        "| core | inference, batch 1, fp32 | inference, batch 1, bf16 values | forward + backward, batch 2, fp32 "
+        "| the same, bf16 autocast | stored for backward, batch 2, fp32 |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
     ])
