@@ -54,10 +54,10 @@ def test_opt_out_variable():
 
 
 def test_tuned_environment_keeps_what_the_user_set():
-    env = tuned_environment({"MALLOC_TOP_PAD_": "4096"})
-    assert env["MALLOC_TOP_PAD_"] == "4096"
+    env = tuned_environment({"MALLOC_TRIM_THRESHOLD_": "4096"})
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "4096"
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(SETTINGS["MALLOC_MMAP_THRESHOLD_"])
-    assert "MALLOC_TOP_PAD_" not in tuned_environment({"OMNISEG_MALLOC_TUNING": "0"})
+    assert "MALLOC_MMAP_THRESHOLD_" not in tuned_environment({"OMNISEG_MALLOC_TUNING": "0"})
 
 
 @linux_only

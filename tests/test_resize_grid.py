@@ -63,3 +63,23 @@ def test_ties_go_to_the_lowest_channel_like_torch_argmax():
     maps[0, 0, 0] = -0.0
     argmax, _ = grid.resized_argmax(maps, grid.argmax_candidates(*grid.window_min_max(maps)))
     assert torch.equal(argmax, grid.resize(maps).argmax(0))
+
+
+@pytest.mark.parametrize("channels", [6, 255, 256, 300])  # uint8 counting below 256 channels, indexed max above
+def test_argmax_candidates_for_any_channel_count(channels):
+    g = torch.Generator().manual_seed(2)
+    low, padded = (8, 10), (32, 40)
+    maps = F.interpolate(torch.randn(1, channels, 3, 3, generator=g), size=low, mode="bilinear")[0] * 3
+    grid = ResizeGrid(low, padded, padded, padded)
+    lower, upper = grid.window_min_max(maps)
+    candidates = grid.argmax_candidates(lower, upper)
+    assert candidates.winner.dtype == torch.int64
+    assert (candidates.winner >= 0).all() and (candidates.winner < channels).all()
+    # in decided windows the winner is the channel with the best lower bound, beaten by no upper bound
+    best = lower.argmax(0)
+    decided = candidates.decided & grid.nonempty
+    assert torch.equal(candidates.winner[decided], best[decided])
+    others = upper.scatter(0, best[None], float("-inf")).amax(0)
+    assert torch.equal(decided, (others < lower.amax(0)) & grid.nonempty)
+    argmax, _ = grid.resized_argmax(maps, candidates)
+    assert torch.equal(argmax, grid.resize(maps).argmax(0))

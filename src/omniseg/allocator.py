@@ -7,9 +7,11 @@ from reused memory on a 2-core VM (see docs/results.md). PyTorch's CPU tuning gu
 jemalloc or tcmalloc for the same reason; these three glibc settings get the same effect without an
 extra library:
 
-- `M_MMAP_THRESHOLD` 16 GiB: large blocks come from the heap, not from one-off mappings;
-- `M_TRIM_THRESHOLD` 16 GiB: free memory at the top of the heap is kept, not trimmed;
-- `M_TOP_PAD` 1 GiB: the heap grows in large steps (untouched pages cost no RSS).
+- `M_MMAP_THRESHOLD` 16 GiB (2 GiB through `mallopt`, which takes an int): large blocks come from the
+  heap, not from one-off mappings;
+- `M_TRIM_THRESHOLD` 1 GiB: up to 1 GiB of free memory at the top of the heap is kept for the next
+  tensors, more is returned (keeping everything raised the peak RSS of a checkpointed training step
+  by 700-900 MiB for no speed, docs/results.md).
 
 The settings only take effect when made before torch is imported (measured: afterwards they change
 nothing), so the `omniseg` command applies them first thing; Python users call `tune_malloc()` before
@@ -24,11 +26,10 @@ import ctypes.util
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 34, "MALLOC_TRIM_THRESHOLD_": 1 << 34, "MALLOC_TOP_PAD_": 1 << 30}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 34, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
 _applied = False
-_OPTIONS = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD,
-            "MALLOC_TOP_PAD_": _M_TOP_PAD}
+_OPTIONS = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD}
 
 
 def tune_malloc() -> bool:

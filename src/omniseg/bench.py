@@ -303,7 +303,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
     result.notes.append("glibc malloc keeps freed memory (omniseg/allocator.py) for both sides: "
                         + ("yes" if malloc_tuned() else "no (OMNISEG_MALLOC_TUNING=0 or torch imported first)")
                         + "; the training-step workers: "
-                        + ("yes" if "MALLOC_TOP_PAD_" in tuned_environment() else "no"))
+                        + ("yes" if "MALLOC_MMAP_THRESHOLD_" in tuned_environment() else "no"))
     with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
         folder = Path(tmp)
         progress("building a random checkpoint ...")
