@@ -2,18 +2,18 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB, usually far less) with a
 fresh `mmap` and unmaps it on `free`, so each large temporary tensor of a CPU forward or training step
-page-faults all its pages in again: a 44 MB elementwise product took 15 ms that way against 4 ms
-from reused memory on a 2-core VM (see docs/results.md). PyTorch's CPU tuning guides recommend
-jemalloc or tcmalloc for the same reason; these three glibc settings get the same effect without an
+page-faults all its pages in again (the effect on Mask2Former's forward and training step is
+measured in docs/results.md, "Allocator"). PyTorch's CPU tuning guides recommend
+jemalloc or tcmalloc for the same reason; these two glibc settings get the same effect without an
 extra library:
 
 - `M_MMAP_THRESHOLD` 16 GiB (2 GiB through `mallopt`, which takes an int): large blocks come from the
   heap, not from one-off mappings;
 - `M_TRIM_THRESHOLD` 1 GiB: up to 1 GiB of free memory at the top of the heap is kept for the next
   tensors, more is returned (keeping everything raised the peak RSS of a checkpointed training step
-  by 700-900 MiB for no speed, docs/results.md).
+  by about 700 MiB for no speed, docs/results.md).
 
-The settings only take effect when made before torch is imported (measured: afterwards they change
+The settings only take effect when made before torch is imported (afterwards they were seen to change
 nothing), so the `omniseg` command applies them first thing; Python users call `tune_malloc()` before
 `import torch`, or set the equivalent environment variables (`MALLOC_MMAP_THRESHOLD_`, ...) for the
 process. `OMNISEG_MALLOC_TUNING=0` turns the command's tuning off.
