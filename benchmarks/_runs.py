@@ -41,3 +41,11 @@ def command_line(script: str, argv=None) -> str:
 
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python", os.path.relpath(script, os.getcwd()), *args])
+
+
+def write_report(text: str, out: Path) -> str:
+    """Print a benchmark's markdown report and write it to `out` (folders created)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text

@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 from pathlib import Path
 
+import torch
+from _runs import command_line, write_report  # benchmarks/_runs.py
+
 from omniseg.allocator import malloc_tuned, tune_malloc
-
-tune_malloc()  # as the `omniseg` command does, before torch is imported
-
-import torch  # noqa: E402
-
-from omniseg.bench import cpu_model, median_ms  # noqa: E402
-from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
+from omniseg.bench import cpu_model, median_ms, stored_for_backward_bytes
+from omniseg.models.layers.ms_deform_attn import (
     ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample, ms_deform_attn_core_recompute)
 
 CORES = {"grid_sample + autograd (omniseg reference)": ms_deform_attn_core_grid_sample,
@@ -37,19 +34,6 @@ try:
     CORES = {"HF transformers `multi_scale_deformable_attention`": multi_scale_deformable_attention, **CORES}
 except ImportError:
     pass
-
-
-def stored_mib(fn) -> float:
-    """MiB that autograd stores for the backward pass while `fn` runs (each storage counted once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
 
 
 def _inputs(size: int, batch: int, generator: torch.Generator, requires_grad: bool):
@@ -68,6 +52,7 @@ def main(argv=None) -> str:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/ms_deform_attn_cores.md"))
     args = ap.parse_args(argv)
+    tune_malloc()  # as the `omniseg` command does
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     shapes, (value, locations, weights) = _inputs(args.size, 1, g, requires_grad=False)
@@ -100,13 +85,13 @@ def main(argv=None) -> str:
                 bf16 = median_ms(lambda: core(bf16_value, shapes, locations, weights), 2, args.repeats)
         train = median_ms(lambda: step(core), 1, max(3, args.repeats // 2))
         train_bf16 = median_ms(lambda: step(core, autocast=True), 1, max(3, args.repeats // 2))
-        stored = stored_mib(lambda: step(core))
+        stored = stored_for_backward_bytes(lambda: step(core)) / 2**20
         rows.append(f"| {name} | {fp32:.1f} ms | {bf16:.1f} ms | {train:.1f} ms | {train_bf16:.1f} ms | {stored:.0f} MiB |")
     levels = ", ".join(f"{h}x{w}" for h, w in shapes)
     text = "\n".join([
         "# Multi-scale deformable attention cores",
         "",
-        f"Command: `{('python benchmarks/ms_deform_attn_cores.py ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()}`",
+        f"Command: `{command_line(__file__, argv)}`",
         "",
         f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
         f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query; "
@@ -119,10 +104,7 @@ def main(argv=None) -> str:
         *rows,
         "",
     ])
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return text
+    return write_report(text, args.out)
 
 
 if __name__ == "__main__":

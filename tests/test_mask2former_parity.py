@@ -22,6 +22,7 @@ from omniseg.hub.hf_mask2former import (  # noqa: E402
     hf_mask2former_config_to_omniseg,
     load_hf_mask2former_folder,
 )
+from omniseg.bench import stored_for_backward_bytes  # noqa: E402
 from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
     MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample,
     ms_deform_attn_core_recompute)
@@ -216,11 +217,7 @@ def test_ms_deform_attn_training_core_passes_gradcheck_and_stores_no_samples():
     assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn_core_recompute(v, shapes, l, w), inputs)
 
     def stored_bytes(core):
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            core(inputs[0], shapes, inputs[1], inputs[2]).sum().backward()
-        return sum(sizes)
+        return stored_for_backward_bytes(lambda: core(inputs[0], shapes, inputs[1], inputs[2]).sum().backward())
 
     samples = 1 * 2 * 3 * 2 * 4 * 8  # batch*heads, Dh, points, queries in float64, per level
     assert stored_bytes(ms_deform_attn_core_grid_sample) - stored_bytes(ms_deform_attn_core_recompute) >= 2 * samples

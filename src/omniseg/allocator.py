@@ -13,10 +13,10 @@ extra library:
   tensors, more is returned (keeping everything raised the peak RSS of a checkpointed training step
   by about 700 MiB for no speed, docs/results.md).
 
-The settings only take effect when made before torch is imported (afterwards they were seen to change
-nothing), so the `omniseg` command applies them first thing; Python users call `tune_malloc()` before
-`import torch`, or set the equivalent environment variables (`MALLOC_MMAP_THRESHOLD_`, ...) for the
-process. `OMNISEG_MALLOC_TUNING=0` turns the command's tuning off.
+The `omniseg` command applies them first thing; Python users call `tune_malloc()` (at any time: it
+applies to allocations made afterwards, `benchmarks/cpu_primitives.py` measures both orders) or set
+the equivalent environment variables (`MALLOC_MMAP_THRESHOLD_`, ...) for the process.
+`OMNISEG_MALLOC_TUNING=0` turns the command's tuning off.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ _applied = False
 _OPTIONS = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD}
 
 
+def _enabled(env) -> bool:
+    return env.get("OMNISEG_MALLOC_TUNING", "1") != "0"
+
+
 def tune_malloc() -> bool:
     """Apply `SETTINGS` through glibc's `mallopt`; True when applied.
 
-    Does nothing (False) off Linux/glibc, when `OMNISEG_MALLOC_TUNING=0`, or when torch is already
-    imported (too late to matter). Settings already given as environment variables are left alone.
+    Does nothing (False) off Linux/glibc or when `OMNISEG_MALLOC_TUNING=0`. Settings already given as
+    environment variables are left alone.
     """
-    if os.environ.get("OMNISEG_MALLOC_TUNING", "1") == "0" or "torch" in sys.modules:
-        return False
-    if not sys.platform.startswith("linux"):
+    if not _enabled(os.environ) or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -58,16 +60,19 @@ def tune_malloc() -> bool:
     return applied
 
 
-def malloc_tuned() -> bool:
-    """Whether this process runs with the settings (from `tune_malloc` or the environment)."""
-    return _applied or all(name in os.environ for name in SETTINGS)
+def malloc_tuned(env: dict[str, str] | None = None) -> bool:
+    """Whether this process runs with the settings (from `tune_malloc` or the environment), or with
+    `env`: whether a child started with that environment will."""
+    if env is None:
+        return _applied or all(name in os.environ for name in SETTINGS)
+    return all(name in env for name in SETTINGS)
 
 
 def tuned_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (default: this process's environment) with the settings as environment variables, for
     a child process (glibc reads them at start-up); variables already set are kept."""
     env = dict(os.environ if base is None else base)
-    if env.get("OMNISEG_MALLOC_TUNING", "1") != "0":
+    if _enabled(env):
         for name, value in SETTINGS.items():
             env.setdefault(name, str(value))
     return env

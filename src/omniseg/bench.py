@@ -149,6 +149,19 @@ def matmul_peak_gflops(dtype: str, size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def stored_for_backward_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass while `fn` runs (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), for benchmark reports."""
     try:
@@ -301,9 +314,9 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
     result = BenchResult(settings)
     s = settings
     result.notes.append("glibc malloc keeps freed memory (omniseg/allocator.py) for both sides: "
-                        + ("yes" if malloc_tuned() else "no (OMNISEG_MALLOC_TUNING=0 or torch imported first)")
+                        + ("yes" if malloc_tuned() else "no (OMNISEG_MALLOC_TUNING=0)")
                         + "; the training-step workers: "
-                        + ("yes" if "MALLOC_MMAP_THRESHOLD_" in tuned_environment() else "no"))
+                        + ("yes" if malloc_tuned(tuned_environment()) else "no"))
     with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
         folder = Path(tmp)
         progress("building a random checkpoint ...")
@@ -315,6 +328,9 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             checkpoint = build_omniseg_checkpoint(s, folder)
         model, _, _ = load_model(checkpoint)
         model.eval()
+        params = sum(p.numel() for p in model.parameters())
+        result.notes.append(f"omniseg model: {params / 1e6:.1f} M parameters; fp32 weights + gradients + AdamW "
+                            f"state take {16 * params / 2**20:.0f} MiB of the training process.")
         g = torch.Generator().manual_seed(s.seed + 1)
         images = torch.randint(0, 256, (s.batch, 3, s.size, s.size), dtype=torch.uint8, generator=g)
         pixels = model.normalize(images)

@@ -440,7 +440,7 @@ def pssl_labels(folder: Path = typer.Argument(..., help="classification folder F
 def main() -> None:
     from omniseg.allocator import tune_malloc
 
-    tune_malloc()  # before anything imports torch: see omniseg/allocator.py
+    tune_malloc()  # freed tensor memory is reused, not page-faulted in again: see omniseg/allocator.py
     try:
         app()
     except Exception as e:  # user-facing errors without a wall of traceback

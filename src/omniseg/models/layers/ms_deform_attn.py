@@ -120,8 +120,23 @@ def _heads_last(output: torch.Tensor, b: int, heads: int) -> torch.Tensor:
     return output.view(b, heads, head_dim, num_queries).permute(0, 3, 1, 2).reshape(b, num_queries, heads * head_dim)
 
 
-def _sample(value_l: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(value_l, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+def _weighted_samples(value_l: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One level: sum over points of grid_sample(value_l [B*heads, Dh, h, w], grid [B*heads, points, Lq, 2])
+    weighted by weights [B*heads, 1, points, Lq] -> [B*heads, Dh, Lq]."""
+    sampled = F.grid_sample(value_l, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (sampled * weights.to(sampled.dtype)).sum(2)
+
+
+def _levels_core(value, spatial_shapes, sampling_locations, attention_weights, per_level) -> torch.Tensor:
+    """The grid_sample cores: `per_level(value_l, grid_l, weights_l)` summed over levels."""
+    shapes = _shapes_as_list(spatial_shapes)
+    heads = value.shape[2]
+    grids, weights = _level_grids(sampling_locations, attention_weights, heads)
+    output = None
+    for level, value_l in enumerate(_value_levels(value, shapes)):
+        contribution = per_level(value_l, grids[:, level], weights[:, :, level])
+        output = contribution if output is None else output + contribution
+    return _heads_last(output, value.shape[0], heads)
 
 
 def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
@@ -134,21 +149,13 @@ def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.T
     attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
     Locations outside [0, 1] read zeros (`padding_mode="zeros"`, `align_corners=False`), like the CUDA kernel.
     """
-    shapes = _shapes_as_list(spatial_shapes)
-    heads = value.shape[2]
-    grids, weights = _level_grids(sampling_locations, attention_weights, heads)
-    output = None
-    for level, value_l in enumerate(_value_levels(value, shapes)):
-        sampled = _sample(value_l, grids[:, level])  # [B*heads, Dh, points, Lq]
-        contribution = (sampled * weights[:, :, level].to(sampled.dtype)).sum(2)
-        output = contribution if output is None else output + contribution
-    return _heads_last(output, value.shape[0], heads)
+    return _levels_core(value, spatial_shapes, sampling_locations, attention_weights, _weighted_samples)
 
 
 class _SampleAndWeigh(torch.autograd.Function):
-    """sum_p grid_sample(value_l, grid)[:, :, p] * weights[:, :, p] for one level, keeping only the
-    inputs for the backward pass: the [B*heads, Dh, points, Lq] samples (the largest tensor of the
-    pixel decoder, 44 MB per level and layer at 512x512, batch 2) are recomputed there instead of stored.
+    """`_weighted_samples` for one level, keeping only the inputs for the backward pass: the
+    [B*heads, Dh, points, Lq] samples (the largest tensor of the pixel decoder, 44 MB per level and layer
+    at 512x512, batch 2) are recomputed there instead of stored.
 
     Runs in fp32 (or float64) whatever the input dtype, like `grid_sample` under autocast; returns
     value_l's dtype.
@@ -159,8 +166,7 @@ class _SampleAndWeigh(torch.autograd.Function):
         dtype = torch.promote_types(value_l.dtype, torch.float32)
         ctx.save_for_backward(value_l, grid, weights)
         with torch.autocast(value_l.device.type, enabled=False):
-            sampled = _sample(value_l.to(dtype), grid.to(dtype))
-            return (sampled * weights.to(dtype)).sum(2).to(value_l.dtype)
+            return _weighted_samples(value_l.to(dtype), grid.to(dtype), weights.to(dtype)).to(value_l.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -171,7 +177,8 @@ class _SampleAndWeigh(torch.autograd.Function):
         grad = grad_output.to(dtype).unsqueeze(2)  # [B*heads, Dh, 1, Lq]
         grad_weights = None
         if ctx.needs_input_grad[2]:
-            grad_weights = (grad * _sample(value32, grid32)).sum(1, keepdim=True).to(weights.dtype)
+            sampled = F.grid_sample(value32, grid32, mode="bilinear", padding_mode="zeros", align_corners=False)
+            grad_weights = (grad * sampled).sum(1, keepdim=True).to(weights.dtype)
         grad_value = grad_grid = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_value, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
@@ -187,14 +194,7 @@ def ms_deform_attn_core_recompute(value: torch.Tensor, spatial_shapes: torch.Ten
     """`ms_deform_attn_core` for training: `ms_deform_attn_core_grid_sample`'s values and gradients,
     but the per-level samples are recomputed in the backward pass rather than stored (one extra
     `grid_sample` per level there; benchmarks/ms_deform_attn_cores.py measures time and stored bytes)."""
-    shapes = _shapes_as_list(spatial_shapes)
-    heads = value.shape[2]
-    grids, weights = _level_grids(sampling_locations, attention_weights, heads)
-    output = None
-    for level, value_l in enumerate(_value_levels(value, shapes)):
-        contribution = _SampleAndWeigh.apply(value_l, grids[:, level], weights[:, :, level])
-        output = contribution if output is None else output + contribution
-    return _heads_last(output, value.shape[0], heads)
+    return _levels_core(value, spatial_shapes, sampling_locations, attention_weights, _SampleAndWeigh.apply)
 
 
 class MSDeformAttn(nn.Module):

@@ -127,6 +127,7 @@ def _channel_keys(values: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
 
 
 _KEY_CHANNELS = 1 << 16  # channels a key can tell apart
+_MAX_CHANNELS = (1 << 15) - 1  # channels `argmax_candidates` counts in int16
 
 
 @dataclass
@@ -256,24 +257,21 @@ class ResizeGrid:
         """From per-window bounds [N, h, w] of each channel's value: the winner by lower bound, decided
         where its lower bound beats every other channel's upper bound, and in the undecided windows the
         channels whose upper bound reaches the best lower bound -- the only possible winners."""
-        if lower.shape[0] > _KEY_CHANNELS:
-            raise ValueError(f"argmax over {lower.shape[0]} channels: at most {_KEY_CHANNELS} supported")
         n = lower.shape[0]
+        if n > _MAX_CHANNELS:
+            raise ValueError(f"argmax over {n} channels: at most {_MAX_CHANNELS} supported")
         # The best channel's own upper bound always reaches its lower bound, so the window is decided
-        # exactly when no other channel's upper bound does (a tie leaves it undecided).
-        if n < 256:
-            # Reductions over the channel axis with an index (max/argmax) are ~30x slower on a CPU than
-            # value-only ones: count the reaching channels in uint8, and in a decided window the only
-            # reaching channel is the winner, its index the sum of index x reach.
-            reach = upper >= lower.amax(0)
-            reach8 = reach.view(torch.uint8)
-            count = reach8.sum(0, dtype=torch.uint8)
-            index = torch.arange(n, dtype=torch.uint8, device=lower.device).view(-1, 1, 1)
-            winner = (reach8 * index).sum(0, dtype=torch.uint8).clamp_(max=n - 1).long()  # valid everywhere
-        else:
-            best_lower, winner = lower.max(0)
-            reach = upper >= best_lower
-            count = reach.sum(0, dtype=torch.int32)
+        # exactly when no other channel's upper bound does (a tie leaves it undecided). Reductions over the
+        # channel axis that return an index (max/argmax) are over 20x slower on a CPU than value-only ones
+        # (`python benchmarks/cpu_primitives.py`), so the reaching channels are counted in the narrowest
+        # integer type, and in a decided window the only reaching channel -- the winner -- is the sum of
+        # index x reach (in the others that sum is clamped to some valid channel).
+        small = torch.uint8 if n < 256 else torch.int16
+        reach = upper >= lower.amax(0)
+        reach_int = reach.view(torch.uint8)
+        count = reach_int.sum(0, dtype=small)
+        index = torch.arange(n, dtype=small, device=lower.device).view(-1, 1, 1)
+        winner = (reach_int * index).sum(0, dtype=small).clamp_(0, n - 1).long()
         decided = (count == 1) | ~self.nonempty
         wr, wc = torch.nonzero(~decided, as_tuple=True)
         channel, window = torch.nonzero(reach[:, wr, wc], as_tuple=True)
