@@ -9,6 +9,9 @@
    fresh process with glibc's defaults, with omniseg's allocator setting (omniseg/allocator.py), and
    with the same settings made only after torch is imported.
 3. Resident memory right after importing torch, and torch + timm (what every training process starts with).
+4. A [441, 768] x [768, 768] linear layer (Swin-T's last-stage attention projection at 512x512) whose
+   input holds denormal floats in a third of its rows (what a padded window's attention outputs with
+   zero-bias weights), in a fresh process with and without `omniseg.denormals.flush_denormals()`.
 Each timing is the median of --repeats calls after warm-up.
 """
 
@@ -44,6 +47,24 @@ times = []
 for i in range(int(sys.argv[2]) + 2):
     t = time.perf_counter(); product(); times.append(time.perf_counter() - t)
 print(json.dumps({"tuned": tuned, "ms": 1000 * statistics.median(times[2:])}))
+"""
+
+_DENORMAL = """
+import json, statistics, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+threads = 0
+if sys.argv[3] == "flush":
+    from omniseg.denormals import flush_denormals
+    threads = flush_denormals()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(441, 768, generator=g)
+x[::3] = torch.randn(147, 768, generator=g) * 1e-40  # denormal: below 1.2e-38
+weight, bias = torch.randn(768, 768, generator=g) * 0.02, torch.zeros(768)
+times = []
+for i in range(int(sys.argv[2]) + 2):
+    t = time.perf_counter(); torch.nn.functional.linear(x, weight, bias); times.append(time.perf_counter() - t)
+print(json.dumps({"threads": threads, "ms": 1000 * statistics.median(times[2:])}))
 """
 
 _RSS = """
@@ -94,6 +115,9 @@ def main(argv=None) -> str:
                                         ("omniseg allocator setting, before `import torch`", tuned_env, "early"),
                                         ("the same mallopt calls after `import torch`", plain_env, "late"))}
     rss = {" + ".join(mods): _child(_RSS, list(mods), plain_env) for mods in (("torch",), ("torch", "timm"))}
+    denormal = {label: _child(_DENORMAL, [str(args.threads), str(args.repeats), mode], tuned_env)
+                for label, mode in (("torch defaults", "plain"),
+                                    ("`omniseg.denormals.flush_denormals()`", "flush"))}
 
     text = "\n".join([
         "# CPU primitives",
@@ -120,6 +144,12 @@ def main(argv=None) -> str:
         "| imports | RSS |",
         "|---|---|",
         *[f"| {mods} | {mib:.0f} MiB |" for mods, mib in rss.items()],
+        "",
+        "## [441, 768] x [768, 768] linear, a third of the input rows denormal, fresh process",
+        "",
+        "| denormals | time |",
+        "|---|---|",
+        *[f"| {label} | {r['ms']:.2f} ms (threads flushing: {r['threads']}) |" for label, r in denormal.items()],
         "",
     ])
     return write_report(text, args.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from _runs import command_line, write_report  # benchmarks/_runs.py
 
-from omniseg.allocator import malloc_tuned, tune_malloc
+from omniseg.runtime import describe, tune_process
 from omniseg.bench import cpu_model, median_ms, stored_for_backward_bytes
 from omniseg.models.layers.ms_deform_attn import (
     ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample, ms_deform_attn_core_recompute)
@@ -52,7 +52,7 @@ def main(argv=None) -> str:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/ms_deform_attn_cores.md"))
     args = ap.parse_args(argv)
-    tune_malloc()  # as the `omniseg` command does
+    applied = tune_process()  # as the `omniseg` command does
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     shapes, (value, locations, weights) = _inputs(args.size, 1, g, requires_grad=False)
@@ -96,7 +96,7 @@ def main(argv=None) -> str:
         f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
         f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query; "
         f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first. "
-        f"glibc malloc keeps freed memory (omniseg/allocator.py): {'yes' if malloc_tuned() else 'no'}.",
+        f"Process settings (omniseg/runtime.py): {describe(applied)}.",
         "",
         "| core | inference, batch 1, fp32 | inference, batch 1, bf16 values | forward + backward, batch 2, fp32 "
         "| the same, bf16 autocast | stored for backward, batch 2, fp32 |",

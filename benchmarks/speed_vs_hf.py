@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from omniseg.allocator import tune_malloc
+from omniseg.runtime import tune_process
 from omniseg.bench import BenchSettings, cpu_model, native_bf16_matmul, run_bench
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> str:
                     help="one more table: the last dtype with omniseg's network torch.compile'd (no training rows)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/speed_vs_hf.md"))
     args = ap.parse_args(argv)
-    tune_malloc()  # as the `omniseg` command does
+    tune_process()  # as the `omniseg` command does
     parts = [
         "# omniseg vs HF transformers: Mask2Former speed and memory",
         "",

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig  # noqa: E402
@@ -26,6 +27,7 @@ from omniseg.bench import stored_for_backward_bytes  # noqa: E402
 from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
     MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample,
     ms_deform_attn_core_recompute)
+from omniseg.models.layers.mask_logits import PixelEmbeddings  # noqa: E402
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -256,14 +258,62 @@ def test_ms_deform_attn_gather_core_in_bf16_close_to_fp32():
 def test_ms_deform_attn_core_gathers_in_inference_and_grid_samples_for_training(monkeypatch):
     from omniseg.models.layers import ms_deform_attn as module
     used = []
-    monkeypatch.setattr(module, "ms_deform_attn_core_gather", lambda *a: used.append("gather") or a[0])
-    monkeypatch.setattr(module, "ms_deform_attn_core_recompute", lambda *a: used.append("grid") or a[0])
+    monkeypatch.setattr(module, "_gather_pixels", lambda *a: used.append("gather") or a[0])
+    monkeypatch.setattr(module, "_levels_core", lambda *a: used.append("grid") or a[0])
     value, locations, weights = torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 1, 1, 2), torch.zeros(1, 3, 1, 1, 1)
     with torch.no_grad():
         module.ms_deform_attn_core(value.requires_grad_(), [(2, 2)], locations, weights)
     module.ms_deform_attn_core(value, [(2, 2)], locations, weights)
     module.ms_deform_attn_core(value.detach(), [(2, 2)], locations, weights)
     assert used == ["gather", "grid", "gather"]
+
+
+def test_ms_deform_attn_gather_core_at_level_borders_and_far_outside():
+    """Locations exactly on the [-1, size] clamp bounds, on pixel centres and far outside read what
+    bilinear sampling with zero padding reads (the gather core clamps, then relies on a zero border)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 4), (2, 5)]
+    value = torch.randn(1, 22, 2, 3, generator=g, dtype=torch.float64)
+    edges = torch.tensor([-5.0, -1.0, -0.75, -0.5, 0.0, 0.125, 0.5, 0.875, 1.0, 1.25, 1.5, 6.0], dtype=torch.float64)
+    locations = torch.stack(torch.meshgrid(edges, edges, indexing="ij"), -1).view(1, -1, 1, 1, 1, 2)
+    locations = locations.expand(1, -1, 2, 2, 3, 2) + torch.rand(1, 1, 2, 2, 3, 2, generator=g, dtype=torch.float64) * (
+        torch.arange(3, dtype=torch.float64).view(1, 1, 1, 1, 3, 1) > 0)  # point 0 exactly on the edges
+    weights = torch.rand(1, locations.shape[1], 2, 2, 3, generator=g, dtype=torch.float64)
+    expected = _naive_deform_attn(value, shapes, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_core_gather(value, shapes, locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn_core_grid_sample(value, shapes, locations, weights), expected)
+
+
+def test_ms_deform_attn_module_matches_the_official_formula():
+    """MSDeformAttn computes its sampling locations in pixels (reference in pixels + offsets, one addmm)
+    and softmaxes in place at inference: the result equals the official normalised formula
+    (reference + offsets / (w, h), softmax, grid_sample core), with and without gradients, and with
+    the pixel reference precomputed."""
+    torch.manual_seed(6)
+    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    num_values = sum(h * w for h, w in shapes)
+    query, values = torch.randn(2, 7, 32), torch.randn(2, num_values, 32)
+    reference = torch.rand(2, 7, 3, 2)
+    offsets = attn.sampling_offsets(query).view(2, 7, 4, 3, 2, 2)
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    weights = attn.attention_weights(query).view(2, 7, 4, 6).softmax(-1).view(2, 7, 4, 3, 2)
+    value = attn.value_proj(values).view(2, num_values, 4, 8)
+    expected = attn.output_proj(ms_deform_attn_core_grid_sample(value, shapes, locations, weights)).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(query, reference, values, shapes), expected, atol=1e-5, rtol=1e-5)
+        base = attn.pixel_reference(reference, shapes)
+        torch.testing.assert_close(attn(query, reference, values, shapes, pixel_reference=base), expected,
+                                   atol=1e-5, rtol=1e-5)
+    trained = attn(query, reference, values, shapes)  # gradients needed: grid_sample training core
+    assert trained.requires_grad
+    torch.testing.assert_close(trained.detach(), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reduced = attn(query, reference, values, shapes)
+    assert ((reduced.float() - expected).norm() / expected.norm()).item() < 0.02
 
 
 def test_ms_deform_attn_official_init():
@@ -288,6 +338,28 @@ def test_attention_mask_from_prediction_and_empty_rows():
     assert blocked.tolist() == [[[False, True, True, False], [True, True, True, True]]]
     unblocked = MultiScaleMaskedTransformerDecoder.unblock_empty_rows(blocked)
     assert unblocked.tolist() == [[[False, True, True, False], [False, False, False, False]]]
+
+
+def test_decoder_inference_path_predicts_attention_masks_at_their_resolution():
+    """aux_outputs=False predicts the intermediate sets' attention masks from pixel embeddings resized to
+    each level (bilinear resizing is linear): the last set equals the full path's, and every resized
+    prediction equals resizing the full-resolution logits."""
+    torch.manual_seed(7)
+    dec = MultiScaleMaskedTransformerDecoder(16, num_classes=3, hidden_dim=16, num_queries=5, nheads=2,
+                                             dim_feedforward=32, dec_layers=4, mask_dim=8).double().eval()
+    feats = [torch.randn(2, 16, s, s, dtype=torch.float64) for s in (3, 5, 10)]
+    mask_features = torch.randn(2, 8, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        full = dec(feats, mask_features)
+        lean = dec(feats, mask_features, aux_outputs=False)
+        assert set(lean) == {"pred_logits", "pred_masks"}
+        torch.testing.assert_close(lean["pred_logits"], full["pred_logits"])
+        torch.testing.assert_close(lean["pred_masks"], full["pred_masks"])
+        pixels = PixelEmbeddings(mask_features)
+        embed = torch.randn(2, 5, 8, dtype=torch.float64)
+        for size in ((3, 3), (5, 5), (10, 10)):
+            resized = F.interpolate(pixels.logits(embed), size=size, mode="bilinear", align_corners=False)
+            torch.testing.assert_close(pixels.logits_at(embed, size), resized.flatten(2))
 
 
 def test_decoder_output_structure_and_batch_independence():

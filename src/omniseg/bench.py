@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from omniseg.allocator import malloc_tuned, tuned_environment
+from omniseg.runtime import describe, tune_process
 
 # Backbones HF builds natively, as they appear in omniseg's presets.
 HF_BACKBONES = {
@@ -296,6 +297,7 @@ def _train_step(side: str, folder: Path, settings: BenchSettings) -> tuple[float
 
 
 if __name__ == "__main__":  # the training-step worker: python -m omniseg.bench SIDE FOLDER SETTINGS_JSON
+    tune_process()  # the same process settings as the parent, for both sides
     _side, _folder, _settings = sys.argv[1:4]
     print(json.dumps(_train_worker(_side, _folder, BenchSettings(**json.loads(_settings)))))
 
@@ -305,6 +307,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
     from omniseg.models.maskformer.postprocess import postprocess
 
     torch.set_num_threads(settings.threads)
+    applied = tune_process()  # as the `omniseg` command does; both sides run with it
     try:
         from transformers.utils import logging as hf_logging
 
@@ -313,10 +316,9 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         pass
     result = BenchResult(settings)
     s = settings
-    result.notes.append("glibc malloc keeps freed memory (omniseg/allocator.py) for both sides: "
-                        + ("yes" if malloc_tuned() else "no (OMNISEG_MALLOC_TUNING=0)")
-                        + "; the training-step workers: "
-                        + ("yes" if malloc_tuned(tuned_environment()) else "no"))
+    result.notes.append("Process settings (omniseg/runtime.py), the same for both sides: " + describe(applied)
+                        + "; the training-step workers: the same"
+                        + ("" if malloc_tuned(tuned_environment()) else " (malloc setting off)") + ".")
     with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
         folder = Path(tmp)
         progress("building a random checkpoint ...")

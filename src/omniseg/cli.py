@@ -18,6 +18,16 @@ app.add_typer(data_app, name="data")
 TASKS = ("semantic", "panoptic", "instance")
 
 
+@app.callback()
+def _runtime() -> None:
+    """Before any command runs (not for the bare --help): flush denormals to zero in every torch thread
+    (omniseg/denormals.py); malloc is tuned even earlier, in `main`."""
+    from omniseg.denormals import enabled_by_environment, flush_denormals
+
+    if enabled_by_environment():
+        flush_denormals()
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

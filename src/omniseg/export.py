@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import os
 from pathlib import Path
@@ -44,7 +45,6 @@ class InferenceGraph(nn.Module):
         super().__init__()
         if task is not None and getattr(model, "default_task", None) is None:
             raise ValueError("--task applies to task-conditioned models (OneFormer) only")
-        self.task = task  # OneFormer: the task token baked into the graph (None: model.test.task)
         # A shallow copy without the training-only children and parameters (model.training_only: losses,
         # MP-Former's piloting, OneFormer's text mapper), so their weights stay out of the export.
         skip = set(getattr(model, "training_only", ()))
@@ -53,10 +53,14 @@ class InferenceGraph(nn.Module):
         inference._parameters = {k: v for k, v in model._parameters.items() if k not in skip}
         self.model = inference
         self.output_names = output_names(model)
+        # mask classification: the last prediction set only, computed the inference way
+        parameters = inspect.signature(model.forward_raw).parameters
+        self.options = {"aux_outputs": False} if "aux_outputs" in parameters else {}
+        if task is not None:
+            self.options["task"] = task
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.model.normalize(images)
-        outputs = self.model.forward_raw(x) if self.task is None else self.model.forward_raw(x, self.task)
+        outputs = self.model.forward_raw(self.model.normalize(images), **self.options)
         return tuple(outputs[name] for name in self.output_names)
 
 

@@ -7,10 +7,11 @@ state dict in safetensors or a weights-only torch file); `hub.load_state_dict_fi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import timm
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn import functional as F
 
@@ -110,26 +111,92 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
 
 # -- Swin window semantics -----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _WindowLayout:
+    """Where the tokens of a (h, w) map go in Swin's windows, pad-then-shift (original Swin order).
+
+    Window order: windows row-major, tokens row-major inside a window, on the padded, cyclically shifted
+    map. `gather` [num_windows * N] is each slot's token index in the row-major (h, w) map (0 for a
+    padding slot, which `padding` [P] lists); `scatter` [h * w] is each token's slot."""
+
+    gather: torch.Tensor
+    padding: torch.Tensor
+    scatter: torch.Tensor
+    num_windows: int
+    padded: tuple[int, int]
+
+
+@lru_cache(maxsize=64)
+def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: str) -> _WindowLayout:
+    win_h, win_w = window
+    hp, wp = h + (win_h - h % win_h) % win_h, w + (win_w - w % win_w) % win_w
+    # slot (window row, window col, row in window, col in window) -> coordinates on the shifted map
+    wi, wj, ti, tj = torch.meshgrid(torch.arange(hp // win_h), torch.arange(wp // win_w), torch.arange(win_h),
+                                    torch.arange(win_w), indexing="ij")
+    rows = (wi * win_h + ti + shift[0]) % hp  # torch.roll(x, -shift) reads x[(i + shift) % size]
+    cols = (wj * win_w + tj + shift[1]) % wp
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    real = (rows < h) & (cols < w)
+    gather = torch.where(real, rows * w + cols, 0)
+    scatter = torch.empty(h * w, dtype=torch.int64)
+    scatter[gather[real]] = torch.nonzero(real).flatten()
+    return _WindowLayout(gather.to(device), torch.nonzero(~real).flatten().to(device), scatter.to(device),
+                         (hp // win_h) * (wp // win_w), (hp, wp))
+
+
 def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
     """Window attention with the original Swin order: pad to whole windows, THEN cyclic-shift, with
     the shift mask computed on the padded map. timm 1.0 shifts first and pads after, which gives
-    different windows (and a misplaced mask) whenever a stage size is not a multiple of the window."""
+    different windows (and a misplaced mask) whenever a stage size is not a multiple of the window.
+
+    The same computation arranged for speed: q/k/v are projected on the real tokens only (a padding
+    token is zero after norm1, so its q/k/v are the projection's bias), one row gather replaces
+    pad + roll + window partition, one more replaces window reverse + crop + roll, the output
+    projection runs on the real tokens only, and the relative-position bias plus shift mask are
+    formed once per input size and reused while the bias table is unchanged and not being trained.
+    """
     b, h, w, c = x.shape
-    win_h, win_w = self.window_size
-    pad_h = (win_h - h % win_h) % win_h
-    pad_w = (win_w - w % win_w) % win_w
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    _, hp, wp, _ = x.shape
-    has_shift = any(self.shift_size)
-    if has_shift:
-        x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-    windows = window_partition(x, self.window_size).view(-1, self.window_area, c)
-    mask = self.get_attn_mask(x) if has_shift else None  # regions relative to the padded size
-    windows = self.attn(windows, mask=mask)
-    x = window_reverse(windows.view(-1, win_h, win_w, c), self.window_size, hp, wp)
-    if has_shift:
-        x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
-    return x[:, :h, :w, :].contiguous()
+    attn = self.attn
+    layout = _window_layout(h, w, tuple(self.window_size), tuple(self.shift_size), str(x.device))
+    slots = layout.gather.numel()
+    qkv = F.linear(x.reshape(b * h * w, c), attn.qkv.weight, attn.qkv.bias)
+    index = layout.gather if b == 1 else (layout.gather + (torch.arange(b, device=x.device) * (h * w))[:, None]).flatten()
+    windows = qkv.index_select(0, index)
+    if layout.padding.numel():
+        padding = layout.padding if b == 1 else (layout.padding + (torch.arange(b, device=x.device) * slots)[:, None]).flatten()
+        bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(3 * c)
+        windows.index_copy_(0, padding, bias.to(windows.dtype).expand(padding.numel(), -1))
+    heads, area = attn.num_heads, self.window_area
+    q, k, v = windows.view(b * layout.num_windows, area, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_attention_bias(self, layout, b).to(q.dtype),
+                                         dropout_p=attn.attn_drop.p if self.training else 0.0, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b * slots, c)
+    index = layout.scatter if b == 1 else (layout.scatter + (torch.arange(b, device=x.device) * slots)[:, None]).flatten()
+    out = attn.proj_drop(attn.proj(out.index_select(0, index)))
+    return out.view(b, h, w, c)
+
+
+def _attention_bias(block, layout: _WindowLayout, batch: int) -> torch.Tensor:
+    """Relative-position bias + shift mask: [batch * num_windows, heads, N, N], or [1, heads, N, N] for
+    every window when unshifted; cached on the block while the bias table is unchanged (same storage
+    and version) and needs no gradient."""
+    table = block.attn.relative_position_bias_table
+    cacheable = not (torch.is_grad_enabled() and table.requires_grad)
+    key = (layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device))
+    cache = block.__dict__.setdefault("_attention_bias_cache", {})
+    if cacheable and key in cache:
+        return cache[key]
+    bias = block.attn._get_rel_pos_bias()  # [1, heads, N, N]
+    if any(block.shift_size):  # the shift mask (0 / -100) of the padded map, per window
+        shape = (1, *layout.padded, 1)
+        bias = bias + block.get_attn_mask(torch.empty(shape, device=table.device, dtype=table.dtype))[:, None]
+        if batch > 1:
+            bias = bias.repeat(batch, 1, 1, 1)
+    if cacheable:
+        cache.clear()
+        cache[key] = bias.contiguous()
+        return cache[key]
+    return bias
 
 
 class OriginalWindowSwinBlock(SwinTransformerBlock):

@@ -117,7 +117,10 @@ class DetrTransformerPredictor(nn.Module):
         if isinstance(self.input_proj, nn.Conv2d):
             c2_xavier_fill(self.input_proj)
 
-    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor,
+                aux_outputs: bool = True) -> dict:
+        """-> {"pred_logits", "pred_masks", "aux_outputs"}; without `aux_outputs` only the last layer
+        predicts (inference)."""
         x = multi_scale_features[0]
         pos = self.pe_layer(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         memory = self.input_proj(x).flatten(2).transpose(1, 2)
@@ -130,11 +133,13 @@ class DetrTransformerPredictor(nn.Module):
         tgt = torch.zeros_like(query_pos)
         predictions = []
         pixels = PixelEmbeddings(mask_features)
-        for layer in self.decoder_layers:
+        for i, layer in enumerate(self.decoder_layers):
             tgt = layer(tgt, memory, pos, query_pos)
-            predictions.append(self._predict(self.decoder_norm(tgt), pixels))
+            if aux_outputs or i == len(self.decoder_layers) - 1:
+                predictions.append(self._predict(self.decoder_norm(tgt), pixels))
         out = dict(predictions[-1])
-        out["aux_outputs"] = predictions[:-1]
+        if aux_outputs:
+            out["aux_outputs"] = predictions[:-1]
         return out
 
     def _predict(self, queries: torch.Tensor, pixels: PixelEmbeddings) -> dict[str, torch.Tensor]:

@@ -208,13 +208,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         also keeps SDPA away from all-masked rows (NaN)."""
         return blocked & ~blocked.all(dim=-1, keepdim=True)
 
-    def forward_prediction_heads(self, output: torch.Tensor, pixels: PixelEmbeddings, attn_mask_target_size):
+    def forward_prediction_heads(self, output: torch.Tensor, pixels: PixelEmbeddings, attn_mask_target_size,
+                                 full: bool = True):
         """Shared head on the layer-normed queries [B,Q,C] -> (class logits [B,Q,K+1], mask logits
-        [B,Q,H/4,W/4], blocked mask [B,Q,h*w] at `attn_mask_target_size` for the next layer)."""
+        [B,Q,H/4,W/4], blocked mask [B,Q,h*w] at `attn_mask_target_size` for the next layer, or None
+        without a size). `full=False` (inference, a prediction nobody reads) skips the class and
+        full-resolution mask logits and predicts the blocked mask at the attention size directly."""
         decoded = self.decoder_norm(output)
+        mask_embed = self.mask_embed(decoded)
+        if not full:
+            logits = pixels.logits_at(mask_embed, attn_mask_target_size)
+            return None, None, logits.sigmoid() < 0.5
         outputs_class = self.class_embed(decoded)
-        outputs_mask = pixels.logits(self.mask_embed(decoded))
-        blocked = self._attention_mask_from_prediction(outputs_mask, attn_mask_target_size)
+        outputs_mask = pixels.logits(mask_embed)
+        blocked = (None if attn_mask_target_size is None
+                   else self._attention_mask_from_prediction(outputs_mask, attn_mask_target_size))
         return outputs_class, outputs_mask, blocked
 
     def forward_layer(self, i: int, output: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
@@ -230,8 +238,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor,
-                extra: ExtraQueries | None = None, queries: torch.Tensor | None = None) -> dict:
+                extra: ExtraQueries | None = None, queries: torch.Tensor | None = None,
+                aux_outputs: bool = True) -> dict:
         """-> {"pred_logits", "pred_masks", "aux_outputs"} of the learnable queries.
+
+        `aux_outputs=False` (inference) returns the last prediction set only and computes the earlier
+        ones only as far as the next layer needs them: their attention masks, predicted at the
+        attention resolution (`PixelEmbeddings.logits_at`) instead of at 1/4 and resized.
 
         `extra` (training-time, e.g. MP-Former's mask-piloted queries) prepends P queries that go through
         the same layers; their predictions come back as "extra_outputs" (one dict per prediction set).
@@ -251,7 +264,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             query_pos = torch.cat([extra.pos, query_pos], dim=1)
 
         pixels = PixelEmbeddings(mask_features)
-        sets = [self.forward_prediction_heads(output, pixels, sizes[0])]
+        lean = not aux_outputs and extra is None
+        sets = [self.forward_prediction_heads(output, pixels, sizes[0], full=not lean or self.num_layers == 0)]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             blocked = sets[-1][2]
@@ -260,8 +274,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 blocked = torch.cat([forced.to(blocked.device), blocked[:, num_extra:]], dim=1)
             output = run_block(self.forward_layer, i, output, memory[level], memory_pos[level], query_pos,
                                self.unblock_empty_rows(blocked), self_blocked, enabled=self.activation_checkpointing)
-            sets.append(self.forward_prediction_heads(output, pixels, sizes[(i + 1) % self.num_feature_levels]))
+            last = i == self.num_layers - 1
+            size = None if last and lean else sizes[(i + 1) % self.num_feature_levels]
+            sets.append(self.forward_prediction_heads(output, pixels, size, full=last or not lean))
 
+        if lean:
+            return {"pred_logits": sets[-1][0], "pred_masks": sets[-1][1]}
         learnable = [{"pred_logits": c[:, num_extra:], "pred_masks": m[:, num_extra:]} for c, m, _ in sets]
         out = {**learnable[-1], "aux_outputs": learnable[:-1]}
         if extra is not None:

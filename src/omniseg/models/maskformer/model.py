@@ -137,10 +137,11 @@ class MaskFormer(Segmenter):
         """Normalised images -> (per-pixel mask features, multi-scale features for the decoder)."""
         return self.pixel_decoder(self.backbone(x))
 
-    def forward_raw(self, x: torch.Tensor) -> dict:
-        """Normalised images [B,3,H,W] (H, W multiples of 32) -> raw query predictions."""
+    def forward_raw(self, x: torch.Tensor, aux_outputs: bool = True) -> dict:
+        """Normalised images [B,3,H,W] (H, W multiples of 32) -> raw query predictions; with
+        `aux_outputs=False` the last prediction set only, computed the cheaper way inference allows."""
         mask_features, multi_scale = self.pixel_features(x)
-        return self.predictor(multi_scale, mask_features)
+        return self.predictor(multi_scale, mask_features, aux_outputs=aux_outputs)
 
     def compile_network(self, **options) -> None:
         """`torch.compile` the network (`forward_raw`, hence `predict`) for inference; `options` go to
@@ -188,7 +189,7 @@ class MaskFormer(Segmenter):
     def decoder_passes(self, images: torch.Tensor, tasks: Sequence[str]) -> list[tuple[list[str], dict]]:
         """(tasks, raw outputs) per decoder pass `predict` needs: one pass serves every task here;
         a task-conditioned model (OneFormer) runs one per task."""
-        return [(list(tasks), self.forward_raw(self.normalize(images)))]
+        return [(list(tasks), self.forward_raw(self.normalize(images), aux_outputs=False))]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],

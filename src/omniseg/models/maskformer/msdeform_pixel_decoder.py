@@ -36,8 +36,10 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None,
+                pixel_reference=None):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                                  pixel_reference)
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -88,9 +90,11 @@ class MSDeformAttnEncoder(nn.Module):
         sizes = torch.tensor([h * w for h, w in shapes], device=src_flat.device)
         level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
         reference_points = self.reference_points(shapes, src_flat.shape[0], src_flat.device, src_flat.dtype)
+        # the same in pixels, laid out for every layer's sampling-offset GEMM (computed once)
+        pixel_reference = self.layers[0].self_attn.pixel_reference(reference_points, shapes) if self.layers else None
         out = src_flat
         for layer in self.layers:
-            out = run_block(layer, out, pos_flat, reference_points, shapes, level_start_index,
+            out = run_block(layer, out, pos_flat, reference_points, shapes, level_start_index, None, pixel_reference,
                             enabled=self.activation_checkpointing)
         return out, shapes, level_start_index
 

@@ -104,20 +104,21 @@ class OneFormer(MaskFormer):
         """Raw task ids [B, task_seq_len] -> Q_task [B, C] (before the decoder's LayerNorm)."""
         return self.task_mlp(task_ids.float())
 
-    def decode(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, task_ids: torch.Tensor) -> dict:
+    def decode(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, task_ids: torch.Tensor,
+               aux_outputs: bool = True) -> dict:
         """Transformer decoder for per-image task ids; adds "contrastive_queries" (the N initial queries)."""
         task = self.predictor.decoder_norm(self.task_token(task_ids).to(mask_features.dtype))
         objects = self.query_init(task, mask_features, self.predictor.query_embed.weight[:-1])
         queries = torch.cat([objects, task.unsqueeze(1)], dim=1)
-        outputs = self.predictor(multi_scale, mask_features, queries=queries)
+        outputs = self.predictor(multi_scale, mask_features, queries=queries, aux_outputs=aux_outputs)
         outputs["contrastive_queries"] = queries
         return outputs
 
-    def forward_raw(self, x: torch.Tensor, task: str | None = None) -> dict:
+    def forward_raw(self, x: torch.Tensor, task: str | None = None, aux_outputs: bool = True) -> dict:
         """Normalised images -> raw query predictions for `task` (default: model.test.task)."""
         mask_features, multi_scale = self.pixel_features(x)
         ids = task_token_ids([task or self.default_task] * x.shape[0], self.task_seq_len, x.device)
-        return self.decode(multi_scale, mask_features, ids)
+        return self.decode(multi_scale, mask_features, ids, aux_outputs=aux_outputs)
 
     # -- training ------------------------------------------------------------------------------
     def training_outputs(self, x: torch.Tensor, targets: list[dict]):
@@ -143,5 +144,6 @@ class OneFormer(MaskFormer):
         decoder run once."""
         mask_features, multi_scale = self.pixel_features(self.normalize(images))
         return [([task], self.decode(multi_scale, mask_features,
-                                     task_token_ids([task] * images.shape[0], self.task_seq_len, images.device)))
+                                     task_token_ids([task] * images.shape[0], self.task_seq_len, images.device),
+                                     aux_outputs=False))
                 for task in tasks]

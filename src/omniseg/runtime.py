@@ -1,0 +1,26 @@
+"""Process-wide CPU settings that the `omniseg` command applies first thing, and the benchmarks on both
+sides: glibc malloc keeps freed tensor memory (`omniseg.allocator`) and denormal floats are flushed to
+zero in every torch thread (`omniseg.denormals`). Python users call `tune_process()` once.
+Opt out with OMNISEG_MALLOC_TUNING=0 / OMNISEG_FLUSH_DENORMALS=0."""
+
+from __future__ import annotations
+
+from omniseg.allocator import malloc_tuned, tune_malloc
+from omniseg.denormals import enabled_by_environment, flush_denormals
+
+
+def tune_process() -> dict[str, int | bool]:
+    """Apply both settings (each unless opted out); what was applied: {"malloc": bool,
+    "denormal_threads": threads now flushing denormals (0: none)}."""
+    return {"malloc": tune_malloc(),
+            "denormal_threads": flush_denormals() if enabled_by_environment() else 0}
+
+
+def describe(applied: dict[str, int | bool] | None = None) -> str:
+    """One line for benchmark reports: which settings this process runs with."""
+    malloc = malloc_tuned() if applied is None else applied["malloc"]
+    text = "glibc malloc keeps freed memory: " + ("yes" if malloc else "no")
+    if applied is not None:
+        threads = applied["denormal_threads"]
+        text += "; denormals flushed to zero: " + (f"yes ({threads} threads)" if threads else "no")
+    return text
