@@ -33,15 +33,16 @@ def _step(model):
 def test_checkpointing_gives_the_same_gradients_and_recomputes_blocks(preset):
     plain, checkpointed = _model(preset, False), _model(preset, True)
     checkpointed.load_state_dict(plain.state_dict())
-    calls = {"decoder": 0, "encoder": 0}
+    calls = {"decoder": 0, "encoder": 0, "fpn": 0}
     checkpointed.predictor.transformer_ffn_layers[0].register_forward_pre_hook(
         lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
     checkpointed.pixel_decoder.transformer.layers[0].register_forward_pre_hook(
         lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
+    checkpointed.pixel_decoder.layer_1.register_forward_pre_hook(lambda *a: calls.__setitem__("fpn", calls["fpn"] + 1))
     loss_a, grads_a = _step(plain)
     loss_b, grads_b = _step(checkpointed)
     # forward + recompute in backward (pre-hooks: recomputation stops once it has what backward needs)
-    assert calls == {"decoder": 2, "encoder": 2}
+    assert calls == {"decoder": 2, "encoder": 2, "fpn": 2}
     torch.testing.assert_close(loss_b, loss_a)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:

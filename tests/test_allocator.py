@@ -63,3 +63,18 @@ def test_environment_variables_reach_a_child_like_mallopt():
     """The child-process route (environment variables read by glibc at start-up) keeps freed memory too."""
     child = _probe("plain", env=tuned_environment({"PATH": ""}))
     assert child["held"] - child["after_free"] < 20
+
+
+@linux_only
+def test_lean_mode_returns_freed_blocks_and_reaches_children():
+    """OMNISEG_MALLOC_TUNING=lean: large blocks are mapped and returned on free (resident memory follows the
+    live tensors), through mallopt and through the child environment alike."""
+    from omniseg.allocator import LEAN_SETTINGS, mode
+
+    lean = {"PATH": "", "OMNISEG_MALLOC_TUNING": "lean"}
+    assert mode(lean) == "lean" and mode({"OMNISEG_MALLOC_TUNING": "0"}) == "off" and mode({}) == "speed"
+    tuned = _probe("tune", env=lean)
+    assert tuned["applied"] is True and tuned["held"] - tuned["after_free"] > 200
+    env = tuned_environment(lean)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(LEAN_SETTINGS["MALLOC_MMAP_THRESHOLD_"])
+    assert _probe("plain", env=env)["held"] - _probe("plain", env=env)["after_free"] > 200

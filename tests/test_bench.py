@@ -79,3 +79,12 @@ def test_compile_network_matches_eager_and_leaves_training_eager(synth_root):
     assert "forward_raw" in vars(model)  # the compiled wrapper shadows the method
     outputs, _ = model.training_outputs(x, [])  # training stays eager
     assert outputs["pred_masks"].shape == eager["pred_masks"].shape
+
+
+def test_interleaved_timing_takes_the_calls_in_turn():
+    from omniseg.bench import interleaved_median_ms
+
+    calls = []
+    medians = interleaved_median_ms([lambda: calls.append("a"), None, lambda: calls.append("b")], warmup=1, repeats=2)
+    assert calls == ["a", "b"] * 3
+    assert medians[1] is None and medians[0] >= 0 and medians[2] >= 0

@@ -17,6 +17,11 @@ The `omniseg` command applies them first thing; Python users call `tune_malloc()
 applies to allocations made afterwards, `benchmarks/cpu_primitives.py` measures both orders) or set
 the equivalent environment variables (`MALLOC_MMAP_THRESHOLD_`, ...) for the process.
 `OMNISEG_MALLOC_TUNING=0` turns the command's tuning off.
+
+`OMNISEG_MALLOC_TUNING=lean` does the opposite, for the smallest resident memory: every block above
+1 MiB is its own mapping, returned to the OS on free, so the resident size follows the live tensors
+(a heap keeps the holes between long-lived and freed blocks resident). Each large tensor then
+page-faults its pages in again, which costs time (docs/results.md, "Training memory").
 """
 
 from __future__ import annotations
@@ -27,17 +32,29 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 34, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 34, "MALLOC_TRIM_THRESHOLD_": 1 << 30}  # the default: speed
+LEAN_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 20}  # OMNISEG_MALLOC_TUNING=lean
 _applied = False
 _OPTIONS = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD}
 
 
+def mode(env=None) -> str:
+    """"speed" (default), "lean" or "off", from OMNISEG_MALLOC_TUNING (1 / lean / 0)."""
+    value = (os.environ if env is None else env).get("OMNISEG_MALLOC_TUNING", "1")
+    return {"0": "off", "lean": "lean"}.get(value, "speed")
+
+
 def _enabled(env) -> bool:
-    return env.get("OMNISEG_MALLOC_TUNING", "1") != "0"
+    return mode(env) != "off"
+
+
+def _settings(env) -> dict[str, int]:
+    return LEAN_SETTINGS if mode(env) == "lean" else SETTINGS
 
 
 def tune_malloc() -> bool:
-    """Apply `SETTINGS` through glibc's `mallopt`; True when applied.
+    """Apply `SETTINGS` (`LEAN_SETTINGS` with OMNISEG_MALLOC_TUNING=lean) through glibc's `mallopt`;
+    True when applied.
 
     Does nothing (False) off Linux/glibc or when `OMNISEG_MALLOC_TUNING=0`. Settings already given as
     environment variables are left alone.
@@ -52,7 +69,7 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     global _applied
     applied = True
-    for name, value in SETTINGS.items():
+    for name, value in _settings(os.environ).items():
         if name in os.environ:
             continue
         applied &= bool(mallopt(_OPTIONS[name], min(value, 2**31 - 1)))  # mallopt takes a C int
@@ -73,6 +90,6 @@ def tuned_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     a child process (glibc reads them at start-up); variables already set are kept."""
     env = dict(os.environ if base is None else base)
     if _enabled(env):
-        for name, value in SETTINGS.items():
+        for name, value in _settings(env).items():
             env.setdefault(name, str(value))
     return env

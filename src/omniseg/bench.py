@@ -2,7 +2,8 @@
 
 Both sides load the same randomly initialised checkpoint (written in HF's format, read by omniseg's
 converter), so the outputs must agree; the benchmark asserts it before timing. Every figure is the
-median of `repeats` runs after `warmup` runs. Training steps run in a fresh subprocess per side so
+median of `repeats` runs after `warmup` runs, the compared calls taken in turn so that a drifting
+machine slows both sides alike (`interleaved_median_ms`). Training steps run in a fresh subprocess per side so
 that peak RSS belongs to that side alone.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from omniseg.allocator import malloc_tuned, tuned_environment
+from omniseg.allocator import tuned_environment
 from omniseg.runtime import describe, tune_process
 
 # Backbones HF builds natively, as they appear in omniseg's presets.
@@ -92,14 +93,25 @@ class BenchResult:
 
 def median_ms(fn, warmup: int, repeats: int) -> float:
     """Median wall time (ms) of `repeats` calls of `fn` after `warmup` calls."""
+    return interleaved_median_ms([fn], warmup, repeats)[0]
+
+
+def interleaved_median_ms(fns, warmup: int, repeats: int) -> list[float | None]:
+    """Median wall time (ms) of each callable (None entries give None), the calls taken in turn
+    (a, b, a, b, ...) so that a machine whose speed drifts during the run (a shared VM) slows every
+    side alike and the ratios stay meaningful."""
+    live = [fn for fn in fns if fn is not None]
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in live:
+            fn()
+    times = [[] for _ in live]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        for fn, record in zip(live, times):
+            t0 = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - t0)
+    medians = iter(statistics.median(t) * 1000 for t in times)
+    return [None if fn is None else next(medians) for fn in fns]
 
 
 def build_hf_checkpoint(settings: BenchSettings, folder: Path):
@@ -316,9 +328,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         pass
     result = BenchResult(settings)
     s = settings
-    result.notes.append("Process settings (omniseg/runtime.py), the same for both sides: " + describe(applied)
-                        + "; the training-step workers: the same"
-                        + ("" if malloc_tuned(tuned_environment()) else " (malloc setting off)") + ".")
+    result.notes.append("Process settings (omniseg/runtime.py), the same for both sides and in the training-step "
+                        "workers: " + describe(applied) + ".")
     with tempfile.TemporaryDirectory(prefix="omniseg_bench_") as tmp:
         folder = Path(tmp)
         progress("building a random checkpoint ...")
@@ -389,8 +400,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         if emulated:
             result.notes.append("This CPU has no bf16 matmul instructions (no AMX / AVX512-BF16): bf16 autocast runs "
                                 "emulated and is expected to be slower than fp32.")
-        t_ours = median_ms(ours_forward, s.warmup, s.repeats)
-        t_hf = median_ms(hf_forward, s.warmup, s.repeats) if hf_model is not None else None
+        t_ours, t_hf = interleaved_median_ms([ours_forward, hf_forward if hf_model is not None else None],
+                                             s.warmup, s.repeats)
         result.rows.append(("forward", t_ours, t_hf, "ms"))
         achieved = gflop / (t_ours / 1000)
         note = f"Forward: {gflop:.0f} GFLOP (matmul/conv) per batch; omniseg achieves {achieved:.0f} GFLOP/s"
@@ -424,20 +435,21 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         for task, hf_call in (("semantic", "post_process_semantic_segmentation"),
                               ("panoptic", "post_process_panoptic_segmentation"),
                               ("instance", "post_process_instance_segmentation")):
-            theirs_ms = None
+            theirs = None
             if processor is not None:
                 fn = getattr(processor, hf_call)
-                theirs_ms = median_ms(lambda: fn(hf_out, target_sizes=[hw]), s.warmup, s.repeats)
-            for inputs_name, inputs in (("model outputs", out0), ("shaped outputs", shaped)):
-                preds = {}
-                for mode in ("official", "fast"):
-                    def run():
-                        return postprocess(inputs, image_size=hw, output_size=hw, tasks=[task],
-                                           thing_ids=model.thing_ids, padded_size=hw, mode=mode)
-                    ours_ms = median_ms(run, s.warmup, s.repeats)
-                    hf_ms = theirs_ms if inputs_name == "model outputs" else None
-                    result.rows.append((f"post-processing {task}, {mode}, {inputs_name}", ours_ms, hf_ms, "ms"))
-                    preds[mode] = run()
+                theirs = (lambda fn=fn: fn(hf_out, target_sizes=[hw]))
+            runs = {(inputs_name, mode): (lambda inputs=inputs, mode=mode: postprocess(
+                        inputs, image_size=hw, output_size=hw, tasks=[task], thing_ids=model.thing_ids,
+                        padded_size=hw, mode=mode))
+                    for inputs_name, inputs in (("model outputs", out0), ("shaped outputs", shaped))
+                    for mode in ("official", "fast")}
+            *ours_ms, theirs_ms = interleaved_median_ms([*runs.values(), theirs], s.warmup, s.repeats)
+            for ((inputs_name, mode), ms) in zip(runs, ours_ms):
+                hf_ms = theirs_ms if inputs_name == "model outputs" else None
+                result.rows.append((f"post-processing {task}, {mode}, {inputs_name}", ms, hf_ms, "ms"))
+            for inputs_name in ("model outputs", "shaped outputs"):
+                preds = {mode: runs[(inputs_name, mode)]() for mode in ("official", "fast")}
                 agree = agreement(preds["official"], preds["fast"], task)
                 # semantic: fast sums scores before the resize (HF's order), so labels may differ where
                 # classes are close; panoptic and instance make the official decisions.
@@ -453,7 +465,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         progress("end-to-end predict ...")
         one = images[:1]
 
-        def ours_predict():
+        def ours_predict(mode="official"):
+            model.postprocess_mode = mode
             with _autocast(s.dtype):
                 return model.predict(one, [hw], tasks=["panoptic"])
 
@@ -465,13 +478,12 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
             out.masks_queries_logits = out.masks_queries_logits.float()
             return processor.post_process_panoptic_segmentation(out, target_sizes=[hw])
 
-        theirs_predict = median_ms(hf_predict, s.warmup, s.repeats) if hf_model is not None else None
-        result.rows.append(("predict (uint8 image -> panoptic), 1 image", median_ms(ours_predict, s.warmup, s.repeats),
-                            theirs_predict, "ms"))
-        model.postprocess_mode = "fast"
-        result.rows.append(("predict, fast post-processing", median_ms(ours_predict, s.warmup, s.repeats),
-                            theirs_predict, "ms"))
+        official, fast, theirs_predict = interleaved_median_ms(
+            [ours_predict, lambda: ours_predict("fast"), hf_predict if hf_model is not None else None],
+            s.warmup, s.repeats)
         model.postprocess_mode = "official"
+        result.rows.append(("predict (uint8 image -> panoptic), 1 image", official, theirs_predict, "ms"))
+        result.rows.append(("predict, fast post-processing", fast, theirs_predict, "ms"))
         hf_model = None  # free it before the training subprocesses
         if s.train:
             progress("training steps (a subprocess per side) ...")

@@ -1,11 +1,12 @@
 """Process-wide CPU settings that the `omniseg` command applies first thing, and the benchmarks on both
 sides: glibc malloc keeps freed tensor memory (`omniseg.allocator`) and denormal floats are flushed to
 zero in every torch thread (`omniseg.denormals`). Python users call `tune_process()` once.
-Opt out with OMNISEG_MALLOC_TUNING=0 / OMNISEG_FLUSH_DENORMALS=0."""
+Opt out with OMNISEG_MALLOC_TUNING=0 / OMNISEG_FLUSH_DENORMALS=0; OMNISEG_MALLOC_TUNING=lean trades
+speed for the smallest resident memory."""
 
 from __future__ import annotations
 
-from omniseg.allocator import malloc_tuned, tune_malloc
+from omniseg.allocator import malloc_tuned, mode, tune_malloc
 from omniseg.denormals import enabled_by_environment, flush_denormals
 
 
@@ -19,7 +20,8 @@ def tune_process() -> dict[str, int | bool]:
 def describe(applied: dict[str, int | bool] | None = None) -> str:
     """One line for benchmark reports: which settings this process runs with."""
     malloc = malloc_tuned() if applied is None else applied["malloc"]
-    text = "glibc malloc keeps freed memory: " + ("yes" if malloc else "no")
+    text = ("glibc malloc: " + {"speed": "keeps freed memory", "lean": "lean (blocks above 1 MiB mapped and "
+            "returned on free)", "off": "defaults"}[mode()] if malloc else "glibc malloc: defaults")
     if applied is not None:
         threads = applied["denormal_threads"]
         text += "; denormals flushed to zero: " + (f"yes ({threads} threads)" if threads else "no")

@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import timm
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn import functional as F
+
+from omniseg.models.layers.eager import plain_eager
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -126,22 +129,28 @@ class _WindowLayout:
     padded: tuple[int, int]
 
 
+def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device) -> _WindowLayout:
+    """The layout's index tensors, made from cached numpy arrays at each call: never traced, and nothing
+    made while tracing (torch.export's fake tensors) is kept."""
+    gather, padding, scatter, num_windows, padded = _window_indices(h, w, window, shift)
+    return _WindowLayout(*(torch.as_tensor(a, device=device) for a in (gather, padding, scatter)), num_windows, padded)
+
+
 @lru_cache(maxsize=64)
-def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: str) -> _WindowLayout:
+def _window_indices(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]):
     win_h, win_w = window
     hp, wp = h + (win_h - h % win_h) % win_h, w + (win_w - w % win_w) % win_w
     # slot (window row, window col, row in window, col in window) -> coordinates on the shifted map
-    wi, wj, ti, tj = torch.meshgrid(torch.arange(hp // win_h), torch.arange(wp // win_w), torch.arange(win_h),
-                                    torch.arange(win_w), indexing="ij")
-    rows = (wi * win_h + ti + shift[0]) % hp  # torch.roll(x, -shift) reads x[(i + shift) % size]
-    cols = (wj * win_w + tj + shift[1]) % wp
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    wi, wj, ti, tj = np.meshgrid(np.arange(hp // win_h), np.arange(wp // win_w), np.arange(win_h),
+                                 np.arange(win_w), indexing="ij")
+    rows = ((wi * win_h + ti + shift[0]) % hp).reshape(-1)  # torch.roll(x, -shift) reads x[(i + shift) % size]
+    cols = ((wj * win_w + tj + shift[1]) % wp).reshape(-1)
     real = (rows < h) & (cols < w)
-    gather = torch.where(real, rows * w + cols, 0)
-    scatter = torch.empty(h * w, dtype=torch.int64)
-    scatter[gather[real]] = torch.nonzero(real).flatten()
-    return _WindowLayout(gather.to(device), torch.nonzero(~real).flatten().to(device), scatter.to(device),
-                         (hp // win_h) * (wp // win_w), (hp, wp))
+    gather = np.where(real, rows * w + cols, 0)
+    scatter = np.empty(h * w, dtype=np.int64)
+    scatter[gather[real]] = np.flatnonzero(real)
+    padding = np.flatnonzero(~real)  # (shared by every call: only read)
+    return gather.astype(np.int64), padding.astype(np.int64), scatter, (hp // win_h) * (wp // win_w), (hp, wp)
 
 
 def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,12 +166,12 @@ def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
     """
     b, h, w, c = x.shape
     attn = self.attn
-    layout = _window_layout(h, w, tuple(self.window_size), tuple(self.shift_size), str(x.device))
+    layout = _window_layout(h, w, tuple(self.window_size), tuple(self.shift_size), x.device)
     slots = layout.gather.numel()
     qkv = F.linear(x.reshape(b * h * w, c), attn.qkv.weight, attn.qkv.bias)
     index = layout.gather if b == 1 else (layout.gather + (torch.arange(b, device=x.device) * (h * w))[:, None]).flatten()
     windows = qkv.index_select(0, index)
-    if layout.padding.numel():
+    if len(layout.padding):
         padding = layout.padding if b == 1 else (layout.padding + (torch.arange(b, device=x.device) * slots)[:, None]).flatten()
         bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(3 * c)
         windows.index_copy_(0, padding, bias.to(windows.dtype).expand(padding.numel(), -1))
@@ -181,11 +190,12 @@ def _attention_bias(block, layout: _WindowLayout, batch: int) -> torch.Tensor:
     every window when unshifted; cached on the block while the bias table is unchanged (same storage
     and version) and needs no gradient."""
     table = block.attn.relative_position_bias_table
-    cacheable = not (torch.is_grad_enabled() and table.requires_grad)
-    key = (layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device))
+    cacheable = plain_eager(table) and not (torch.is_grad_enabled() and table.requires_grad)
     cache = block.__dict__.setdefault("_attention_bias_cache", {})
-    if cacheable and key in cache:
-        return cache[key]
+    if cacheable:
+        key = (layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device))
+        if key in cache:
+            return cache[key]
     bias = block.attn._get_rel_pos_bias()  # [1, heads, N, N]
     if any(block.shift_size):  # the shift mask (0 / -100) of the padded map, per window
         shape = (1, *layout.padded, 1)

@@ -7,11 +7,14 @@ import math
 import torch
 from torch import nn
 
+from omniseg.models.layers.eager import plain_eager
+
 
 class PositionEmbeddingSine(nn.Module):
     """2-D sine/cosine encoding: `num_pos_feats` channels per axis, concatenated as (y, x).
 
-    Computed from the feature map's shape only (no padding mask), as Mask2Former does.
+    Computed from the feature map's shape only (no padding mask), as Mask2Former does; hence cached
+    per (h, w, device) in eager mode (recomputing the sines cost a few ms per level and forward on a CPU).
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True,
@@ -21,10 +24,23 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, 2 * num_pos_feats, h, w] in x's dtype."""
         b, _, h, w = x.shape
-        device = x.device
+        if not plain_eager(x):  # traced graphs compute it (no Python-side state)
+            return self.encode(h, w, x.device).expand(b, -1, -1, -1).to(x.dtype)
+        key = (h, w, str(x.device))
+        if key not in self._cache:
+            if len(self._cache) >= 16:  # a few sizes per run (one per feature level); bound the rest
+                self._cache.clear()
+            self._cache[key] = self.encode(h, w, x.device)
+        return self._cache[key].expand(b, -1, -1, -1).to(x.dtype)
+
+    def encode(self, h: int, w: int, device) -> torch.Tensor:
+        """The float32 encoding of an (h, w) map, [1, 2 * num_pos_feats, h, w], contiguous."""
+        b = 1
         y_embed = torch.arange(1, h + 1, device=device, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
         x_embed = torch.arange(1, w + 1, device=device, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
         if self.normalize:
@@ -37,4 +53,4 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = y_embed[:, :, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous()

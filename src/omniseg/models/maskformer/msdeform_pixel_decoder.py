@@ -161,6 +161,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # plain lists (not registered twice): applied from low to high resolution
         self._lateral_convs = lateral[::-1]
         self._output_convs = output[::-1]
+        self.activation_checkpointing = False  # set by the model (model.activation_checkpointing)
+
+    def _fpn_level(self, idx: int, feature: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+        """One FPN step: lateral(feature) + coarser upsampled, then the 3x3 output conv."""
+        lateral = self._lateral_convs[idx](feature)
+        y = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        return self._output_convs[idx](y)
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (mask_features [B, mask_dim, H/4, W/4], [1/32, 1/16, 1/8] maps [B, conv_dim, h, w])."""
@@ -179,8 +186,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             outs = [z.transpose(1, 2).reshape(b, -1, h, w)
                     for z, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-                lateral = self._lateral_convs[idx](features[name])
-                y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-                outs.append(self._output_convs[idx](y))
+                # at 1/4 resolution its activations are the pixel decoder's largest: recomputed when checkpointing
+                outs.append(run_block(self._fpn_level, idx, features[name], outs[-1],
+                                      enabled=self.activation_checkpointing))
             multi_scale_features = outs[: self.maskformer_num_feature_levels]
             return self.mask_features(outs[-1]), multi_scale_features
