@@ -9,7 +9,9 @@
    fresh process with glibc's defaults, with omniseg's allocator setting (omniseg/allocator.py), and
    with the same settings made only after torch is imported.
 3. Resident memory right after importing torch, and torch + timm (what every training process starts with).
-4. A [441, 768] x [768, 768] linear layer (Swin-T's last-stage attention projection at 512x512) whose
+4. Softmax over the last axis of a [43008, 12] map (deformable attention's weights over levels x
+   points at 512x512): torch's kernel against max-subtract, exp and divide in place.
+5. A [441, 768] x [768, 768] linear layer (Swin-T's last-stage attention projection at 512x512) whose
    input holds denormal floats in a third of its rows (what a padded window's attention outputs with
    zero-bias weights), in a fresh process with and without `omniseg.denormals.flush_denormals()`.
 Each timing is the median of --repeats calls after warm-up.
@@ -107,6 +109,12 @@ def main(argv=None) -> str:
         "uint8 (reach x index).sum(0) (the single reaching channel)": lambda: (reach8 * index).sum(0, dtype=torch.uint8),
     }
     rows = [f"| {name} | {median_ms(fn, 3, args.repeats):.2f} ms |" for name, fn in reductions.items()]
+    from omniseg.models.layers.ms_deform_attn import softmax_last_dim
+
+    logits = torch.randn(43008, 12, generator=g)
+    softmax_rows = [f"| {name} | {median_ms(fn, 3, args.repeats):.2f} ms |" for name, fn in (
+        ("torch.softmax(-1)", lambda: logits.softmax(-1)),
+        ("omniseg softmax_last_dim (in place, no autograd)", lambda: softmax_last_dim(logits)))]
 
     plain_env = tuned_environment({**os.environ, "OMNISEG_MALLOC_TUNING": "0"})
     tuned_env = {k: v for k, v in os.environ.items() if k != "OMNISEG_MALLOC_TUNING"}
@@ -132,6 +140,12 @@ def main(argv=None) -> str:
         "| reduction | time |",
         "|---|---|",
         *rows,
+        "",
+        "## Softmax over the last axis of a [43008, 12] float32 map",
+        "",
+        "| softmax | time |",
+        "|---|---|",
+        *softmax_rows,
         "",
         "## 44 MB elementwise product ([16, 32, 4, 5376] float32 x 2), fresh process",
         "",

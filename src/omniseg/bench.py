@@ -10,6 +10,7 @@ that peak RSS belongs to that side alone.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -298,10 +299,14 @@ def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[floa
     return statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train_step(side: str, folder: Path, settings: BenchSettings) -> tuple[float, float]:
+def train_step_in_subprocess(side: str, folder: Path, settings: BenchSettings,
+                              environment: dict[str, str] | None = None) -> tuple[float, float]:
+    """(median step seconds, peak RSS MiB) of `side` ("omniseg" | "hf") in a fresh process. Both sides'
+    workers get the allocator settings the `omniseg` command uses (omniseg/allocator.py), from this
+    process's environment updated with `environment` (e.g. {"OMNISEG_MALLOC_TUNING": "lean"})."""
     cmd = [sys.executable, "-m", "omniseg.bench", side, str(folder), json.dumps(asdict(settings))]
-    # both sides' workers get the allocator settings the `omniseg` command uses (omniseg/allocator.py)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=tuned_environment())
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=tuned_environment({**os.environ, **(environment or {})}))
     if proc.returncode != 0:
         raise RuntimeError(f"{side} training-step subprocess failed:\n{proc.stderr[-3000:]}")
     step, rss = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -487,8 +492,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         hf_model = None  # free it before the training subprocesses
         if s.train:
             progress("training steps (a subprocess per side) ...")
-            ours_step, ours_rss = _train_step("omniseg", checkpoint, s)
-            theirs = _train_step("hf", folder, s) if s.hf else (None, None)
+            ours_step, ours_rss = train_step_in_subprocess("omniseg", checkpoint, s)
+            theirs = train_step_in_subprocess("hf", folder, s) if s.hf else (None, None)
             result.rows.append((f"training step, batch {s.train_batch}", ours_step, theirs[0], "s"))
             result.rows.append(("training peak RSS (whole process)", ours_rss, theirs[1], "MiB"))
             if s.activation_checkpointing:

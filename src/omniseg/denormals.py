@@ -4,9 +4,9 @@ A float32 below 1.2e-38 is "denormal"; x86 CPUs handle each one in microcode, ab
 a normal value, and one denormal operand is enough to slow a whole GEMM tile. Segmentation networks
 make them routinely: masked attention adds -100 (Swin's shift mask) or -inf-like biases before a
 softmax, whose weights then reach exp(-100) ~ 4e-44, and a query whose visible keys all carry zero
-values (Swin's padded windows) outputs nothing but those products. On a 2-core Xeon, one such
-[441, 768] x [768, 768] product took 108 ms instead of 1.7 ms, and Mask2Former Swin-T's fp32 forward
-went from 960 to 810 ms with denormals flushed (docs/results.md, "Denormals").
+values (Swin's padded windows) outputs nothing but those products. On a 2-core Xeon, a
+[441, 768] x [768, 768] product whose input is a third denormal took 60x longer than flushed
+(`python benchmarks/cpu_primitives.py`; docs/results.md has the whole-model figures).
 
 Flushing (FTZ) and treating denormal inputs as zero (DAZ) changes results only below 1.2e-38.
 `torch.set_flush_denormal` sets it for the calling thread only, and torch's OpenMP worker threads
