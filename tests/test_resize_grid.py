@@ -42,14 +42,16 @@ def test_resized_argmax_equals_argmax_of_the_resized_maps(low, padded, image, ou
     maps = F.interpolate(torch.randn(1, 6, 3, 3, generator=g), size=low, mode="bilinear")[0] * 3
     grid = ResizeGrid(low, padded, image, output)
     candidates = grid.argmax_candidates(*grid.window_min_max(maps))
-    argmax, pixels = grid.resized_argmax(maps, candidates)
+    argmax, pixels, winner_maps = grid.resized_argmax(maps, candidates, winner_maps=True)
     reference = grid.resize(maps)
     assert torch.equal(argmax, reference.argmax(0))
+    assert torch.equal(grid.resized_argmax(maps, candidates)[0], argmax)
     assert candidates.decided.any() and (~candidates.decided).any()  # both routes were taken
-    # the exactly evaluated pixels are those of the undecided windows, and their values are exact
+    # the exactly evaluated pixels are those of the undecided windows, and the winner's values there are exact
     assert len(pixels) == int(grid.window_pixel_count[~candidates.decided].sum())
-    exact = grid.pixel_values(maps, argmax.view(-1)[pixels], pixels)
-    assert torch.allclose(exact, reference.flatten(1).max(0).values[pixels], atol=1e-5)
+    assert torch.allclose(winner_maps, reference.flatten(1).max(0).values[pixels], atol=1e-5)
+    # the channels-last dense route holds the same values
+    torch.testing.assert_close(grid.resize(maps, channels_last=True), reference.permute(1, 2, 0))
     # only channels that can win are evaluated: at least one per window, usually far fewer than all
     per_window = torch.bincount(candidates.window, minlength=len(candidates.windows[0]))
     assert per_window.min() >= 1 and len(candidates.channel) < maps.shape[0] * len(per_window)

@@ -34,7 +34,6 @@ class _Axis:
     taps: int  # L, the widest support
     window: torch.Tensor  # [n_out] window (= first low-resolution index of the support) of each output index
     window_count: torch.Tensor  # [n_low] number of output indices in each window (may be 0)
-    pixel_weights: torch.Tensor  # [n_out, L] each output index's interpolation weights on its window's taps
     window_groups: torch.Tensor  # [n_low] number of groups of each window (0 for an empty window)
     first_group: torch.Tensor  # [n_low] index of each window's first group
     group_window: torch.Tensor  # [G] the window of each group
@@ -44,19 +43,23 @@ class _Axis:
 
 
 def resize_chain(maps: torch.Tensor, padded_size: Sequence[int], image_size: Sequence[int],
-                 output_size: Sequence[int]) -> torch.Tensor:
+                 output_size: Sequence[int], channels_last: bool = False) -> torch.Tensor:
     """[N, h, w] -> [N, H, W]: bilinear upsample to the padded input, crop the image, bilinear resize to
     the output (Mask2Former's official order). The one definition of the chain: dense post-processing
-    and ResizeGrid's weights both come from it."""
+    and ResizeGrid's weights both come from it. `channels_last` returns [H, W, N] instead (the same
+    values, resized in channels-last memory: faster, and per-pixel reductions over the N maps then read
+    contiguous memory)."""
     if maps.shape[0] == 0:  # interpolate rejects N=0
-        return maps.new_zeros((0, *output_size))
+        return maps.new_zeros((*output_size, 0) if channels_last else (0, *output_size))
     x = maps[None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if tuple(x.shape[-2:]) != tuple(padded_size):
         x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)
     x = x[..., : image_size[0], : image_size[1]]
     if tuple(x.shape[-2:]) != tuple(output_size):
         x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return x[0]
+    return x[0].permute(1, 2, 0) if channels_last else x[0]
 
 
 def _axis_matrix(low: int, padded: int, image: int, output: int) -> torch.Tensor:
@@ -98,7 +101,7 @@ def _build_axis(low: int, padded: int, image: int, output: int, device: str) -> 
     group_pixels = order[starts[:, None] + slot]
     group_weights = pixel_weights[group_pixels]
     f32 = dict(dtype=torch.float32, device=device)
-    return _Axis(taps, lo.to(device), count.to(device), pixel_weights.to(**f32), groups.to(device),
+    return _Axis(taps, lo.to(device), count.to(device), groups.to(device),
                  first_group.to(device), group_window.to(device), group_pixels.to(device), group_count.to(device),
                  group_weights.to(**f32))
 
@@ -224,13 +227,6 @@ class ResizeGrid:
         along_cols = (taps[:, :, None, :] * self.cols.group_weights[gc][:, None, :, :]).sum(-1)  # [B, L, P']
         return (self.rows.group_weights[gr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [B, P, P']
 
-    def pixel_values(self, maps: torch.Tensor, channel: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """Exact resized value of map channel[i] at flat output pixel pixels[i]: [M]."""
-        r, c = pixels // self.output_size[1], pixels % self.output_size[1]
-        taps = self._taps(maps, channel, self.rows.window[r], self.cols.window[c])  # [M, L, L']
-        along_cols = (taps * self.cols.pixel_weights[c][:, None, :]).sum(-1)  # [M, L]
-        return (self.rows.pixel_weights[r] * along_cols).sum(-1)
-
     def window_values(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor):
         """Exact values of map channel[i] on all pixels of window (wr[i], wc[i]), block by block:
         (channel [B], flat pixel [B, P, P'], valid [B, P, P'], values [B, P, P'])."""
@@ -249,9 +245,10 @@ class ResizeGrid:
         pixel, valid = self.block_pixels(*self.blocks(wr, wc))
         return pixel[valid]
 
-    def resize(self, maps: torch.Tensor) -> torch.Tensor:
-        """The dense route: [N, h, w] -> [N, H, W] through the whole chain."""
-        return resize_chain(maps, self.padded_size, self.image_size, self.output_size)
+    def resize(self, maps: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """The dense route: [N, h, w] -> [N, H, W] through the whole chain ([H, W, N] with
+        `channels_last`, for per-pixel reductions over the maps)."""
+        return resize_chain(maps, self.padded_size, self.image_size, self.output_size, channels_last)
 
     def argmax_candidates(self, lower: torch.Tensor, upper: torch.Tensor) -> ArgmaxCandidates:
         """From per-window bounds [N, h, w] of each channel's value: the winner by lower bound, decided
@@ -278,17 +275,19 @@ class ResizeGrid:
         work = int((count[wr, wc].long() * self.window_pixel_count[wr, wc]).sum())
         return ArgmaxCandidates(winner, decided, (wr, wc), channel, window, work)
 
-    def resized_argmax(self, maps: torch.Tensor, candidates: ArgmaxCandidates, value_at=None):
+    def resized_argmax(self, maps: torch.Tensor, candidates: ArgmaxCandidates, value_at=None,
+                       winner_maps: bool = False):
         """Per output pixel, the channel whose (monotone-in-the-map) value is largest; ties -> lowest channel.
 
         `value_at(resized, channel) -> values` turns exact resized map values into values (identity when
         None). Decided windows take their winner; in the others the candidates are evaluated exactly.
-        Returns (argmax [H, W], the flat output pixels that were evaluated exactly [M])."""
+        Returns (argmax [H, W], the flat output pixels that were evaluated exactly [M]), and with
+        `winner_maps` also the winner's exact resized map value at those pixels [M] (computed anyway)."""
         argmax = self.to_pixels(candidates.winner)
         wr, wc = candidates.windows
         pixels = self.window_pixels(wr, wc)
         if len(wr) == 0:
-            return argmax, pixels
+            return (argmax, pixels, maps.new_empty(0)) if winner_maps else (argmax, pixels)
         gr, gc, channel = self.blocks(wr[candidates.window], wc[candidates.window], candidates.channel)
         pixel, _ = self.block_pixels(gr, gc)  # padded entries repeat a real pixel and its value: harmless
         resized = self.block_values(maps, channel, gr, gc)
@@ -298,4 +297,12 @@ class ResizeGrid:
                           device=maps.device)
         best.scatter_reduce_(0, pixel.flatten(), _channel_keys(values, channel).flatten(), "amax")
         argmax.view(-1)[pixels] = _KEY_CHANNELS - 1 - (best[pixels] & (_KEY_CHANNELS - 1))
-        return argmax, pixels
+        if not winner_maps:
+            return argmax, pixels
+        # each block entry of the winning channel writes its map value to its pixel (padded entries
+        # repeat a real pixel and its value)
+        entry_pixel = pixel.flatten()
+        won = argmax.view(-1)[entry_pixel] == channel.expand_as(resized).flatten()
+        winner_value = torch.empty_like(best, dtype=resized.dtype)
+        winner_value[entry_pixel[won]] = resized.flatten()[won]
+        return argmax, pixels, winner_value[pixels]

@@ -93,11 +93,18 @@ def panoptic_inference(
     return _merge_kept(cur_scores, cur_classes, cur_masks, thing_ids, overlap_threshold)
 
 
-def _merge_kept(scores, classes, probs, thing_ids, overlap_threshold) -> tuple[torch.Tensor, list[dict]]:
-    """The merge on full-resolution mask probabilities [N, H, W] of the kept queries."""
-    winner = (scores.view(-1, 1, 1) * probs).argmax(0)
-    confident = probs.gather(0, winner[None])[0] >= 0.5
-    original_area = (probs >= 0.5).flatten(1).sum(1)
+def _merge_kept(scores, classes, probs, thing_ids, overlap_threshold,
+                channels_last: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """The merge on full-resolution mask probabilities [N, H, W] of the kept queries ([H, W, N] with
+    `channels_last`: the same decisions, from reductions over contiguous memory)."""
+    if channels_last:
+        winner = (probs * scores).max(-1).indices  # the first maximum, as argmax
+        confident = probs.gather(-1, winner[..., None])[..., 0] >= 0.5
+        original_area = (probs >= 0.5).flatten(0, 1).sum(0)
+    else:
+        winner = (scores.view(-1, 1, 1) * probs).argmax(0)
+        confident = probs.gather(0, winner[None])[0] >= 0.5
+        original_area = (probs >= 0.5).flatten(1).sum(1)
     return merge_segments(winner, confident, original_area, scores, classes,
                           thing_ids=thing_ids, overlap_threshold=overlap_threshold)
 
@@ -161,17 +168,23 @@ def _instance_selection(
 
 
 def _instances_from_selected(
-    class_scores: torch.Tensor, labels: torch.Tensor, mask_logits: torch.Tensor, mask_threshold: float
+    class_scores: torch.Tensor, labels: torch.Tensor, mask_logits: torch.Tensor, mask_threshold: float,
+    inverse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Binarise selected mask logits; score = class prob * mean mask prob inside the mask."""
+    """Binarise selected mask logits; score = class prob * mean mask prob inside the mask. With `inverse`,
+    `mask_logits` holds each distinct query once and detection i uses row inverse[i] (a query selected
+    with several classes is binarised and scored once)."""
     masks = mask_logits > mask_threshold
     flat_masks = masks.flatten(1).float()
     mask_scores = (mask_logits.float().sigmoid().flatten(1) * flat_masks).sum(1) / (flat_masks.sum(1) + 1e-6)
+    boxes = _inclusive_boxes(masks)
+    if inverse is not None:
+        masks, mask_scores, boxes = masks[inverse], mask_scores[inverse], boxes[inverse]
     return {
         "masks": masks,
         "labels": labels.to(torch.int64),
         "scores": class_scores * mask_scores,
-        "boxes": _inclusive_boxes(masks),
+        "boxes": boxes,
     }
 
 
@@ -307,12 +320,9 @@ def postprocess(
         scores, labels, query_idx = _instance_selection(
             mask_cls, num_classes, topk, thing_ids if instance_things_only else None
         )
-        if all_resized is not None:
-            selected = all_resized[query_idx]
-        else:
-            unique_queries, inverse = torch.unique(query_idx, return_inverse=True)
-            selected = resize(mask_pred[unique_queries])[inverse]
-        result["instances"] = _instances_from_selected(scores, labels, selected, 0.0)
+        unique_queries, inverse = torch.unique(query_idx, return_inverse=True)
+        selected = all_resized[unique_queries] if all_resized is not None else resize(mask_pred[unique_queries])
+        result["instances"] = _instances_from_selected(scores, labels, selected, 0.0, inverse)
     return result
 
 
@@ -329,7 +339,7 @@ def _postprocess_fast(mask_cls, mask_pred, padded_size, image_size, output_size,
         scores = (probs.T @ mask_pred.sigmoid().flatten(1)).view(-1, *mask_pred.shape[-2:])  # [K, h, w]
         candidates = grid.argmax_candidates(*grid.window_min_max(scores))
         if grid.exact_work_exceeds_dense(candidates.work, scores.shape[0]):
-            result["semantic"] = grid.resize(scores).argmax(0)
+            result["semantic"] = grid.resize(scores, channels_last=True).max(-1).indices  # first maximum
         else:
             result["semantic"] = grid.resized_argmax(scores, candidates)[0]
     if "panoptic" in tasks:
@@ -358,15 +368,16 @@ def _fast_panoptic(grid: ResizeGrid, scores: torch.Tensor, classes: torch.Tensor
     candidates = grid.argmax_candidates(s * low.sigmoid(), s * high.sigmoid())
     # the dense route does more per pixel here (sigmoid, score product, argmax over N): break-even ~10%
     if grid.exact_work_exceeds_dense(candidates.work + grid.selected_work(straddles), n, fraction=0.10):
-        segment_map, segments_info = _merge_kept(scores, classes, grid.resize(logits).sigmoid(), thing_ids,
-                                                 overlap_threshold)
+        segment_map, segments_info = _merge_kept(scores, classes, grid.resize(logits, channels_last=True).sigmoid(),
+                                                 thing_ids, overlap_threshold, channels_last=True)
         return {"segment_map": segment_map, "segments_info": segments_info}
-    winner, pixels = grid.resized_argmax(logits, candidates, value_at=lambda u, k: scores[k] * u.sigmoid())
+    winner, pixels, winner_logits = grid.resized_argmax(logits, candidates, winner_maps=True,
+                                                        value_at=lambda u, k: scores[k] * u.sigmoid())
     # Is the winner's logit >= 0? From the winner's bounds where they decide, exactly elsewhere.
     window_winner = candidates.winner
     confident = grid.to_pixels(low.gather(0, window_winner[None])[0] >= 0)
     flat = confident.view(-1)
-    flat[pixels] = grid.pixel_values(logits, winner.view(-1)[pixels], pixels) >= 0  # undecided windows
+    flat[pixels] = winner_logits >= 0  # undecided windows
     wr, wc = torch.nonzero(straddles.gather(0, window_winner[None])[0] & candidates.decided, as_tuple=True)
     _, block, _, values = grid.window_values(logits, window_winner[wr, wc], wr, wc)
     flat[block.flatten()] = (values >= 0).flatten()
@@ -386,7 +397,7 @@ def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred
     low, high = grid.window_min_max(logits)
     straddles = (low <= threshold) & (high > threshold)
     if grid.exact_work_exceeds_dense(grid.selected_work(straddles), logits.shape[0]):
-        return _instances_from_selected(class_scores, labels, grid.resize(logits)[inverse], threshold)
+        return _instances_from_selected(class_scores, labels, grid.resize(logits), threshold, inverse)
     inside = low > threshold
     masks = grid.to_pixels(inside)
     k, block, valid, values = grid.edge_blocks(logits, straddles)
