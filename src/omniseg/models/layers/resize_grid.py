@@ -223,9 +223,9 @@ class ResizeGrid:
     def block_values(self, maps: torch.Tensor, channel: torch.Tensor, gr: torch.Tensor,
                      gc: torch.Tensor) -> torch.Tensor:
         """Exact resized values of map `channel` [B] on blocks (gr, gc): [B, P, P']."""
-        taps = self._taps(maps, channel, self.rows.group_window[gr], self.cols.group_window[gc])
-        along_cols = (taps[:, :, None, :] * self.cols.group_weights[gc][:, None, :, :]).sum(-1)  # [B, L, P']
-        return (self.rows.group_weights[gr][:, :, :, None] * along_cols[:, None, :, :]).sum(2)  # [B, P, P']
+        taps = self._taps(maps, channel, self.rows.group_window[gr], self.cols.group_window[gc])  # [B, L, L']
+        along_cols = torch.bmm(taps, self.cols.group_weights[gc].transpose(1, 2))  # [B, L, P']
+        return torch.bmm(self.rows.group_weights[gr], along_cols)  # [B, P, P']
 
     def window_values(self, maps: torch.Tensor, channel: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor):
         """Exact values of map channel[i] on all pixels of window (wr[i], wc[i]), block by block:
