@@ -30,6 +30,7 @@ def main(argv=None) -> str:
                     help="default: fp32, plus bf16 when the CPU has bf16 matmul instructions")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--train-rounds", type=int, default=2, help="fresh training processes per side, in turn")
     ap.add_argument("--compile", action="store_true",
                     help="one more table: the last dtype with omniseg's network torch.compile'd (no training rows)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/speed_vs_hf.md"))
@@ -49,7 +50,8 @@ def main(argv=None) -> str:
     runs = [(dtype, False) for dtype in dtypes] + ([(dtypes[-1], True)] if args.compile else [])
     for dtype, compiled in runs:
         settings = BenchSettings(preset=args.preset, size=args.size, threads=args.threads, dtype=dtype,
-                                 repeats=args.repeats, train_steps=args.train_steps, compile=compiled,
+                                 repeats=args.repeats, train_steps=args.train_steps, train_rounds=args.train_rounds,
+                                 compile=compiled,
                                  train=not compiled)
         table = run_bench(settings, progress=lambda msg: print(msg, file=sys.stderr)).table()
         print(table)

@@ -25,6 +25,8 @@ def test_bench_against_hf_same_outputs_and_full_table():
     agreement = [n for n in result.notes if n.startswith("fast vs official")]
     assert len(agreement) == 6  # asserted >= 99.9% inside the bench for panoptic and instance
     assert any(n.startswith("Outputs checked before timing (fp32): max |omniseg - HF|") for n in result.notes)
+    rounds = next(n for n in result.notes if n.startswith("Training rows: median over 2 fresh process(es)"))
+    assert rounds.count("MiB") == 2 and "omniseg" in rounds and "HF" in rounds
     table = result.table()
     assert "| forward |" in table and "measured fp32 GEMM throughput" in table
 

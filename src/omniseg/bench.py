@@ -62,6 +62,7 @@ class BenchSettings:
     warmup: int = 2
     repeats: int = 5
     train_steps: int = 3
+    train_rounds: int = 2  # fresh processes per side, the sides in turn; medians reported
     hf: bool = True
     train: bool = True
     activation_checkpointing: bool = False  # omniseg training step only
@@ -491,11 +492,23 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         result.rows.append(("predict, fast post-processing", fast, theirs_predict, "ms"))
         hf_model = None  # free it before the training subprocesses
         if s.train:
-            progress("training steps (a subprocess per side) ...")
-            ours_step, ours_rss = train_step_in_subprocess("omniseg", checkpoint, s)
-            theirs = train_step_in_subprocess("hf", folder, s) if s.hf else (None, None)
-            result.rows.append((f"training step, batch {s.train_batch}", ours_step, theirs[0], "s"))
-            result.rows.append(("training peak RSS (whole process)", ours_rss, theirs[1], "MiB"))
+            progress("training steps (fresh processes, the sides in turn) ...")
+            ours, theirs = [], []
+            for _ in range(max(1, s.train_rounds)):
+                ours.append(train_step_in_subprocess("omniseg", checkpoint, s))
+                if s.hf:
+                    theirs.append(train_step_in_subprocess("hf", folder, s))
+
+            def median(runs, i):
+                return statistics.median(r[i] for r in runs) if runs else None
+
+            result.rows.append((f"training step, batch {s.train_batch}", median(ours, 0), median(theirs, 0), "s"))
+            result.rows.append(("training peak RSS (whole process)", median(ours, 1), median(theirs, 1), "MiB"))
+            result.notes.append(f"Training rows: median over {max(1, s.train_rounds)} fresh process(es) per side, "
+                                f"the sides in turn; in each, the median of {s.train_steps} steps after one warm-up "
+                                "step. Peak RSS varies between identical processes: "
+                                + "; ".join(f"{side} {', '.join(f'{r[1]:.0f}' for r in runs)} MiB"
+                                            for side, runs in (("omniseg", ours), ("HF", theirs)) if runs) + ".")
             if s.activation_checkpointing:
                 result.notes.append("omniseg's training step ran with activation checkpointing (backbone stages, "
                                     "pixel-decoder and decoder layers recomputed in backward); HF's without.")

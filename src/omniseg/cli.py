@@ -226,6 +226,7 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
           warmup: int = typer.Option(2),
           repeats: int = typer.Option(5),
           train_steps: int = typer.Option(3, help="timed training steps per side"),
+          train_rounds: int = typer.Option(2, help="fresh training processes per side, the sides in turn"),
           hf: bool = typer.Option(True, help="compare with HF transformers (when installed)"),
           train: bool = typer.Option(True, help="also time training steps and peak memory"),
           activation_checkpointing: bool = typer.Option(False, help="omniseg's training step with activation "
@@ -243,7 +244,8 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
     try:
         settings = BenchSettings(preset=preset, size=size, batch=batch, train_batch=train_batch, threads=threads,
                                  dtype=dtype, num_classes=num_classes, num_queries=num_queries, warmup=warmup,
-                                 repeats=repeats, train_steps=train_steps, hf=hf, train=train,
+                                 repeats=repeats, train_steps=train_steps, train_rounds=train_rounds, hf=hf,
+                                 train=train,
                                  activation_checkpointing=activation_checkpointing, compile=compile_network)
         table = run_bench(settings, progress=lambda msg: typer.echo(msg, err=True)).table()
     except ValueError as e:
