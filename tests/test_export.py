@@ -112,3 +112,22 @@ def test_other_architectures_export(arch, tmp_path):
     images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     for a, b in zip(load_exported(path)(images), _eager(model, images)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_swin_export_after_eager_calls_filled_the_caches(tmp_path):
+    """Eager calls cache Swin window indices, attention biases and position encodings; an export made
+    afterwards still matches eager (and the caches never hold traced values: the test above exports first)."""
+    from omegaconf import OmegaConf
+
+    from omniseg.models.registry import build_model
+
+    preset, extra = SMALL_ARCHS["mask2former_swin"]
+    cfg = load_config(preset, extra)
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=5, thing_ids=[1, 2]).eval()
+    images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    before = _eager(model, images)
+    path = export_model(model, tmp_path / "m.pt2", height=96, width=128)
+    for exported, eager, cached in zip(load_exported(path)(images), _eager(model, images), before):
+        torch.testing.assert_close(eager, cached)
+        torch.testing.assert_close(exported, eager, atol=1e-5, rtol=0)

@@ -34,7 +34,6 @@ import sys
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 34, "MALLOC_TRIM_THRESHOLD_": 1 << 30}  # the default: speed
 LEAN_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 1 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 20}  # OMNISEG_MALLOC_TUNING=lean
-_applied = False
 _OPTIONS = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD}
 
 
@@ -67,22 +66,12 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    global _applied
     applied = True
     for name, value in _settings(os.environ).items():
         if name in os.environ:
             continue
         applied &= bool(mallopt(_OPTIONS[name], min(value, 2**31 - 1)))  # mallopt takes a C int
-    _applied = applied
     return applied
-
-
-def malloc_tuned(env: dict[str, str] | None = None) -> bool:
-    """Whether this process runs with the settings (from `tune_malloc` or the environment), or with
-    `env`: whether a child started with that environment will."""
-    if env is None:
-        return _applied or all(name in os.environ for name in SETTINGS)
-    return all(name in env for name in SETTINGS)
 
 
 def tuned_environment(base: dict[str, str] | None = None) -> dict[str, str]:

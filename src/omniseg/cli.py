@@ -20,12 +20,11 @@ TASKS = ("semantic", "panoptic", "instance")
 
 @app.callback()
 def _runtime() -> None:
-    """Before any command runs (not for the bare --help): flush denormals to zero in every torch thread
-    (omniseg/denormals.py); malloc is tuned even earlier, in `main`."""
-    from omniseg.denormals import enabled_by_environment, flush_denormals
+    """Before any command runs (not for the bare --help, which should not pay for importing torch): the
+    process settings of omniseg/runtime.py. `main` has tuned malloc already, before any allocation."""
+    from omniseg.runtime import tune_process
 
-    if enabled_by_environment():
-        flush_denormals()
+    tune_process()
 
 
 def _fail(msg: str) -> None:

@@ -1,12 +1,12 @@
 """Flush denormal floats to zero in every thread torch computes on.
 
-A float32 below 1.2e-38 is "denormal"; x86 CPUs handle each one in microcode, about 100x slower than
-a normal value, and one denormal operand is enough to slow a whole GEMM tile. Segmentation networks
-make them routinely: masked attention adds -100 (Swin's shift mask) or -inf-like biases before a
-softmax, whose weights then reach exp(-100) ~ 4e-44, and a query whose visible keys all carry zero
-values (Swin's padded windows) outputs nothing but those products. On a 2-core Xeon, a
-[441, 768] x [768, 768] product whose input is a third denormal took 60x longer than flushed
-(`python benchmarks/cpu_primitives.py`; docs/results.md has the whole-model figures).
+A float32 below 1.2e-38 is "denormal"; x86 CPUs handle denormal operands in microcode. Attention can
+make them: masked attention adds -100 (Swin's shift mask) or -inf-like biases before a softmax, whose
+weights then reach exp(-100) ~ 4e-44, and a query whose visible keys all carry zero values outputs
+nothing but those products. On a 2-core Xeon, a [441, 768] x [768, 768] product whose input is a
+third denormal took 60x longer than flushed (`python benchmarks/cpu_primitives.py`). omniseg's own
+Swin code no longer feeds such rows to a matrix product, and Mask2Former Swin-T measured the same
+with and without flushing (docs/results.md): this is a guard for other models and weights.
 
 Flushing (FTZ) and treating denormal inputs as zero (DAZ) changes results only below 1.2e-38.
 `torch.set_flush_denormal` sets it for the calling thread only, and torch's OpenMP worker threads

@@ -6,7 +6,7 @@ speed for the smallest resident memory."""
 
 from __future__ import annotations
 
-from omniseg.allocator import malloc_tuned, mode, tune_malloc
+from omniseg.allocator import mode, tune_malloc
 from omniseg.denormals import enabled_by_environment, flush_denormals
 
 
@@ -17,12 +17,10 @@ def tune_process() -> dict[str, int | bool]:
             "denormal_threads": flush_denormals() if enabled_by_environment() else 0}
 
 
-def describe(applied: dict[str, int | bool] | None = None) -> str:
-    """One line for benchmark reports: which settings this process runs with."""
-    malloc = malloc_tuned() if applied is None else applied["malloc"]
-    text = ("glibc malloc: " + {"speed": "keeps freed memory", "lean": "lean (blocks above 1 MiB mapped and "
-            "returned on free)", "off": "defaults"}[mode()] if malloc else "glibc malloc: defaults")
-    if applied is not None:
-        threads = applied["denormal_threads"]
-        text += "; denormals flushed to zero: " + (f"yes ({threads} threads)" if threads else "no")
-    return text
+def describe(applied: dict[str, int | bool]) -> str:
+    """One line for benchmark reports: the settings `tune_process()` reported as applied."""
+    malloc = {"speed": "keeps freed memory", "lean": "lean (blocks above 1 MiB mapped and returned on free)",
+              "off": "defaults"}[mode()] if applied["malloc"] else "defaults"
+    threads = applied["denormal_threads"]
+    return (f"glibc malloc: {malloc}; denormals flushed to zero: "
+            + (f"yes ({threads} threads)" if threads else "no"))

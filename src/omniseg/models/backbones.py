@@ -129,11 +129,31 @@ class _WindowLayout:
     padded: tuple[int, int]
 
 
-def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device) -> _WindowLayout:
-    """The layout's index tensors, made from cached numpy arrays at each call: never traced, and nothing
-    made while tracing (torch.export's fake tensors) is kept."""
+_LAYOUTS: dict[tuple, _WindowLayout] = {}  # index tensors per (size, window, shift, device), eager calls only
+
+
+def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], x: torch.Tensor) -> _WindowLayout:
+    """The layout's index tensors on x's device, made from cached numpy arrays (so never traced). They
+    are kept for later calls only when `x` is a plain eager tensor: nothing made while tracing (fake
+    tensors) is kept, and eager calls on a GPU do not copy the indices to the device again."""
+    key = (h, w, window, shift, str(x.device))
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
     gather, padding, scatter, num_windows, padded = _window_indices(h, w, window, shift)
-    return _WindowLayout(*(torch.as_tensor(a, device=device) for a in (gather, padding, scatter)), num_windows, padded)
+    layout = _WindowLayout(*(torch.as_tensor(a, device=x.device) for a in (gather, padding, scatter)),
+                           num_windows, padded)
+    if plain_eager(x):
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _batched(index: torch.Tensor, batch: int, stride: int) -> torch.Tensor:
+    """Row indices of one image -> the same rows of each of `batch` images laid `stride` rows apart."""
+    if batch == 1:
+        return index
+    return (index + torch.arange(batch, device=index.device)[:, None] * stride).flatten()
 
 
 @lru_cache(maxsize=64)
@@ -166,13 +186,12 @@ def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
     """
     b, h, w, c = x.shape
     attn = self.attn
-    layout = _window_layout(h, w, tuple(self.window_size), tuple(self.shift_size), x.device)
+    layout = _window_layout(h, w, tuple(self.window_size), tuple(self.shift_size), x)
     slots = layout.gather.numel()
     qkv = F.linear(x.reshape(b * h * w, c), attn.qkv.weight, attn.qkv.bias)
-    index = layout.gather if b == 1 else (layout.gather + (torch.arange(b, device=x.device) * (h * w))[:, None]).flatten()
-    windows = qkv.index_select(0, index)
+    windows = qkv.index_select(0, _batched(layout.gather, b, h * w))
     if len(layout.padding):
-        padding = layout.padding if b == 1 else (layout.padding + (torch.arange(b, device=x.device) * slots)[:, None]).flatten()
+        padding = _batched(layout.padding, b, slots)
         bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(3 * c)
         windows.index_copy_(0, padding, bias.to(windows.dtype).expand(padding.numel(), -1))
     heads, area = attn.num_heads, self.window_area
@@ -180,8 +199,7 @@ def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=_attention_bias(self, layout, b).to(q.dtype),
                                          dropout_p=attn.attn_drop.p if self.training else 0.0, scale=attn.scale)
     out = out.transpose(1, 2).reshape(b * slots, c)
-    index = layout.scatter if b == 1 else (layout.scatter + (torch.arange(b, device=x.device) * slots)[:, None]).flatten()
-    out = attn.proj_drop(attn.proj(out.index_select(0, index)))
+    out = attn.proj_drop(attn.proj(out.index_select(0, _batched(layout.scatter, b, slots))))
     return out.view(b, h, w, c)
 
 

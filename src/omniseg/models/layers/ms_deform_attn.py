@@ -2,10 +2,10 @@
 
 The official CUDA kernel is replaced by pure PyTorch, three ways that match it up to float rounding:
 `ms_deform_attn_core_gather` folds the bilinear corner weights into the attention weights and reads
-all levels, heads and points in one `embedding_bag` (about 2x faster than `grid_sample` in inference
-on a 2-core CPU, 3.5x faster than HF transformers' function: benchmarks/ms_deform_attn_cores.py); `ms_deform_attn_core_recompute` is one
-`grid_sample` per level whose samples are recomputed in the backward pass instead of stored, used
-when gradients are needed; `ms_deform_attn_core_grid_sample` is the same with plain autograd, HF
+all levels, heads and points in one `embedding_bag` (in inference on a 2-core CPU about 2x faster than
+`grid_sample`, 3.5x faster than HF transformers' function: benchmarks/ms_deform_attn_cores.py);
+`ms_deform_attn_core_recompute` is one `grid_sample` per level whose samples are recomputed in the
+backward pass instead of stored, used when gradients are needed; `ms_deform_attn_core_grid_sample` is the same with plain autograd, HF
 transformers' way, kept as the reference. `ms_deform_attn_core` picks between the first two.
 """
 

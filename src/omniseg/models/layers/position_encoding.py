@@ -40,9 +40,8 @@ class PositionEmbeddingSine(nn.Module):
 
     def encode(self, h: int, w: int, device) -> torch.Tensor:
         """The float32 encoding of an (h, w) map, [1, 2 * num_pos_feats, h, w], contiguous."""
-        b = 1
-        y_embed = torch.arange(1, h + 1, device=device, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
-        x_embed = torch.arange(1, w + 1, device=device, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
+        y_embed = torch.arange(1, h + 1, device=device, dtype=torch.float32).view(1, h, 1).expand(1, h, w)
+        x_embed = torch.arange(1, w + 1, device=device, dtype=torch.float32).view(1, 1, w).expand(1, h, w)
         if self.normalize:
             eps = 1e-6
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale

@@ -200,7 +200,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         """bool [B, Q, h*w], True = blocked: the prediction resized (bilinear) to `size`, sigmoid < 0.5.
         Detached: no gradient flows through the attention mask."""
         resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-        return resized.sigmoid().flatten(2) < 0.5
+        return MultiScaleMaskedTransformerDecoder._blocked(resized.flatten(2))
+
+    @staticmethod
+    def _blocked(resized_logits: torch.Tensor) -> torch.Tensor:
+        """The official rule on logits already at the attention size: blocked where sigmoid < 0.5."""
+        return resized_logits.detach().sigmoid() < 0.5
 
     @staticmethod
     def unblock_empty_rows(blocked: torch.Tensor) -> torch.Tensor:
@@ -217,8 +222,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoded = self.decoder_norm(output)
         mask_embed = self.mask_embed(decoded)
         if not full:
-            logits = pixels.logits_at(mask_embed, attn_mask_target_size)
-            return None, None, logits.sigmoid() < 0.5
+            return None, None, self._blocked(pixels.logits_at(mask_embed, attn_mask_target_size))
         outputs_class = self.class_embed(decoded)
         outputs_mask = pixels.logits(mask_embed)
         blocked = (None if attn_mask_target_size is None
