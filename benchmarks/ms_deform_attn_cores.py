@@ -4,8 +4,8 @@
 
 Shapes are those of Mask2Former's pixel decoder at --size (levels 1/8, 1/16, 1/32; 8 heads of 32
 channels; 4 points): one call per encoder layer, 6 per forward. The peer is HF transformers'
-`multi_scale_deformable_attention` (when transformers is installed); `gather` is omniseg's inference
-core and `recompute` its training core (`ms_deform_attn_core` picks by whether a gradient is needed).
+`multi_scale_deformable_attention` (when transformers is installed); `gather` is omniseg's core
+(`ms_deform_attn_core`, with its hand-written backward pass when a gradient is needed).
 "stored for backward" counts the bytes autograd keeps between forward and backward. Outputs and
 gradients are checked equal before timing.
 """
@@ -22,12 +22,10 @@ from _runs import command_line, write_report  # benchmarks/_runs.py
 
 from omniseg.runtime import describe, tune_process
 from omniseg.bench import cpu_model, median_ms, stored_for_backward_bytes
-from omniseg.models.layers.ms_deform_attn import (
-    ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample, ms_deform_attn_core_recompute)
+from omniseg.models.layers.ms_deform_attn import ms_deform_attn_core, ms_deform_attn_core_grid_sample
 
 CORES = {"grid_sample + autograd (omniseg reference)": ms_deform_attn_core_grid_sample,
-         "gather (omniseg inference)": ms_deform_attn_core_gather,
-         "grid_sample, samples recomputed in backward (omniseg training)": ms_deform_attn_core_recompute}
+         "gather, hand-written backward (omniseg)": ms_deform_attn_core}
 try:
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
@@ -39,8 +37,14 @@ except ImportError:
 def _inputs(size: int, batch: int, generator: torch.Generator, requires_grad: bool):
     shapes = [(size // s, size // s) for s in (8, 16, 32)]
     length = sum(h * w for h, w in shapes)
+    # as in the encoder: every pixel of every level is a query whose points lie around its own position
+    # (here up to 8 pixels of each level away, some beyond the border)
+    reference = torch.cat([torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
+                                                      indexing="xy"), -1).view(-1, 2) for h, w in shapes])
+    level_sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32).view(3, 1, 2)
+    offsets = (torch.rand(batch, length, 8, 3, 4, 2, generator=generator) * 16 - 8) / level_sizes
     tensors = [torch.randn(batch, length, 8, 32, generator=generator),
-               torch.rand(batch, length, 8, 3, 4, 2, generator=generator) * 1.2 - 0.1,
+               reference.view(1, length, 1, 1, 1, 2) + offsets,
                torch.rand(batch, length, 8, 3, 4, generator=generator).softmax(-1)]
     return shapes, [t.requires_grad_(requires_grad) for t in tensors]
 
@@ -85,7 +89,7 @@ def main(argv=None) -> str:
                 bf16 = median_ms(lambda: core(bf16_value, shapes, locations, weights), 2, args.repeats)
         train = median_ms(lambda: step(core), 1, max(3, args.repeats // 2))
         train_bf16 = median_ms(lambda: step(core, autocast=True), 1, max(3, args.repeats // 2))
-        stored = stored_for_backward_bytes(lambda: step(core)) / 2**20
+        stored = stored_for_backward_bytes(lambda: core(train_inputs[0], train_shapes, *train_inputs[1:])) / 2**20
         rows.append(f"| {name} | {fp32:.1f} ms | {bf16:.1f} ms | {train:.1f} ms | {train_bf16:.1f} ms | {stored:.0f} MiB |")
     levels = ", ".join(f"{h}x{w}" for h, w in shapes)
     text = "\n".join([
@@ -94,7 +98,8 @@ def main(argv=None) -> str:
         f"Command: `{command_line(__file__, argv)}`",
         "",
         f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
-        f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query; "
+        f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query, "
+        f"its points up to 8 pixels of each level around it; "
         f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first. "
         f"Process settings (omniseg/runtime.py): {describe(applied)}.",
         "",

@@ -25,8 +25,7 @@ from omniseg.hub.hf_mask2former import (  # noqa: E402
 )
 from omniseg.bench import stored_for_backward_bytes  # noqa: E402
 from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
-    MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_gather, ms_deform_attn_core_grid_sample,
-    ms_deform_attn_core_recompute)
+    MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_grid_sample)
 from omniseg.models.layers.mask_logits import PixelEmbeddings  # noqa: E402
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
 
@@ -188,44 +187,53 @@ def test_ms_deform_attn_core_matches_hand_written_bilinear_sampling():
     torch.testing.assert_close(ms_deform_attn_core(value, shapes, locations, weights), expected)
     torch.testing.assert_close(ms_deform_attn_core(value, torch.tensor(shapes), locations, weights), expected)
     torch.testing.assert_close(ms_deform_attn_core_grid_sample(value, shapes, locations, weights), expected)
-    torch.testing.assert_close(ms_deform_attn_core_gather(value, shapes, locations, weights), expected)
 
 
 def test_ms_deform_attn_gather_core_gradients_match_grid_sample():
-    """The gather core is differentiable like the grid_sample one: same gradients for the values, the
-    sampling locations (through the bilinear weights) and the attention weights."""
+    """The gather core's hand-written backward gives grid_sample's gradients for the values, the sampling
+    locations (zero where they are clamped, far outside) and the attention weights, also when only
+    some inputs need a gradient."""
     g = torch.Generator().manual_seed(1)
     shapes = [(5, 6), (3, 3), (2, 4)]
     inputs = [torch.randn(2, sum(h * w for h, w in shapes), 3, 4, generator=g, dtype=torch.float64),
-              torch.rand(2, 7, 3, 3, 4, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15,
+              torch.rand(2, 7, 3, 3, 4, 2, generator=g, dtype=torch.float64) * 2.2 - 0.6,  # up to 2.4 px outside
               torch.rand(2, 7, 3, 3, 4, generator=g, dtype=torch.float64)]
-    grads = []
-    for core in (ms_deform_attn_core_gather, ms_deform_attn_core_recompute, ms_deform_attn_core_grid_sample):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = core(leaves[0], shapes, leaves[1], leaves[2])
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for gather, recompute, reference in zip(*grads):
-        torch.testing.assert_close(gather, reference)
-        torch.testing.assert_close(recompute, reference)
+    assert ((inputs[1] * 2 < -0.5 / 2) | (inputs[1] * 2 > 2 + 0.5 / 2)).any()  # some clamped on the 2-pixel levels
+    for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        grads = []
+        for core in (ms_deform_attn_core, ms_deform_attn_core_grid_sample):
+            leaves = [t.clone().requires_grad_(n) for t, n in zip(inputs, needs)]
+            out = core(leaves[0], shapes, leaves[1], leaves[2])
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            grads.append([t.grad for t in leaves])
+        for ours, reference, needed in zip(*grads, needs):
+            if needed:
+                torch.testing.assert_close(ours, reference)
+            else:
+                assert ours is None
 
 
-def test_ms_deform_attn_training_core_passes_gradcheck_and_stores_no_samples():
+def test_ms_deform_attn_gather_core_passes_gradcheck_and_stores_no_samples():
     g = torch.Generator().manual_seed(3)
     shapes = [(3, 4), (2, 2)]
     inputs = [torch.randn(1, 16, 2, 3, generator=g, dtype=torch.float64, requires_grad=True),
               (torch.rand(1, 4, 2, 2, 2, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1).requires_grad_(),
               torch.rand(1, 4, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn_core_recompute(v, shapes, l, w), inputs)
+    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn_core(v, shapes, l, w), inputs)
+
+    # what autograd keeps between forward and backward, with the encoder's proportions (every pixel a query)
+    shapes = [(8, 8), (4, 4)]
+    inputs = [torch.randn(2, 80, 2, 16, requires_grad=True), torch.rand(2, 80, 2, 2, 2, 2, requires_grad=True),
+              torch.rand(2, 80, 2, 2, 2, requires_grad=True)]
 
     def stored_bytes(core):
-        return stored_for_backward_bytes(lambda: core(inputs[0], shapes, inputs[1], inputs[2]).sum().backward())
+        return stored_for_backward_bytes(lambda: core(inputs[0], shapes, inputs[1], inputs[2]))
 
-    samples = 1 * 2 * 3 * 2 * 4 * 8  # batch*heads, Dh, points, queries in float64, per level
-    assert stored_bytes(ms_deform_attn_core_grid_sample) - stored_bytes(ms_deform_attn_core_recompute) >= 2 * samples
+    samples = 2 * 2 * 16 * 2 * 80 * 2 * 4  # batch*heads, Dh, points, queries, levels, float32
+    assert stored_bytes(ms_deform_attn_core) < stored_bytes(ms_deform_attn_core_grid_sample) - samples // 2
 
 
-def test_ms_deform_attn_training_core_under_bf16_autocast_close_to_fp32():
+def test_ms_deform_attn_gather_core_training_under_bf16_autocast_close_to_fp32():
     g = torch.Generator().manual_seed(4)
     shapes = [(8, 8), (4, 4)]
     inputs = [torch.randn(2, 80, 4, 8, generator=g), torch.rand(2, 80, 4, 2, 4, 2, generator=g),
@@ -235,9 +243,10 @@ def test_ms_deform_attn_training_core_under_bf16_autocast_close_to_fp32():
         leaves = [t.clone().requires_grad_() for t in inputs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             value = leaves[0].to(torch.bfloat16) if autocast else leaves[0]  # a bf16 value projection
-            out = ms_deform_attn_core_recompute(value, shapes, leaves[1], leaves[2])
+            out = ms_deform_attn_core(value, shapes, leaves[1], leaves[2])
         assert out.dtype == value.dtype
         out.float().square().sum().backward()
+        assert all(t.grad.dtype == t.dtype for t in leaves)
         results.append([out.float()] + [t.grad for t in leaves])
     for fp32, bf16 in zip(*results):  # bf16 rounds the values: compare whole tensors, not single elements
         assert ((bf16 - fp32).norm() / fp32.norm()).item() < 0.01
@@ -249,23 +258,18 @@ def test_ms_deform_attn_gather_core_in_bf16_close_to_fp32():
     value = torch.randn(1, 336, 8, 32, generator=g)
     locations = torch.rand(1, 336, 8, 3, 4, 2, generator=g)
     weights = torch.rand(1, 336, 8, 3, 4, generator=g).softmax(-1)
-    fp32 = ms_deform_attn_core_gather(value, shapes, locations, weights)
-    bf16 = ms_deform_attn_core_gather(value.bfloat16(), shapes, locations, weights)
+    fp32 = ms_deform_attn_core(value, shapes, locations, weights)
+    bf16 = ms_deform_attn_core(value.bfloat16(), shapes, locations, weights)
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), fp32, atol=0.03, rtol=0.02)
 
 
-def test_ms_deform_attn_core_gathers_in_inference_and_grid_samples_for_training(monkeypatch):
-    from omniseg.models.layers import ms_deform_attn as module
-    used = []
-    monkeypatch.setattr(module, "_gather_pixels", lambda *a: used.append("gather") or a[0])
-    monkeypatch.setattr(module, "_levels_core", lambda *a: used.append("grid") or a[0])
-    value, locations, weights = torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 1, 1, 2), torch.zeros(1, 3, 1, 1, 1)
+def test_ms_deform_attn_core_uses_the_hand_written_backward_only_when_a_gradient_is_needed():
+    value, locations, weights = torch.randn(1, 4, 1, 2), torch.rand(1, 3, 1, 1, 1, 2), torch.rand(1, 3, 1, 1, 1)
     with torch.no_grad():
-        module.ms_deform_attn_core(value.requires_grad_(), [(2, 2)], locations, weights)
-    module.ms_deform_attn_core(value, [(2, 2)], locations, weights)
-    module.ms_deform_attn_core(value.detach(), [(2, 2)], locations, weights)
-    assert used == ["gather", "grid", "gather"]
+        assert ms_deform_attn_core(value.requires_grad_(), [(2, 2)], locations, weights).grad_fn is None
+    assert type(ms_deform_attn_core(value, [(2, 2)], locations, weights).grad_fn).__name__ == "_GatherBackwardBackward"
+    assert ms_deform_attn_core(value.detach(), [(2, 2)], locations, weights).grad_fn is None
 
 
 def test_ms_deform_attn_gather_core_at_level_borders_and_far_outside():
@@ -280,7 +284,7 @@ def test_ms_deform_attn_gather_core_at_level_borders_and_far_outside():
         torch.arange(3, dtype=torch.float64).view(1, 1, 1, 1, 3, 1) > 0)  # point 0 exactly on the edges
     weights = torch.rand(1, locations.shape[1], 2, 2, 3, generator=g, dtype=torch.float64)
     expected = _naive_deform_attn(value, shapes, locations, weights)
-    torch.testing.assert_close(ms_deform_attn_core_gather(value, shapes, locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn_core(value, shapes, locations, weights), expected)
     torch.testing.assert_close(ms_deform_attn_core_grid_sample(value, shapes, locations, weights), expected)
 
 
@@ -308,7 +312,7 @@ def test_ms_deform_attn_module_matches_the_official_formula():
         base = attn.pixel_reference(reference, shapes)
         torch.testing.assert_close(attn(query, reference, values, shapes, pixel_reference=base), expected,
                                    atol=1e-5, rtol=1e-5)
-    trained = attn(query, reference, values, shapes)  # gradients needed: grid_sample training core
+    trained = attn(query, reference, values, shapes)  # gradients needed: the hand-written backward
     assert trained.requires_grad
     torch.testing.assert_close(trained.detach(), expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

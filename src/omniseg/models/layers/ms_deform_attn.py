@@ -1,18 +1,19 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
-The official CUDA kernel is replaced by pure PyTorch, three ways that match it up to float rounding:
-`ms_deform_attn_core_gather` folds the bilinear corner weights into the attention weights and reads
-all levels, heads and points in one `embedding_bag` (in inference on a 2-core CPU about 2x faster than
-`grid_sample`, 3.5x faster than HF transformers' function: benchmarks/ms_deform_attn_cores.py);
-`ms_deform_attn_core_recompute` is one `grid_sample` per level whose samples are recomputed in the
-backward pass instead of stored, used when gradients are needed; `ms_deform_attn_core_grid_sample` is the same with plain autograd, HF
-transformers' way, kept as the reference. `ms_deform_attn_core` picks between the first two.
+The official CUDA kernel is replaced by pure PyTorch that matches it up to float rounding:
+`ms_deform_attn_core` folds the bilinear corner weights into the attention weights and reads all
+levels, heads and points in one `embedding_bag`; its backward pass (`_GatherBackward`) replaces
+scatters with a sort of the samples' top-left corners and gathers. On a 2-core CPU it is about 2x
+faster than `grid_sample` in inference and faster in training too, storing no samples
+(benchmarks/ms_deform_attn_cores.py). `ms_deform_attn_core_grid_sample` is one `grid_sample` per
+level with plain autograd, HF transformers' way, kept as the reference.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,12 +38,6 @@ def to_pixels(sampling_locations: torch.Tensor, shapes: list[tuple[int, int]]) -
     return sampling_locations * sizes[:, None, :] - 0.5
 
 
-def _pixels_to_grid(pixels: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
-    """Pixel coordinates -> `grid_sample`'s [-1, 1] coordinates (align_corners=False)."""
-    sizes = _level_sizes(shapes, pixels.dtype, pixels.device)[:, None, :]
-    return torch.addcmul(1 / sizes - 1, pixels, 2 / sizes)
-
-
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
                         sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Sample every level at the given locations and take the attention-weighted sum.
@@ -58,18 +53,13 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequ
 
 def ms_deform_attn_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pixel_locations: torch.Tensor,
                           attention_weights: torch.Tensor) -> torch.Tensor:
-    """`ms_deform_attn_core` with the locations already in pixels of each level (`to_pixels`).
-
-    Inference takes the gather path (`_gather_pixels`); when a gradient is needed the `grid_sample` path
-    that stores no samples (`ms_deform_attn_core_recompute`'s), because `embedding_bag`'s backward (it
-    sorts every index) is slower on a CPU (benchmarks/ms_deform_attn_cores.py times the ways).
-    """
+    """`ms_deform_attn_core` with the locations already in pixels of each level (`to_pixels`): the
+    gather core (`_gather_pixels`), with `_GatherBackward`'s backward pass when a gradient is needed."""
     needs_grad = torch.is_grad_enabled() and (value.requires_grad or pixel_locations.requires_grad
                                               or attention_weights.requires_grad)
-    if not needs_grad:
-        return _gather_pixels(value, shapes, pixel_locations, attention_weights)
-    return _levels_core(value, shapes, _pixels_to_grid(pixel_locations, shapes), attention_weights,
-                        _SampleAndWeigh.apply)
+    if needs_grad:
+        return _GatherBackward.apply(value, pixel_locations, attention_weights, shapes)
+    return _gather_pixels(value, shapes, pixel_locations, attention_weights)
 
 
 def _padded_table(value: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, int]:
@@ -87,21 +77,36 @@ def _padded_table(value: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[t
     return table.view(-1, head_dim), sum(padded)
 
 
-def _gather_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pixel_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
-    """One fused gather + weighted sum (`embedding_bag`, mode "sum") over a zero-bordered value table.
+class _BilinearLayout(NamedTuple):
+    """Where and how much each sample reads, in `_padded_table` rows: rows are (batch, query, head),
+    columns (level, point), corners (y0 x0), (y0 x1), (y1 x0), (y1 x1)."""
 
-    Each (batch, query, head) is one bag whose entries are the 4 bilinear corners of every level and
-    point, weighted by attention weight x corner weight; no [B*heads, Dh, Lq, points] sample tensor is
-    materialised. Locations are clamped into [-1, size] first: beyond that every corner is in the zero
-    border, so no per-corner validity test is needed, and x and y are handled in one pass each.
-    """
-    b, _, heads, head_dim = value.shape
+    top_left: torch.Tensor  # [rows, cols] int32: table row of the (y0, x0) corner
+    corner_offsets: torch.Tensor  # [cols, 4] int32: the four corners' rows relative to top_left
+    fraction: torch.Tensor  # [rows, cols, 2]: (x, y) position inside the corner square
+    attention: torch.Tensor  # [rows, cols]
+
+    def indices(self) -> torch.Tensor:
+        """[rows, cols * 4] table rows of every corner."""
+        return (self.top_left[..., None] + self.corner_offsets).view(self.top_left.shape[0], -1)
+
+    def weights(self) -> torch.Tensor:
+        """[rows, cols, 4] attention weight x bilinear corner weight."""
+        fx, fy = self.fraction.unbind(-1)
+        bottom = self.attention * fy
+        top = self.attention - bottom
+        top_right, bottom_right = top * fx, bottom * fx
+        return torch.stack([top - top_right, top_right, bottom - bottom_right, bottom_right], -1)
+
+
+def _bilinear_layout(shapes: list[tuple[int, int]], per_head: int, b: int, heads: int,
+                     pixel_locations: torch.Tensor, attention_weights: torch.Tensor) -> _BilinearLayout:
+    """Locations are clamped into [-1, size] first: beyond that every corner is in the zero border of
+    the table, so no per-corner validity test is needed, and x and y are handled in one pass each."""
     _, num_queries, _, num_levels, num_points, _ = pixel_locations.shape
-    device = value.device
+    device = pixel_locations.device
     columns = num_levels * num_points
     rows = b * num_queries * heads
-    table, per_head = _padded_table(value, shapes)
     # per-column constants: columns are (level, point)
     upper = _level_sizes(shapes, pixel_locations.dtype, device).repeat_interleave(num_points, dim=0)  # [cols, 2]
     row_length = torch.tensor([w + 3 for _, w in shapes], dtype=torch.int32, device=device).repeat_interleave(num_points)
@@ -113,25 +118,132 @@ def _gather_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pixel_loc
 
     pixels = torch.minimum(pixel_locations.reshape(rows, columns, 2).clamp(min=-1.0), upper)
     low = pixels.floor()
-    frac = pixels - low
+    fraction = pixels - low
     low = low.to(torch.int32)
     top_left = low[..., 1] * row_length + low[..., 0] + column_base  # [rows, cols]
-    indices = (top_left[..., None] + corners).view(rows, -1)  # corners: (y0 x0), (y0 x1), (y1 x0), (y1 x1)
-    fx, fy = frac[..., 0], frac[..., 1]
-    attention = attention_weights.reshape(rows, columns).to(frac.dtype)
-    bottom = attention * fy
-    top = attention - bottom
-    top_right, bottom_right = top * fx, bottom * fx
-    weights = torch.stack([top - top_right, top_right, bottom - bottom_right, bottom_right], -1).view(rows, -1)
-    out = F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
-    return out.view(b, num_queries, heads * head_dim)
+    return _BilinearLayout(top_left, corners, fraction, attention_weights.reshape(rows, columns).to(fraction.dtype))
 
 
-def ms_deform_attn_core_gather(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
-                               sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """`ms_deform_attn_core`'s inference path (`_gather_pixels`) for normalised locations."""
-    shapes = _shapes_as_list(spatial_shapes)
-    return _gather_pixels(value, shapes, to_pixels(sampling_locations, shapes), attention_weights)
+def _gather_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pixel_locations: torch.Tensor,
+                   attention_weights: torch.Tensor) -> torch.Tensor:
+    """One fused gather + weighted sum (`embedding_bag`, mode "sum") over a zero-bordered value table.
+
+    Each (batch, query, head) is one bag whose entries are the 4 bilinear corners of every level and
+    point, weighted by attention weight x corner weight; no [B*heads, Dh, Lq, points] sample tensor is
+    materialised (forward only: `ms_deform_attn_pixels` routes calls that need a gradient to
+    `_GatherBackward`).
+    """
+    b, _, heads, head_dim = value.shape
+    table, per_head = _padded_table(value, shapes)
+    layout = _bilinear_layout(shapes, per_head, b, heads, pixel_locations, attention_weights)
+    weights = layout.weights().view(layout.top_left.shape[0], -1).to(table.dtype)
+    out = F.embedding_bag(layout.indices(), table, per_sample_weights=weights, mode="sum")
+    return out.view(b, -1, heads * head_dim)
+
+
+class _GatherBackward(torch.autograd.Function):
+    """`_gather_pixels` with a hand-written backward pass; stores the value table and the layout
+    (no samples). `embedding_bag`'s own backward sorts all 4 corner indices of every sample and
+    scatters; here:
+
+    * value gradient: the samples are sorted once by their top-left corner (a quarter of the
+      indices) and each corner's contributions are *gathered* per table row (`embedding_bag` over the
+      output gradient); the four corner sums are then added at their per-level row offsets;
+    * corner dot products <grad_out, value at corner> (`embedding_bag`'s per-sample-weight
+      gradient) give the attention-weight and location gradients in closed form.
+
+    Runs in fp32 (or float64) whatever the input dtype, like `grid_sample` under autocast; returns
+    value's dtype. Locations clamped into [-1, size] get no location gradient, as there every corner
+    reads zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, value, pixel_locations, attention_weights, shapes):
+        dtype = torch.promote_types(value.dtype, torch.float32)
+        b, _, heads, head_dim = value.shape
+        with torch.autocast(value.device.type, enabled=False):
+            table, per_head = _padded_table(value.to(dtype), shapes)
+            layout = _bilinear_layout(shapes, per_head, b, heads, pixel_locations.to(dtype),
+                                      attention_weights.to(dtype))
+            rows = layout.top_left.shape[0]
+            out = F.embedding_bag(layout.indices(), table, per_sample_weights=layout.weights().view(rows, -1),
+                                  mode="sum")
+        upper = _level_sizes(shapes, dtype, value.device).repeat_interleave(pixel_locations.shape[-2], dim=0)
+        raw = pixel_locations.reshape(rows, -1, 2)
+        ctx.save_for_backward(value, layout.top_left, layout.corner_offsets, layout.fraction, layout.attention,
+                              (raw > -1) & (raw < upper))  # the table is rebuilt from value: half the bytes
+        ctx.shapes = shapes
+        ctx.location_shape, ctx.location_dtype = pixel_locations.shape, pixel_locations.dtype
+        ctx.attention_shape, ctx.attention_dtype = attention_weights.shape, attention_weights.dtype
+        return out.view(b, -1, heads * head_dim).to(value.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, top_left, corner_offsets, fraction, attention, inside = ctx.saved_tensors
+        layout = _BilinearLayout(top_left, corner_offsets, fraction, attention)
+        rows, columns = top_left.shape
+        table, _ = _padded_table(value.to(fraction.dtype), ctx.shapes)
+        grad = grad_output.reshape(rows, -1).to(table.dtype).contiguous()  # (a sum's gradient is expanded)
+        weights = layout.weights()  # [rows, cols, 4]
+        grad_value = grad_locations = grad_attention = None
+        if ctx.needs_input_grad[0]:
+            grad_table = _scatter_by_gather(grad, top_left, weights, corner_offsets, table.shape[0], ctx.shapes)
+            grad_value = _unpadded(grad_table, ctx.shapes, value.shape).to(value.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # <grad_out, value at each corner>: embedding_bag's per-sample-weight gradient
+            samples = rows * columns * 4
+            bag_of_sample = torch.arange(rows, dtype=top_left.dtype, device=top_left.device)[:, None]
+            dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, table, layout.indices().view(-1), bag_of_sample[:, 0] * (columns * 4),
+                bag_of_sample.expand(rows, columns * 4).reshape(samples), 0, -1)  # mode 0: sum
+            d00, d01, d10, d11 = dots.view(rows, columns, 4).unbind(-1)
+            fx, fy = fraction.unbind(-1)
+            top = d00 + (d01 - d00) * fx  # <grad, sample> along the top and bottom edges
+            bottom = d10 + (d11 - d10) * fx
+            if ctx.needs_input_grad[2]:
+                grad_attention = (top + (bottom - top) * fy).view(ctx.attention_shape).to(ctx.attention_dtype)
+            if ctx.needs_input_grad[1]:
+                d_x = (d01 - d00) + (d11 - d10 - d01 + d00) * fy
+                d_xy = torch.stack([d_x, bottom - top], -1).mul_((attention[..., None]) * inside)
+                grad_locations = d_xy.view(ctx.location_shape).to(ctx.location_dtype)
+        return grad_value, grad_locations, grad_attention, None
+
+
+def _scatter_by_gather(grad: torch.Tensor, top_left: torch.Tensor, weights: torch.Tensor,
+                       corner_offsets: torch.Tensor, table_rows: int, shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """sum over samples of weight x grad[row] into each corner's table row, [table_rows, Dh], as
+    gathers: samples sorted by top-left row, one `embedding_bag` per corner over `grad`, then each
+    corner's sums shifted by its row offset (the same for every point of a level)."""
+    rows, columns = top_left.shape
+    flat = top_left.reshape(-1)
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=table_rows)
+    offsets = counts.cumsum(0) - counts
+    source_rows = torch.div(order, columns, rounding_mode="floor")
+    corner_weights = weights.reshape(-1, 4).index_select(0, order).t().contiguous()  # [4, samples]
+    per_corner = [F.embedding_bag(source_rows, grad, offsets=offsets, per_sample_weights=w, mode="sum")
+                  for w in corner_weights]
+    grad_table = per_corner[0]
+    # levels are consecutive blocks of each (batch, head) table; corners add at a fixed offset within a level
+    per_head = sum((h + 3) * (w + 3) for h, w in shapes)
+    blocks = [part.view(-1, per_head, grad.shape[1]) for part in (grad_table, *per_corner[1:])]
+    start = 0
+    for h, w in shapes:
+        size = (h + 3) * (w + 3)
+        for corner, shift in zip(blocks[1:], (1, w + 3, w + 4)):
+            blocks[0][:, start + shift:start + size] += corner[:, start:start + size - shift]
+        start += size
+    return grad_table
+
+
+def _unpadded(table: torch.Tensor, shapes: list[tuple[int, int]], value_shape) -> torch.Tensor:
+    """`_padded_table`'s inverse: rows [B*heads*per_head, Dh] -> [B, Lv, heads, Dh] (borders dropped)."""
+    b, _, heads, head_dim = value_shape
+    blocks = table.view(b, heads, -1, head_dim).split([(h + 3) * (w + 3) for h, w in shapes], dim=2)
+    return torch.cat([block.view(b, heads, h + 3, w + 3, head_dim)[:, :, 1:h + 1, 1:w + 1]
+                      .permute(0, 2, 3, 1, 4).reshape(b, h * w, heads, head_dim)
+                      for block, (h, w) in zip(blocks, shapes)], dim=1)
 
 
 def _level_grids(grid: torch.Tensor, attention_weights: torch.Tensor, heads: int):
@@ -165,14 +277,14 @@ def _weighted_samples(value_l: torch.Tensor, grid: torch.Tensor, weights: torch.
     return (sampled * weights.to(sampled.dtype)).sum(2)
 
 
-def _levels_core(value, shapes, grid, attention_weights, per_level) -> torch.Tensor:
-    """The grid_sample cores: `per_level(value_l, grid_l, weights_l)` summed over levels; `grid` holds
-    the locations in grid_sample's [-1, 1] coordinates."""
+def _levels_core(value, shapes, grid, attention_weights) -> torch.Tensor:
+    """`_weighted_samples` summed over levels; `grid` holds the locations in grid_sample's [-1, 1]
+    coordinates."""
     heads = value.shape[2]
     grids, weights = _level_grids(grid, attention_weights, heads)
     output = None
     for level, value_l in enumerate(_value_levels(value, shapes)):
-        contribution = per_level(value_l, grids[:, level], weights[:, :, level])
+        contribution = _weighted_samples(value_l, grids[:, level], weights[:, :, level])
         output = contribution if output is None else output + contribution
     return _heads_last(output, value.shape[0], heads)
 
@@ -180,61 +292,14 @@ def _levels_core(value, shapes, grid, attention_weights, per_level) -> torch.Ten
 def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
                                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """`ms_deform_attn_core` as one `grid_sample` per level and plain autograd, HF transformers' way
-    (kept as the reference the training core is checked and benchmarked against).
+    (kept as the reference the gather core is checked and benchmarked against).
 
     value [B, Lv, heads, Dh] (levels concatenated in `spatial_shapes` order),
     sampling_locations [B, Lq, heads, levels, points, 2] as (x, y) in [0, 1],
     attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
     Locations outside [0, 1] read zeros (`padding_mode="zeros"`, `align_corners=False`), like the CUDA kernel.
     """
-    return _levels_core(value, _shapes_as_list(spatial_shapes), 2 * sampling_locations - 1, attention_weights,
-                        _weighted_samples)
-
-
-class _SampleAndWeigh(torch.autograd.Function):
-    """`_weighted_samples` for one level, keeping only the inputs for the backward pass: the
-    [B*heads, Dh, points, Lq] samples (the largest tensor of the pixel decoder, 44 MB per level and layer
-    at 512x512, batch 2) are recomputed there instead of stored.
-
-    Runs in fp32 (or float64) whatever the input dtype, like `grid_sample` under autocast; returns
-    value_l's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, value_l, grid, weights):
-        dtype = torch.promote_types(value_l.dtype, torch.float32)
-        ctx.save_for_backward(value_l, grid, weights)
-        with torch.autocast(value_l.device.type, enabled=False):
-            return _weighted_samples(value_l.to(dtype), grid.to(dtype), weights.to(dtype)).to(value_l.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        value_l, grid, weights = ctx.saved_tensors
-        dtype = torch.promote_types(value_l.dtype, torch.float32)
-        value32, grid32 = value_l.to(dtype), grid.to(dtype)
-        grad = grad_output.to(dtype).unsqueeze(2)  # [B*heads, Dh, 1, Lq]
-        grad_weights = None
-        if ctx.needs_input_grad[2]:
-            sampled = F.grid_sample(value32, grid32, mode="bilinear", padding_mode="zeros", align_corners=False)
-            grad_weights = (grad * sampled).sum(1, keepdim=True).to(weights.dtype)
-        grad_value = grad_grid = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_value, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                grad * weights.to(dtype), value32, grid32, 0, 0, False,  # bilinear, zeros, align_corners=False
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
-            grad_value = grad_value.to(value_l.dtype) if ctx.needs_input_grad[0] else None
-            grad_grid = grad_grid.to(grid.dtype) if ctx.needs_input_grad[1] else None
-        return grad_value, grad_grid, grad_weights
-
-
-def ms_deform_attn_core_recompute(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
-                                  sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """`ms_deform_attn_core` for training: `ms_deform_attn_core_grid_sample`'s values and gradients,
-    but the per-level samples are recomputed in the backward pass rather than stored (one extra
-    `grid_sample` per level there; benchmarks/ms_deform_attn_cores.py measures time and stored bytes)."""
-    return _levels_core(value, _shapes_as_list(spatial_shapes), 2 * sampling_locations - 1, attention_weights,
-                        _SampleAndWeigh.apply)
+    return _levels_core(value, _shapes_as_list(spatial_shapes), 2 * sampling_locations - 1, attention_weights)
 
 
 class MSDeformAttn(nn.Module):

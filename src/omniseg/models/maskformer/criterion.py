@@ -154,7 +154,6 @@ class SetCriterion(nn.Module):
         device = pred_masks.device
         batch_idx, src_idx = _pred_permutation(indices)
         src = pred_masks[batch_idx.to(device), src_idx.to(device)].float()[:, None]  # [N, 1, h, w]
-        tgt = self._matched_target_masks(targets, indices, device)[:, None]  # [N, 1, H, W]
         with torch.no_grad():
             if isinstance(generator, (list, tuple)):
                 counts = [len(src_b) for src_b, _ in indices]
@@ -163,7 +162,7 @@ class SetCriterion(nn.Module):
                 ])
             else:
                 coords = self._sample_coords(src, generator)
-            point_labels = point_sample(tgt, coords, align_corners=False)[:, 0]
+            point_labels = self._matched_target_points(targets, indices, coords)
         point_logits = point_sample(src, coords, align_corners=False)[:, 0]
         if self.mask_loss == "bce":
             loss_mask = sigmoid_ce_loss(point_logits, point_labels, num_masks)
@@ -178,17 +177,30 @@ class SetCriterion(nn.Module):
         )
 
     @staticmethod
-    def _matched_target_masks(targets: Sequence[dict], indices: Indices, device: torch.device) -> torch.Tensor:
-        """Matched GT masks as float [N, H, W], zero-padded to the largest mask size in the batch."""
-        chosen = [t["masks"][tgt.to(t["masks"].device)] for t, (_, tgt) in zip(targets, indices)]
-        height = max(m.shape[-2] for m in chosen)
-        width = max(m.shape[-1] for m in chosen)
-        out = torch.zeros((sum(m.shape[0] for m in chosen), height, width), dtype=torch.float32, device=device)
-        start = 0
-        for m in chosen:
-            out[start : start + m.shape[0], : m.shape[-2], : m.shape[-1]] = m.to(device=device, dtype=torch.float32)
-            start += m.shape[0]
-        return out
+    def _matched_target_points(targets: Sequence[dict], indices: Indices, coords: torch.Tensor) -> torch.Tensor:
+        """The matched GT masks read at `coords` [N, P, 2] -> [N, P], as if every image's masks were
+        zero-padded to the batch's largest mask size (the official code pads them; here each image's
+        points are rescaled to its own size instead, which reads the same values without copying
+        any mask). Each image's masks are read in one `grid_sample`: a GT matched once has its points
+        in its own row (GTs supervised several times, as MP-Former's groups, are read from copies)."""
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        labels, start = [], 0
+        for t, (_, tgt) in zip(targets, indices):
+            if len(tgt) == 0:
+                continue
+            masks = t["masks"].to(device=coords.device, dtype=torch.float32)  # a no-op for the criterion's float masks
+            tgt = tgt.to(coords.device)
+            scale = coords.new_tensor([width / masks.shape[-1], height / masks.shape[-2]])
+            points = coords[start:start + len(tgt)] * scale
+            if len(torch.unique(tgt)) == len(tgt):
+                grid = coords.new_zeros(masks.shape[0], coords.shape[1], 2)
+                grid[tgt] = points
+                labels.append(point_sample(masks[:, None], grid, align_corners=False)[tgt, 0])
+            else:
+                labels.append(point_sample(masks[tgt][:, None], points, align_corners=False)[:, 0])
+            start += len(tgt)
+        return torch.cat(labels)
 
     # ----------------------------------------------------------------------------- public API
     def compute_losses_for_indices(
@@ -235,6 +247,8 @@ class SetCriterion(nn.Module):
         """
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         num_masks = count_num_masks(targets, final["pred_logits"].device)
+        # GT masks as float once for every set's matching and losses (each read them as float)
+        targets = [{**t, "masks": t["masks"].to(final["pred_masks"].device, torch.float32)} for t in targets]
         if indices is None:
             indices = self.matcher(final, targets, generator=generator)
         losses = self.compute_losses_for_indices(final, targets, indices, num_masks, generator)

@@ -28,8 +28,9 @@ def pairwise_sigmoid_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0), so two matmuls avoid a [Q, T, P] tensor.
     """
     num_points = logits.shape[1]
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    log_sigmoid = F.logsigmoid(logits)  # BCE(x, 1) = -log_sigmoid(x), BCE(x, 0) = x - log_sigmoid(x), bit for bit
+    pos = log_sigmoid.neg()
+    neg = logits - log_sigmoid
     return (pos @ targets.T + neg @ (1 - targets).T) / num_points
 
 
