@@ -412,6 +412,5 @@ def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred
     area = area.index_add(0, k, positive.flatten(1).sum(1).float())
     total = total.index_add(0, k, (values.sigmoid() * positive).flatten(1).sum(1))
     mask_scores = total / (area + 1e-6)
-    masks = masks[inverse]
-    return {"masks": masks, "labels": labels.to(torch.int64), "scores": class_scores * mask_scores[inverse],
-            "boxes": _inclusive_boxes(masks)}
+    return {"masks": masks[inverse], "labels": labels.to(torch.int64), "scores": class_scores * mask_scores[inverse],
+            "boxes": _inclusive_boxes(masks)[inverse]}  # boxes of each distinct query once
