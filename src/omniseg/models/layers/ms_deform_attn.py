@@ -217,7 +217,7 @@ def _scatter_by_gather(grad: torch.Tensor, top_left: torch.Tensor, weights: torc
     corner's sums shifted by its row offset (the same for every point of a level)."""
     rows, columns = top_left.shape
     flat = top_left.reshape(-1)
-    order = torch.argsort(flat)
+    order = torch.argsort(flat, stable=True)  # each row sums its samples in (batch, query) order: batch-independent
     counts = torch.bincount(flat, minlength=table_rows)
     offsets = counts.cumsum(0) - counts
     source_rows = torch.div(order, columns, rounding_mode="floor")
