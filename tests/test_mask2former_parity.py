@@ -27,6 +27,7 @@ from omniseg.bench import stored_for_backward_bytes  # noqa: E402
 from omniseg.models.layers.ms_deform_attn import (  # noqa: E402
     MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_grid_sample)
 from omniseg.models.layers.mask_logits import PixelEmbeddings  # noqa: E402
+from omniseg.models.layers.position_encoding import PositionEmbeddingSine  # noqa: E402
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -364,6 +365,22 @@ def test_decoder_inference_path_predicts_attention_masks_at_their_resolution():
         for size in ((3, 3), (5, 5), (10, 10)):
             resized = F.interpolate(pixels.logits(embed), size=size, mode="bilinear", align_corners=False)
             torch.testing.assert_close(pixels.logits_at(embed, size), resized.flatten(2))
+
+
+def test_channels_last_maps_are_read_without_copies():
+    """Convolutions on Swin's features give channels-last maps: the pixel embeddings use them as a
+    transposed matrix (no copy, same logits), and the cached sine encoding flattens to [B, h*w, C]
+    as a view."""
+    g = torch.Generator().manual_seed(8)
+    mask_features = torch.randn(2, 8, 12, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    pixels = PixelEmbeddings(mask_features)
+    assert pixels.flat.data_ptr() == mask_features.data_ptr()
+    embed = torch.randn(2, 5, 8, generator=g)
+    torch.testing.assert_close(pixels.logits(embed), torch.einsum("bqc,bchw->bqhw", embed, mask_features))
+    resized = F.interpolate(mask_features, size=(6, 5), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(pixels.logits_at(embed, (6, 5)), torch.einsum("bqc,bchw->bqhw", embed, resized).flatten(2))
+    pos = PositionEmbeddingSine(4, normalize=True)(mask_features)
+    assert pos.stride(0) == 0 and pos[:1].flatten(2).transpose(1, 2).is_contiguous()  # one cached map per size
 
 
 def test_decoder_output_structure_and_batch_independence():

@@ -39,7 +39,7 @@ class PositionEmbeddingSine(nn.Module):
         return self._cache[key].expand(b, -1, -1, -1).to(x.dtype)
 
     def encode(self, h: int, w: int, device) -> torch.Tensor:
-        """The float32 encoding of an (h, w) map, [1, 2 * num_pos_feats, h, w], contiguous."""
+        """The float32 encoding of an (h, w) map, [1, 2 * num_pos_feats, h, w], channels-last."""
         y_embed = torch.arange(1, h + 1, device=device, dtype=torch.float32).view(1, h, 1).expand(1, h, w)
         x_embed = torch.arange(1, w + 1, device=device, dtype=torch.float32).view(1, 1, w).expand(1, h, w)
         if self.normalize:
@@ -52,4 +52,5 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = y_embed[:, :, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous()
+        # channels-last memory: the transformers read it flattened as [B, h*w, C], which is then a plain view
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
