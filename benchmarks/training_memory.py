@@ -68,7 +68,7 @@ def main(argv=None) -> str:
         "",
         f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
         f"torch {torch.__version__}. {args.preset}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
-        "133 classes, 100 queries, random weights, AdamW; median of "
+        "133 classes, 100 queries, random weights, fused AdamW; median of "
         f"{args.steps} steps after one warm-up step, each configuration in a fresh process.",
         "",
         "| model | allocator (OMNISEG_MALLOC_TUNING) | activation checkpointing | step | peak RSS |",

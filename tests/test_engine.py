@@ -104,6 +104,28 @@ def test_optimizer_groups_and_schedule(make_tiny_config, synth_root):
     assert wd_of[id(model.predictor.decoder_norm.weight)] == 0.0  # norms: no weight decay
     assert wd_of[id(model.predictor.class_embed.weight)] == pytest.approx(0.05)
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    # torch's fused AdamW on CPU: the multi-tensor path's update
+    assert opt.defaults["fused"]
+    reference = torch.optim.AdamW([{k: (v if k != "params" else [p]) for k, v in g.items()} for g in opt.param_groups
+                                   for p in g["params"]], lr=1e-3, weight_decay=0.05, foreach=True)
+    clones = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    gen = torch.Generator().manual_seed(0)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.randn(p.shape, generator=gen)
+    for _ in range(2):
+        reference.step()
+    updated = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    with torch.no_grad():
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.copy_(clones[id(p)])
+    for _ in range(2):
+        opt.step()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            torch.testing.assert_close(p.detach(), updated[id(p)])
+    opt.state.clear()
     sched = WarmupPolyLR(opt, max_iters=100, power=0.9, warmup_iters=10, warmup_factor=0.1)
     lrs = []
     for _ in range(100):
