@@ -13,7 +13,7 @@ class PixelEmbeddings:
     `einsum` would cast and copy the whole 1/4-resolution map again for each of the 10 predictions,
     which under bf16 autocast on a CPU dominated the Mask2Former predictor's profile. Channels-last maps
     (what convolutions on Swin's features give) flatten to a transposed matrix, which `bmm` reads as it
-    is: a copy to [B, C, H*W] order took 3x the time of the product itself.
+    is: a copy to [B, C, H*W] order cost more than the product itself.
     """
 
     def __init__(self, mask_features: torch.Tensor):

@@ -96,7 +96,7 @@ def get_uncertain_point_coords_with_randomness(
     uncertainties = uncertainty_fn(point_sample(logits, candidates, align_corners=False))
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    # the same points as the official sorted top-k, in another order (unsorted top-k is ~3x faster on a CPU)
+    # the same points as the official sorted top-k, in another order (unsorted top-k skips the sort)
     top = torch.topk(uncertainties[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
     coords = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
