@@ -43,6 +43,19 @@ def command_line(script: str, argv=None) -> str:
     return " ".join(["python", os.path.relpath(script, os.getcwd()), *args])
 
 
+def machine_line(threads: int) -> str:
+    """The report's machine facts: CPU model, cores, torch threads and torch version."""
+    import os
+    import platform
+
+    import torch
+
+    from omniseg.bench import cpu_model
+
+    return (f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {threads} threads, "
+            f"torch {torch.__version__}.")
+
+
 def write_report(text: str, out: Path) -> str:
     """Print a benchmark's markdown report and write it to `out` (folders created)."""
     print(text)

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from _runs import command_line, write_report  # benchmarks/_runs.py
+from _runs import command_line, machine_line, write_report  # benchmarks/_runs.py
 
 from omniseg.allocator import tuned_environment
 
@@ -92,7 +91,7 @@ def main(argv=None) -> str:
 
     import torch
 
-    from omniseg.bench import cpu_model, median_ms
+    from omniseg.bench import median_ms
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -132,8 +131,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
-        f"torch {torch.__version__}; median of {args.repeats} after warm-up.",
+        machine_line(args.threads)[:-1] + f"; median of {args.repeats} after warm-up.",
         "",
         "## Channel-axis reductions of a [133, 128, 128] float32 map",
         "",

@@ -13,15 +13,13 @@ gradients are checked equal before timing.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
 import torch
-from _runs import command_line, write_report  # benchmarks/_runs.py
+from _runs import command_line, machine_line, write_report  # benchmarks/_runs.py
 
 from omniseg.runtime import describe, tune_process
-from omniseg.bench import cpu_model, median_ms, stored_for_backward_bytes
+from omniseg.bench import median_ms, stored_for_backward_bytes
 from omniseg.models.layers.ms_deform_attn import ms_deform_attn_core, ms_deform_attn_core_grid_sample
 
 CORES = {"grid_sample + autograd (omniseg reference)": ms_deform_attn_core_grid_sample,
@@ -97,8 +95,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
-        f"torch {torch.__version__}. Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query, "
+        machine_line(args.threads) + f" Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query, "
         f"its points up to 8 pixels of each level around it; "
         f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first. "
         f"Process settings (omniseg/runtime.py): {describe(applied)}.",

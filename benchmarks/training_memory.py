@@ -12,16 +12,13 @@ the live tensors) and `off` (glibc's defaults). Peak RSS is the whole process's,
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from _runs import command_line, write_report  # benchmarks/_runs.py
+from _runs import command_line, machine_line, write_report  # benchmarks/_runs.py
 
-from omniseg.bench import (BenchSettings, build_hf_checkpoint, build_omniseg_checkpoint, cpu_model,
+from omniseg.bench import (BenchSettings, build_hf_checkpoint, build_omniseg_checkpoint,
                            train_step_in_subprocess)
 
 MODES = {"speed": "1", "lean": "lean", "off": "0"}
@@ -66,8 +63,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, "
-        f"torch {torch.__version__}. {args.preset}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
+        machine_line(args.threads) + f" {args.preset}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
         "133 classes, 100 queries, random weights, fused AdamW; median of "
         f"{args.steps} steps after one warm-up step, each configuration in a fresh process.",
         "",

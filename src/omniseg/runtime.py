@@ -19,8 +19,9 @@ def tune_process() -> dict[str, int | bool]:
 
 def describe(applied: dict[str, int | bool]) -> str:
     """One line for benchmark reports: the settings `tune_process()` reported as applied."""
-    malloc = {"speed": "keeps freed memory", "lean": "lean (blocks above 1 MiB mapped and returned on free)",
-              "off": "defaults"}[mode()] if applied["malloc"] else "defaults"
+    malloc = "defaults"
+    if applied["malloc"]:
+        malloc = "lean (blocks above 1 MiB mapped and returned on free)" if mode() == "lean" else "keeps freed memory"
     threads = applied["denormal_threads"]
     return (f"glibc malloc: {malloc}; denormals flushed to zero: "
             + (f"yes ({threads} threads)" if threads else "no"))

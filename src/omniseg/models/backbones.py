@@ -16,7 +16,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.models.layers.eager import plain_eager
+from omniseg.models.layers.eager import eager_cached
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -136,17 +136,12 @@ def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, in
     """The layout's index tensors on x's device, made from cached numpy arrays (so never traced). They
     are kept for later calls only when `x` is a plain eager tensor: nothing made while tracing (fake
     tensors) is kept, and eager calls on a GPU do not copy the indices to the device again."""
-    key = (h, w, window, shift, str(x.device))
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
-    gather, padding, scatter, num_windows, padded = _window_indices(h, w, window, shift)
-    layout = _WindowLayout(*(torch.as_tensor(a, device=x.device) for a in (gather, padding, scatter)),
-                           num_windows, padded)
-    if plain_eager(x):
-        if len(_LAYOUTS) >= 64:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = layout
-    return layout
+    def make() -> _WindowLayout:
+        gather, padding, scatter, num_windows, padded = _window_indices(h, w, window, shift)
+        return _WindowLayout(*(torch.as_tensor(a, device=x.device) for a in (gather, padding, scatter)),
+                             num_windows, padded)
+
+    return eager_cached(_LAYOUTS, lambda: (h, w, window, shift, str(x.device)), x, make, limit=64)
 
 
 def _batched(index: torch.Tensor, batch: int, stride: int) -> torch.Tensor:
@@ -208,23 +203,22 @@ def _attention_bias(block, layout: _WindowLayout, batch: int) -> torch.Tensor:
     every window when unshifted; cached on the block while the bias table is unchanged (same storage
     and version) and needs no gradient."""
     table = block.attn.relative_position_bias_table
-    cacheable = plain_eager(table) and not (torch.is_grad_enabled() and table.requires_grad)
-    cache = block.__dict__.setdefault("_attention_bias_cache", {})
-    if cacheable:
-        key = (layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device))
-        if key in cache:
-            return cache[key]
-    bias = block.attn._get_rel_pos_bias()  # [1, heads, N, N]
-    if any(block.shift_size):  # the shift mask (0 / -100) of the padded map, per window
-        shape = (1, *layout.padded, 1)
-        bias = bias + block.get_attn_mask(torch.empty(shape, device=table.device, dtype=table.dtype))[:, None]
-        if batch > 1:
-            bias = bias.repeat(batch, 1, 1, 1)
-    if cacheable:
-        cache.clear()
-        cache[key] = bias.contiguous()
-        return cache[key]
-    return bias
+
+    def make() -> torch.Tensor:
+        bias = block.attn._get_rel_pos_bias()  # [1, heads, N, N]
+        if any(block.shift_size):  # the shift mask (0 / -100) of the padded map, per window
+            shape = (1, *layout.padded, 1)
+            bias = bias + block.get_attn_mask(torch.empty(shape, device=table.device, dtype=table.dtype))[:, None]
+            if batch > 1:
+                bias = bias.repeat(batch, 1, 1, 1)
+        return bias.contiguous()
+
+    if torch.is_grad_enabled() and table.requires_grad:
+        return make()
+    def key():  # the table's storage and version: a new key whenever the weights change
+        return layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device)
+
+    return eager_cached(block.__dict__.setdefault("_attention_bias_cache", {}), key, table, make, limit=1)
 
 
 class OriginalWindowSwinBlock(SwinTransformerBlock):

@@ -133,12 +133,17 @@ def _gather_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pixel_loc
     materialised (forward only: `ms_deform_attn_pixels` routes calls that need a gradient to
     `_GatherBackward`).
     """
+    return _gather_with_layout(value, shapes, pixel_locations, attention_weights)[0]
+
+
+def _gather_with_layout(value, shapes, pixel_locations, attention_weights) -> tuple[torch.Tensor, _BilinearLayout]:
+    """`_gather_pixels`'s output [B, Lq, heads * Dh] and the layout it read with."""
     b, _, heads, head_dim = value.shape
     table, per_head = _padded_table(value, shapes)
     layout = _bilinear_layout(shapes, per_head, b, heads, pixel_locations, attention_weights)
     weights = layout.weights().view(layout.top_left.shape[0], -1).to(table.dtype)
     out = F.embedding_bag(layout.indices(), table, per_sample_weights=weights, mode="sum")
-    return out.view(b, -1, heads * head_dim)
+    return out.view(b, -1, heads * head_dim), layout
 
 
 class _GatherBackward(torch.autograd.Function):
@@ -160,22 +165,17 @@ class _GatherBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, pixel_locations, attention_weights, shapes):
         dtype = torch.promote_types(value.dtype, torch.float32)
-        b, _, heads, head_dim = value.shape
         with torch.autocast(value.device.type, enabled=False):
-            table, per_head = _padded_table(value.to(dtype), shapes)
-            layout = _bilinear_layout(shapes, per_head, b, heads, pixel_locations.to(dtype),
-                                      attention_weights.to(dtype))
-            rows = layout.top_left.shape[0]
-            out = F.embedding_bag(layout.indices(), table, per_sample_weights=layout.weights().view(rows, -1),
-                                  mode="sum")
+            out, layout = _gather_with_layout(value.to(dtype), shapes, pixel_locations.to(dtype),
+                                              attention_weights.to(dtype))
         upper = _level_sizes(shapes, dtype, value.device).repeat_interleave(pixel_locations.shape[-2], dim=0)
-        raw = pixel_locations.reshape(rows, -1, 2)
+        raw = pixel_locations.reshape(*layout.top_left.shape, 2)
         ctx.save_for_backward(value, layout.top_left, layout.corner_offsets, layout.fraction, layout.attention,
                               (raw > -1) & (raw < upper))  # the table is rebuilt from value: half the bytes
         ctx.shapes = shapes
         ctx.location_shape, ctx.location_dtype = pixel_locations.shape, pixel_locations.dtype
         ctx.attention_shape, ctx.attention_dtype = attention_weights.shape, attention_weights.dtype
-        return out.view(b, -1, heads * head_dim).to(value.dtype)
+        return out.to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

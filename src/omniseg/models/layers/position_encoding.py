@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from omniseg.models.layers.eager import plain_eager
+from omniseg.models.layers.eager import eager_cached
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -29,14 +29,8 @@ class PositionEmbeddingSine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> [B, 2 * num_pos_feats, h, w] in x's dtype."""
         b, _, h, w = x.shape
-        if not plain_eager(x):  # traced graphs compute it (no Python-side state)
-            return self.encode(h, w, x.device).expand(b, -1, -1, -1).to(x.dtype)
-        key = (h, w, str(x.device))
-        if key not in self._cache:
-            if len(self._cache) >= 16:  # a few sizes per run (one per feature level); bound the rest
-                self._cache.clear()
-            self._cache[key] = self.encode(h, w, x.device)
-        return self._cache[key].expand(b, -1, -1, -1).to(x.dtype)
+        pos = eager_cached(self._cache, lambda: (h, w, str(x.device)), x, lambda: self.encode(h, w, x.device), limit=16)
+        return pos.expand(b, -1, -1, -1).to(x.dtype)
 
     def encode(self, h: int, w: int, device) -> torch.Tensor:
         """The float32 encoding of an (h, w) map, [1, 2 * num_pos_feats, h, w], channels-last."""

@@ -189,7 +189,7 @@ class SetCriterion(nn.Module):
         for t, (_, tgt) in zip(targets, indices):
             if len(tgt) == 0:
                 continue
-            masks = t["masks"].to(device=coords.device, dtype=torch.float32)  # a no-op for the criterion's float masks
+            masks = t["masks"].to(device=coords.device, dtype=torch.float32)  # a no-op for the model's float masks
             tgt = tgt.to(coords.device)
             scale = coords.new_tensor([width / masks.shape[-1], height / masks.shape[-2]])
             points = coords[start:start + len(tgt)] * scale
@@ -247,8 +247,6 @@ class SetCriterion(nn.Module):
         """
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         num_masks = count_num_masks(targets, final["pred_logits"].device)
-        # GT masks as float once for every set's matching and losses (each read them as float)
-        targets = [{**t, "masks": t["masks"].to(final["pred_masks"].device, torch.float32)} for t in targets]
         if indices is None:
             indices = self.matcher(final, targets, generator=generator)
         losses = self.compute_losses_for_indices(final, targets, indices, num_masks, generator)

@@ -159,7 +159,8 @@ class MaskFormer(Segmenter):
         if targets and all("seed" in t for t in targets):
             generators = [torch.Generator().manual_seed(int(t["seed"])) for t in targets]
         outputs, extra_losses = self.training_outputs(self.normalize(images), targets)
-        targets = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
+        # GT masks as float once for every prediction set's matching and losses (MP-Former's too)
+        targets = [{"labels": t["labels"], "masks": t["masks"].to(images.device, torch.float32)} for t in targets]
         if not self.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         # Matching and losses in fp32 even under autocast: costs and sigmoid-BCE are precision-sensitive.

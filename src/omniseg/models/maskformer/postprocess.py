@@ -177,15 +177,16 @@ def _instances_from_selected(
     masks = mask_logits > mask_threshold
     flat_masks = masks.flatten(1).float()
     mask_scores = (mask_logits.float().sigmoid().flatten(1) * flat_masks).sum(1) / (flat_masks.sum(1) + 1e-6)
+    return _detections(class_scores, labels, masks, mask_scores, inverse)
+
+
+def _detections(class_scores, labels, masks, mask_scores, inverse: torch.Tensor | None = None) -> dict:
+    """The instance result: per detection its mask, label, class x mask score and box. With `inverse`,
+    `masks` / `mask_scores` hold each distinct query once (boxed once) and detection i uses row inverse[i]."""
     boxes = _inclusive_boxes(masks)
     if inverse is not None:
         masks, mask_scores, boxes = masks[inverse], mask_scores[inverse], boxes[inverse]
-    return {
-        "masks": masks,
-        "labels": labels.to(torch.int64),
-        "scores": class_scores * mask_scores,
-        "boxes": boxes,
-    }
+    return {"masks": masks, "labels": labels.to(torch.int64), "scores": class_scores * mask_scores, "boxes": boxes}
 
 
 def _inclusive_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -411,6 +412,4 @@ def _fast_instances(grid: ResizeGrid, class_scores, labels, query_idx, mask_pred
     total = (inside * count * ((low + high) / 2).sigmoid()).flatten(1).sum(1)
     area = area.index_add(0, k, positive.flatten(1).sum(1).float())
     total = total.index_add(0, k, (values.sigmoid() * positive).flatten(1).sum(1))
-    mask_scores = total / (area + 1e-6)
-    return {"masks": masks[inverse], "labels": labels.to(torch.int64), "scores": class_scores * mask_scores[inverse],
-            "boxes": _inclusive_boxes(masks)[inverse]}  # boxes of each distinct query once
+    return _detections(class_scores, labels, masks, total / (area + 1e-6), inverse)

@@ -243,7 +243,6 @@ class MaskPilot(nn.Module):
             return {k: zero.clone() for k in keys}
         device = piloted.piloted[-1]["pred_logits"].device
         num_masks = count_num_masks(targets, device) * self.settings.groups
-        targets = [{**t, "masks": t["masks"].to(device, torch.float32)} for t in targets]  # once for every set
         out = {}
         for k, preds in enumerate(piloted.piloted):
             preds = {key: value.float() for key, value in preds.items()}
