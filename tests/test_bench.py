@@ -29,6 +29,9 @@ def test_bench_against_hf_same_outputs_and_full_table():
     assert rounds.count("MiB") == 2 and "omniseg" in rounds and "HF" in rounds
     table = result.table()
     assert "| forward |" in table and "measured fp32 GEMM throughput" in table
+    limits = [n for n in result.notes if "GFLOP (matmul/conv); omniseg achieves" in n]
+    assert [n.split(":")[0] for n in limits] == ["Forward, batch 1", "Predict (fast post-processing), 1 image",
+                                                 "Training step (forward + backward), batch 2"]
 
 
 def test_bench_without_hf_and_cli_errors(tmp_path):
@@ -90,3 +93,30 @@ def test_interleaved_timing_takes_the_calls_in_turn():
     medians = interleaved_median_ms([lambda: calls.append("a"), None, lambda: calls.append("b")], warmup=1, repeats=2)
     assert calls == ["a", "b"] * 3
     assert medians[1] is None and medians[0] >= 0 and medians[2] >= 0
+
+
+def test_flop_limit_notes_count_the_backward(synth_root):
+    """The training step's counted work is forward + backward: about 3x the same batch's forward (each
+    matmul's backward is two matmuls; the first layer needs no input gradient, the criterion's matching
+    adds a little), and the floor is that work at the given throughput."""
+    import torch
+
+    from conftest import TINY_MODEL
+    from omniseg.bench import _training_batch, counted_gflop, flop_limit_note, training_step_gflop
+    from omniseg.config import load_config
+    from omniseg.engine.trainer import build_datasets, build_model_from_config
+
+    cfg = load_config("mask2former_demo", [*TINY_MODEL, f"data.train.root={synth_root}", f"data.val.root={synth_root}"])
+    _, meta = build_datasets(cfg, splits=("val",))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, meta).eval()
+    settings = BenchSettings(size=64, num_classes=len(meta.classes), train_batch=2)
+    images, _ = _training_batch(settings)
+    forward = counted_gflop(lambda: model.forward_raw(model.normalize(images)))
+    step = training_step_gflop(model, settings)
+    assert 2.5 < step / forward < 3.2
+    assert not model.training and all(p.grad is None for p in model.parameters())  # left as found
+    note = flop_limit_note("Training step", 800.0, 4.0, 320.0)
+    assert note == ("Training step: 800 GFLOP (matmul/conv); omniseg achieves 200 GFLOP/s = 62% of the GEMM "
+                    "throughput; floor 2.50 s against 4.00 s measured.")
+    assert flop_limit_note("Forward", 133.0, 0.5, 350.0).endswith("floor 380 ms against 500 ms measured.")

@@ -164,6 +164,43 @@ def matmul_peak_gflops(dtype: str, size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def counted_gflop(fn) -> float:
+    """Matmul/convolution GFLOP that `fn()` runs (forward and any backward inside it), by torch's FLOP
+    counter. Its module tracker needs autograd on, so `fn` brings its own no_grad where it wants one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def training_step_gflop(model, settings: BenchSettings) -> float:
+    """GFLOP of one omniseg training step (losses and their backward) on the training workers' batch."""
+    images, targets = _training_batch(settings)
+    was_training = model.training
+    model.train()
+    try:
+        with _autocast(settings.dtype):
+            return counted_gflop(lambda: sum(model(images, targets).values()).backward())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def flop_limit_note(name: str, gflop: float, seconds: float, peak_gflops: float) -> str:
+    """How far a timed row is from the FLOP limit: achieved rate over the measured GEMM throughput,
+    and the time the matmul/conv work alone needs at that throughput (no implementation beats it)."""
+    achieved = gflop / seconds
+    floor = gflop / peak_gflops
+    return (f"{name}: {gflop:.0f} GFLOP (matmul/conv); omniseg achieves {achieved:.0f} GFLOP/s = "
+            f"{100 * achieved / peak_gflops:.0f}% of the GEMM throughput; floor {_duration(floor)} "
+            f"against {_duration(seconds)} measured.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def stored_for_backward_bytes(fn) -> int:
     """Bytes autograd keeps for the backward pass while `fn` runs (each storage counted once)."""
     storages = {}
@@ -256,13 +293,18 @@ def _random_targets(batch: int, size: int, num_classes: int, generator: torch.Ge
     return targets
 
 
-def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[float, float]:
-    """One side's training steps (run in a fresh process): (median step seconds, peak RSS MiB)."""
-    torch.set_num_threads(settings.threads)
+def _training_batch(settings: BenchSettings):
+    """The training steps' batch: random uint8 images and `_random_targets`, the same on every call."""
     g = torch.Generator().manual_seed(settings.seed)
     images = torch.randint(0, 256, (settings.train_batch, 3, settings.size, settings.size), dtype=torch.uint8,
                            generator=g)
-    targets = _random_targets(settings.train_batch, settings.size, settings.num_classes, g)
+    return images, _random_targets(settings.train_batch, settings.size, settings.num_classes, g)
+
+
+def _train_worker(side: str, folder: str, settings: BenchSettings) -> tuple[float, float]:
+    """One side's training steps (run in a fresh process): (median step seconds, peak RSS MiB)."""
+    torch.set_num_threads(settings.threads)
+    images, targets = _training_batch(settings)
     if side == "omniseg":
         from omniseg.api import load_model
 
@@ -397,11 +439,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
                                 f"omniseg's forward and predict rows are compiled, HF's eager. "
                                 + _check_against_fp32("compiled", compiled, fp32))
         progress("forward ...")
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:  # (its module tracker needs autograd on)
-            model.forward_raw(pixels)
-        gflop = counter.get_total_flops() / 1e9
+        gflop = counted_gflop(lambda: model.forward_raw(pixels))
         emulated = s.dtype == "bf16" and not native_bf16_matmul()
         gemm = 512 if emulated else 2048  # emulated bf16 runs at ~1 GFLOP/s: a 2048^3 product would take a minute
         measured_peak = matmul_peak_gflops(s.dtype, size=gemm)
@@ -411,11 +449,9 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         t_ours, t_hf = interleaved_median_ms([ours_forward, hf_forward if hf_model is not None else None],
                                              s.warmup, s.repeats)
         result.rows.append(("forward", t_ours, t_hf, "ms"))
-        achieved = gflop / (t_ours / 1000)
-        note = f"Forward: {gflop:.0f} GFLOP (matmul/conv) per batch; omniseg achieves {achieved:.0f} GFLOP/s"
-        note += (f" = {100 * achieved / measured_peak:.0f}% of this machine's measured {s.dtype} GEMM throughput "
-                 f"({measured_peak:.1f} GFLOP/s, {gemm}^3 matmul)")
-        result.notes.append(note + ".")
+        result.notes.append(f"FLOP limit: this machine's measured {s.dtype} GEMM throughput is {measured_peak:.1f} "
+                            f"GFLOP/s ({gemm}^3 matmul); a row's floor is its matmul/conv work at that rate.")
+        result.notes.append(flop_limit_note(f"Forward, batch {s.batch}", gflop, t_ours / 1000, measured_peak))
 
         progress("post-processing ...")
         # Random weights make every query "no object", and post-processing would then keep nothing: give
@@ -492,6 +528,11 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         model.postprocess_mode = "official"
         result.rows.append(("predict (uint8 image -> panoptic), 1 image", official, theirs_predict, "ms"))
         result.rows.append(("predict, fast post-processing", fast, theirs_predict, "ms"))
+        # predict runs under no_grad, which the FLOP counter cannot enter: count its network pass (the
+        # post-processing's few small products are left out)
+        predict_gflop = counted_gflop(lambda: model.forward_raw(model.normalize(one), aux_outputs=False))
+        result.notes.append(flop_limit_note("Predict (fast post-processing), 1 image", predict_gflop, fast / 1000,
+                                            measured_peak))
         hf_model = None  # free it before the training subprocesses
         if s.train:
             progress("training steps (fresh processes, the sides in turn) ...")
@@ -505,6 +546,9 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
                 return statistics.median(r[i] for r in runs) if runs else None
 
             result.rows.append((f"training step, batch {s.train_batch}", median(ours, 0), median(theirs, 0), "s"))
+            train_gflop = training_step_gflop(model, s)
+            result.notes.append(flop_limit_note(f"Training step (forward + backward), batch {s.train_batch}",
+                                                train_gflop, median(ours, 0), measured_peak))
             result.rows.append(("training peak RSS (whole process)", median(ours, 1), median(theirs, 1), "MiB"))
             result.notes.append(f"Training rows: median over {max(1, s.train_rounds)} fresh process(es) per side, "
                                 f"the sides in turn; in each, the median of {s.train_steps} steps after one warm-up "
