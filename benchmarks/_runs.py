@@ -44,7 +44,8 @@ def command_line(script: str, argv=None) -> str:
 
 
 def machine_line(threads: int) -> str:
-    """The report's machine facts: CPU model, cores, torch threads and torch version."""
+    """The report's machine facts (CPU model, cores, torch threads, torch version), a sentence without
+    its full stop, for the caller to continue."""
     import os
     import platform
 
@@ -53,7 +54,7 @@ def machine_line(threads: int) -> str:
     from omniseg.bench import cpu_model
 
     return (f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {threads} threads, "
-            f"torch {torch.__version__}.")
+            f"torch {torch.__version__}")
 
 
 def write_report(text: str, out: Path) -> str:

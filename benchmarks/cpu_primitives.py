@@ -131,7 +131,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        machine_line(args.threads)[:-1] + f"; median of {args.repeats} after warm-up.",
+        machine_line(args.threads) + f"; median of {args.repeats} after warm-up.",
         "",
         "## Channel-axis reductions of a [133, 128, 128] float32 map",
         "",

@@ -95,7 +95,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        machine_line(args.threads) + f" Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query, "
+        machine_line(args.threads) + f". Levels {levels}, 8 heads x 32 channels, 4 points, every pixel a query, "
         f"its points up to 8 pixels of each level around it; "
         f"median of {args.repeats} after warm-up. Outputs and gradients checked equal first. "
         f"Process settings (omniseg/runtime.py): {describe(applied)}.",

@@ -63,7 +63,7 @@ def main(argv=None) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`",
         "",
-        machine_line(args.threads) + f" {args.preset}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
+        machine_line(args.threads) + f". {args.preset}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
         "133 classes, 100 queries, random weights, fused AdamW; median of "
         f"{args.steps} steps after one warm-up step, each configuration in a fresh process.",
         "",

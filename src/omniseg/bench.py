@@ -439,7 +439,8 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
                                 f"omniseg's forward and predict rows are compiled, HF's eager. "
                                 + _check_against_fp32("compiled", compiled, fp32))
         progress("forward ...")
-        gflop = counted_gflop(lambda: model.forward_raw(pixels))
+        eager_forward = type(model).forward_raw.__get__(model)  # counted eager, also after compile_network
+        gflop = counted_gflop(lambda: eager_forward(pixels))
         emulated = s.dtype == "bf16" and not native_bf16_matmul()
         gemm = 512 if emulated else 2048  # emulated bf16 runs at ~1 GFLOP/s: a 2048^3 product would take a minute
         measured_peak = matmul_peak_gflops(s.dtype, size=gemm)
@@ -530,7 +531,7 @@ def run_bench(settings: BenchSettings, progress=print) -> BenchResult:
         result.rows.append(("predict, fast post-processing", fast, theirs_predict, "ms"))
         # predict runs under no_grad, which the FLOP counter cannot enter: count its network pass (the
         # post-processing's few small products are left out)
-        predict_gflop = counted_gflop(lambda: model.forward_raw(model.normalize(one), aux_outputs=False))
+        predict_gflop = counted_gflop(lambda: eager_forward(model.normalize(one), aux_outputs=False))
         result.notes.append(flop_limit_note("Predict (fast post-processing), 1 image", predict_gflop, fast / 1000,
                                             measured_peak))
         hf_model = None  # free it before the training subprocesses

@@ -12,7 +12,7 @@ level with plain autograd, HF transformers' way, kept as the reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -62,19 +62,48 @@ def ms_deform_attn_pixels(value: torch.Tensor, shapes: list[tuple[int, int]], pi
     return _gather_pixels(value, shapes, pixel_locations, attention_weights)
 
 
+def _padded_level_sizes(shapes: list[tuple[int, int]]) -> list[int]:
+    """Rows of each level in the padded table: (h + 3) x (w + 3), one zero row/column before the
+    level and two after."""
+    return [(h + 3) * (w + 3) for h, w in shapes]
+
+
+def _level_interiors(table: torch.Tensor, shapes: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """Padded table [B, heads, per_head, Dh] -> each level's interior (its real pixels) as a view
+    [B, heads, h, w, Dh], made one at a time: `_padded_table` writes into each before the next is
+    sliced (slices taken before an in-place write fail in exported graphs, as `split`'s views fail in
+    autograd)."""
+    b, heads, _, head_dim = table.shape
+    start = 0
+    for (h, w), size in zip(shapes, _padded_level_sizes(shapes)):
+        yield table[:, :, start:start + size].view(b, heads, h + 3, w + 3, head_dim)[:, :, 1:h + 1, 1:w + 1]
+        start += size
+
+
 def _padded_table(value: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, int]:
     """value [B, Lv, heads, Dh] -> (rows [B*heads*per_head, Dh], per_head): each level laid out
     [B, heads, h+3, w+3, Dh] with one zero row/column before and two after, so that both bilinear
     neighbours of any location clamped into [-1, size] are valid rows (zeros outside the level)."""
     b, _, heads, head_dim = value.shape
-    padded = [(h + 3) * (w + 3) for h, w in shapes]
-    table = value.new_zeros(b, heads, sum(padded), head_dim)
-    start = 0
-    for v, (h, w), n in zip(value.split([h * w for h, w in shapes], dim=1), shapes, padded):
-        interior = table[:, :, start:start + n].view(b, heads, h + 3, w + 3, head_dim)[:, :, 1:h + 1, 1:w + 1]
+    per_head = sum(_padded_level_sizes(shapes))
+    table = value.new_zeros(b, heads, per_head, head_dim)
+    for interior, v, (h, w) in zip(_level_interiors(table, shapes), value.split([h * w for h, w in shapes], dim=1),
+                                   shapes):
         interior.copy_(v.view(b, h, w, heads, head_dim).permute(0, 3, 1, 2, 4))
-        start += n
-    return table.view(-1, head_dim), sum(padded)
+    return table.view(-1, head_dim), per_head
+
+
+def _unpadded(table: torch.Tensor, shapes: list[tuple[int, int]], value_shape) -> torch.Tensor:
+    """`_padded_table`'s inverse: rows [B*heads*per_head, Dh] -> [B, Lv, heads, Dh] (borders dropped)."""
+    b, _, heads, head_dim = value_shape
+    interiors = _level_interiors(table.view(b, heads, -1, head_dim), shapes)
+    return torch.cat([interior.permute(0, 2, 3, 1, 4).reshape(b, h * w, heads, head_dim)
+                      for interior, (h, w) in zip(interiors, shapes)], dim=1)
+
+
+def _column_upper(shapes: list[tuple[int, int]], num_points: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[levels * points, 2]: each (level, point) column's (w, h), the exclusive upper pixel bound."""
+    return _level_sizes(shapes, dtype, device).repeat_interleave(num_points, dim=0)
 
 
 class _BilinearLayout(NamedTuple):
@@ -108,9 +137,10 @@ def _bilinear_layout(shapes: list[tuple[int, int]], per_head: int, b: int, heads
     columns = num_levels * num_points
     rows = b * num_queries * heads
     # per-column constants: columns are (level, point)
-    upper = _level_sizes(shapes, pixel_locations.dtype, device).repeat_interleave(num_points, dim=0)  # [cols, 2]
+    upper = _column_upper(shapes, num_points, pixel_locations.dtype, device)
     row_length = torch.tensor([w + 3 for _, w in shapes], dtype=torch.int32, device=device).repeat_interleave(num_points)
-    level_start = torch.tensor([sum((h + 3) * (w + 3) for h, w in shapes[:i]) for i in range(num_levels)],
+    sizes = _padded_level_sizes(shapes)
+    level_start = torch.tensor([sum(sizes[:i]) for i in range(num_levels)],
                                dtype=torch.int32, device=device).repeat_interleave(num_points)
     corners = torch.stack([torch.zeros_like(row_length), torch.ones_like(row_length), row_length, row_length + 1], -1)
     bag_start = (torch.arange(b * heads, dtype=torch.int32, device=device) * per_head).view(b, 1, heads, 1)
@@ -168,7 +198,7 @@ class _GatherBackward(torch.autograd.Function):
         with torch.autocast(value.device.type, enabled=False):
             out, layout = _gather_with_layout(value.to(dtype), shapes, pixel_locations.to(dtype),
                                               attention_weights.to(dtype))
-        upper = _level_sizes(shapes, dtype, value.device).repeat_interleave(pixel_locations.shape[-2], dim=0)
+        upper = _column_upper(shapes, pixel_locations.shape[-2], dtype, value.device)
         raw = pixel_locations.reshape(*layout.top_left.shape, 2)
         ctx.save_for_backward(value, layout.top_left, layout.corner_offsets, layout.fraction, layout.attention,
                               (raw > -1) & (raw < upper))  # the table is rebuilt from value: half the bytes
@@ -185,10 +215,9 @@ class _GatherBackward(torch.autograd.Function):
         rows, columns = top_left.shape
         table, _ = _padded_table(value.to(fraction.dtype), ctx.shapes)
         grad = grad_output.reshape(rows, -1).to(table.dtype).contiguous()  # (a sum's gradient is expanded)
-        weights = layout.weights()  # [rows, cols, 4]
         grad_value = grad_locations = grad_attention = None
         if ctx.needs_input_grad[0]:
-            grad_table = _scatter_by_gather(grad, top_left, weights, corner_offsets, table.shape[0], ctx.shapes)
+            grad_table = _scatter_by_gather(grad, top_left, layout.weights(), table.shape[0], ctx.shapes)
             grad_value = _unpadded(grad_table, ctx.shapes, value.shape).to(value.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # <grad_out, value at each corner>: embedding_bag's per-sample-weight gradient
@@ -210,8 +239,8 @@ class _GatherBackward(torch.autograd.Function):
         return grad_value, grad_locations, grad_attention, None
 
 
-def _scatter_by_gather(grad: torch.Tensor, top_left: torch.Tensor, weights: torch.Tensor,
-                       corner_offsets: torch.Tensor, table_rows: int, shapes: list[tuple[int, int]]) -> torch.Tensor:
+def _scatter_by_gather(grad: torch.Tensor, top_left: torch.Tensor, weights: torch.Tensor, table_rows: int,
+                       shapes: list[tuple[int, int]]) -> torch.Tensor:
     """sum over samples of weight x grad[row] into each corner's table row, [table_rows, Dh], as
     gathers: samples sorted by top-left row, one `embedding_bag` per corner over `grad`, then each
     corner's sums shifted by its row offset (the same for every point of a level)."""
@@ -226,24 +255,14 @@ def _scatter_by_gather(grad: torch.Tensor, top_left: torch.Tensor, weights: torc
                   for w in corner_weights]
     grad_table = per_corner[0]
     # levels are consecutive blocks of each (batch, head) table; corners add at a fixed offset within a level
-    per_head = sum((h + 3) * (w + 3) for h, w in shapes)
-    blocks = [part.view(-1, per_head, grad.shape[1]) for part in (grad_table, *per_corner[1:])]
+    sizes = _padded_level_sizes(shapes)
+    blocks = [part.view(-1, sum(sizes), grad.shape[1]) for part in (grad_table, *per_corner[1:])]
     start = 0
-    for h, w in shapes:
-        size = (h + 3) * (w + 3)
+    for (_, w), size in zip(shapes, sizes):
         for corner, shift in zip(blocks[1:], (1, w + 3, w + 4)):
             blocks[0][:, start + shift:start + size] += corner[:, start:start + size - shift]
         start += size
     return grad_table
-
-
-def _unpadded(table: torch.Tensor, shapes: list[tuple[int, int]], value_shape) -> torch.Tensor:
-    """`_padded_table`'s inverse: rows [B*heads*per_head, Dh] -> [B, Lv, heads, Dh] (borders dropped)."""
-    b, _, heads, head_dim = value_shape
-    blocks = table.view(b, heads, -1, head_dim).split([(h + 3) * (w + 3) for h, w in shapes], dim=2)
-    return torch.cat([block.view(b, heads, h + 3, w + 3, head_dim)[:, :, 1:h + 1, 1:w + 1]
-                      .permute(0, 2, 3, 1, 4).reshape(b, h * w, heads, head_dim)
-                      for block, (h, w) in zip(blocks, shapes)], dim=1)
 
 
 def _level_grids(grid: torch.Tensor, attention_weights: torch.Tensor, heads: int):
@@ -277,18 +296,6 @@ def _weighted_samples(value_l: torch.Tensor, grid: torch.Tensor, weights: torch.
     return (sampled * weights.to(sampled.dtype)).sum(2)
 
 
-def _levels_core(value, shapes, grid, attention_weights) -> torch.Tensor:
-    """`_weighted_samples` summed over levels; `grid` holds the locations in grid_sample's [-1, 1]
-    coordinates."""
-    heads = value.shape[2]
-    grids, weights = _level_grids(grid, attention_weights, heads)
-    output = None
-    for level, value_l in enumerate(_value_levels(value, shapes)):
-        contribution = _weighted_samples(value_l, grids[:, level], weights[:, :, level])
-        output = contribution if output is None else output + contribution
-    return _heads_last(output, value.shape[0], heads)
-
-
 def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.Tensor | Sequence[Sequence[int]],
                                     sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """`ms_deform_attn_core` as one `grid_sample` per level and plain autograd, HF transformers' way
@@ -299,7 +306,13 @@ def ms_deform_attn_core_grid_sample(value: torch.Tensor, spatial_shapes: torch.T
     attention_weights [B, Lq, heads, levels, points]  ->  [B, Lq, heads * Dh].
     Locations outside [0, 1] read zeros (`padding_mode="zeros"`, `align_corners=False`), like the CUDA kernel.
     """
-    return _levels_core(value, _shapes_as_list(spatial_shapes), 2 * sampling_locations - 1, attention_weights)
+    heads = value.shape[2]
+    grids, weights = _level_grids(2 * sampling_locations - 1, attention_weights, heads)  # grid_sample's [-1, 1]
+    output = None
+    for level, value_l in enumerate(_value_levels(value, _shapes_as_list(spatial_shapes))):
+        contribution = _weighted_samples(value_l, grids[:, level], weights[:, :, level])
+        output = contribution if output is None else output + contribution
+    return _heads_last(output, value.shape[0], heads)
 
 
 class MSDeformAttn(nn.Module):
