@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/omniseg demo --output runs/demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

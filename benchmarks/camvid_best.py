@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     from omniseg.api import load_model
     from omniseg.bench import cpu_model
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, evaluate
+    from omniseg.data.build import build_datasets
+    from omniseg.engine.evaluate import evaluate
 
     run = args.runs / "camvid_best"
     cfg = load_config("camvid_best", [*camvid_overrides(root), f"train.output_dir={run}", *args.overrides])

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
 
     from omniseg.api import load_model
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets
+    from omniseg.data.build import build_datasets
     from omniseg.evaluation.consistency import evaluate_consistency
 
     metric = HEADLINE[args.dataset]

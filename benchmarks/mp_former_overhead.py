@@ -23,7 +23,9 @@ import torch
 from omniseg.config import load_config
 from omniseg.data.loader import collate
 from omniseg.data.transforms import build_transforms
-from omniseg.engine.trainer import build_datasets, build_model_from_config, build_training_data, pad_targets
+from omniseg.data.build import build_datasets
+from omniseg.data.training import build_training_data, pad_targets
+from omniseg.models.registry import build_model_from_config
 
 
 def main(argv=None) -> str:

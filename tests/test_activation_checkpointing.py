@@ -12,7 +12,8 @@ from omniseg.models.registry import build_model
 
 
 def _model(preset: str, checkpointing: bool):
-    cfg = load_config(preset, [*TINY_MODEL, *TINY_TEXT, f"model.activation_checkpointing={str(checkpointing).lower()}"])
+    text = TINY_TEXT if preset.startswith("oneformer") else []
+    cfg = load_config(preset, [*TINY_MODEL, *text, f"model.activation_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     return build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=3, thing_ids=[0, 1]).train()
 

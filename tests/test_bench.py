@@ -68,7 +68,8 @@ def test_compile_network_matches_eager_and_leaves_training_eager(synth_root):
 
     from conftest import TINY_MODEL
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, build_model_from_config
+    from omniseg.data.build import build_datasets
+    from omniseg.models.registry import build_model_from_config
 
     cfg = load_config("mask2former_demo", [*TINY_MODEL, f"data.train.root={synth_root}", f"data.val.root={synth_root}"])
     _, meta = build_datasets(cfg, splits=("val",))
@@ -104,7 +105,8 @@ def test_flop_limit_notes_count_the_backward(synth_root):
     from conftest import TINY_MODEL
     from omniseg.bench import _training_batch, counted_gflop, flop_limit_note, training_step_gflop
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, build_model_from_config
+    from omniseg.data.build import build_datasets
+    from omniseg.models.registry import build_model_from_config
 
     cfg = load_config("mask2former_demo", [*TINY_MODEL, f"data.train.root={synth_root}", f"data.val.root={synth_root}"])
     _, meta = build_datasets(cfg, splits=("val",))

@@ -252,7 +252,7 @@ def test_predict_formats_at_another_output_size():
     assert model.predict(images, image_sizes)[1]["instances"]["masks"].shape[1:] == (48, 56)
     with pytest.raises(ValueError, match="instance"):
         model.predict(images, image_sizes, tasks=("semantic",))
-    model.test_cfg["score_threshold"] = 1.1  # nothing passes: empty, well-formed outputs
+    model.test_cfg.score_threshold = 1.1  # nothing passes: empty, well-formed outputs
     empty = model.predict(images, image_sizes, output_sizes)[1]["instances"]
     assert empty["masks"].shape == (0, 30, 40) and empty["masks"].dtype == torch.bool
     assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64 and empty["scores"].shape == (0,)
@@ -274,7 +274,7 @@ def test_mask_branch_runs_once_per_batch_whatever_the_number_of_detections(monke
         monkeypatch.setattr(bm_model, name, spy)
     counts = []
     for d in (3, 60):
-        model.test_cfg["detections_per_image"] = d
+        model.test_cfg.detections_per_image = d
         calls.clear()
         preds = model.predict(images, [(64, 64), (64, 64)])
         assert [p["instances"]["masks"].shape[0] for p in preds] == [d, d]

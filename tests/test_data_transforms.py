@@ -233,7 +233,7 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 def test_batch_sampler_is_a_pure_function_of_seed_and_batch_index():
-    from omniseg.engine.sampling import ResumableBatchSampler
+    from omniseg.data.sampling import ResumableBatchSampler
 
     s = ResumableBatchSampler(10, 3, seed=5)
     stream = iter(s)
@@ -255,7 +255,7 @@ def test_batch_sampler_is_a_pure_function_of_seed_and_batch_index():
 
 
 def test_training_set_augmentation_depends_only_on_the_sample_seed():
-    from omniseg.engine.trainer import TrainingSet
+    from omniseg.data.training import TrainingSet
 
     ds = _ListDataset(2)
     ts = TrainingSet(ds, build_transforms(True, size=16, scale_range=(0.5, 1.5)), "panoptic")

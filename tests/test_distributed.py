@@ -69,7 +69,8 @@ def test_torchrun_training_evaluates_across_ranks(make_tiny_config, tmp_path):
     """`torchrun -m omniseg.cli train` with 2 ranks: each rank scores half the validation images and the
     gathered result equals scoring the final weights in one process."""
     from omniseg.api import load_model
-    from omniseg.engine.trainer import build_datasets, evaluate, flat_metrics
+    from omniseg.data.build import build_datasets
+    from omniseg.engine.evaluate import evaluate, flat_metrics
 
     out = tmp_path / "ddp_run"
     cfg = make_tiny_config("data.batch_size=2", "train.max_iters=4", "train.eval_period=4",

@@ -11,7 +11,10 @@ import torch
 
 from omniseg.engine.checkpoint import Checkpointer
 from omniseg.engine.optim import WarmupPolyLR, build_optimizer
-from omniseg.engine.trainer import build_datasets, build_model_from_config, evaluate, flat_metrics, train
+from omniseg.data.build import build_datasets
+from omniseg.engine.evaluate import evaluate, flat_metrics
+from omniseg.engine.trainer import train
+from omniseg.models.registry import build_model_from_config
 from omniseg.hub import CheckpointError, load_state_dict_file
 
 
@@ -35,6 +38,23 @@ def test_tiny_model_overfits_synthetic_images(make_tiny_config, tmp_path):
     trained = flat_metrics(evaluate(model, datasets["train"], cfg2, meta2, progress=False))
     assert trained["mIoU"] > untrained["mIoU"] + 20, (untrained, trained)
     assert trained["PQ"] > untrained["PQ"] + 10, (untrained, trained)
+
+
+def test_zero_periods_mean_only_after_the_last_iteration(make_tiny_config, tmp_path):
+    """train.eval_period=0 (likewise checkpoint_period, log_period) switches the periodic action off: it runs
+    once, after the last iteration."""
+    from omniseg.engine.trainer import due
+
+    assert [i for i in range(1, 11) if due(i, 0, 10)] == [10]
+    assert [i for i in range(1, 11) if due(i, 4, 10)] == [4, 8, 10]
+    cfg = make_tiny_config("train.max_iters=3", "train.eval_period=0", "train.checkpoint_period=0",
+                           "train.log_period=0")
+    train(cfg, progress=False)
+    records = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iter"] for r in records if "loss" in r] == [3]
+    assert [r["iter"] for r in records if "mIoU" in r] == [3]
+    assert sorted(p.name for p in (tmp_path / "run").glob("model_*.safetensors")) == [
+        "model_0000003.safetensors", "model_final.safetensors"]
 
 
 def test_resume_is_bit_exact(make_tiny_config, tmp_path):
@@ -141,7 +161,7 @@ def test_gradient_accumulation_matches_larger_batch(make_tiny_config, tmp_path):
     """batch 2 x accumulate 2 takes the same step as batch 4 when the samples are the same."""
     from omniseg.data.transforms import build_transforms
     from omniseg.data.loader import collate
-    from omniseg.engine.trainer import TrainingSet, pad_targets
+    from omniseg.data.training import TrainingSet, pad_targets
 
     cfg = make_tiny_config()
     datasets, meta = build_datasets(cfg)

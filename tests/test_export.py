@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from conftest import TINY_MODEL  # noqa: E402
 from omniseg.cli import app
 from omniseg.config import load_config
-from omniseg.engine.trainer import build_datasets, build_model_from_config
+from omniseg.data.build import build_datasets
+from omniseg.models.registry import build_model_from_config
 from omniseg.export import export_model, load_exported, postprocess_exported
 
 

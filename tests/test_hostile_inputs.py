@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from omniseg.data import formats
+from omniseg.data.formats import files as formats  # the shared readers and their limits
 from omniseg.data.errors import DataError
 from omniseg.data.formats import CocoInstanceDataset, CocoPanopticDataset, SemanticFolderDataset, load_rgb_image
 from omniseg.data.formats.coco_panoptic import id_to_rgb

@@ -278,8 +278,8 @@ def test_mp_requires_masked_attention():
     cfg["mp"] = {"enabled": True}
     with pytest.raises(ValueError, match="mask2former"):
         build_model(cfg, num_classes=3)
-    with pytest.raises(ValueError, match="unknown keys"):
-        PilotSettings.from_config({"enabled": True, "grops": 2})
+    with pytest.raises(ValueError, match=r"unknown key model.mp.grops \(did you mean groups\?\)"):
+        build_model({"arch": "mask2former", "mp": {"enabled": True, "grops": 2}}, num_classes=3)
 
 
 def test_mp_former_trains_end_to_end(make_tiny_config):

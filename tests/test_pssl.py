@@ -303,15 +303,15 @@ def test_more_than_254_classes_get_16_bit_labels(tmp_path):
 
 def test_train_command_parses_into_the_dataset(tmp_path):
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets
+    from omniseg.data.build import build_datasets
 
     root = tmp_path / "ds"
     classes = ["big, red car", "dog: husky", "background"]
     for split in ("train", "val"):
         _write_png(root / "images" / split / "x" / "0.png", np.zeros((4, 4, 3)))
         _write_png(root / "labels" / split / "x" / "0.png", np.array([[0, 1, 2, 2]] * 4))
-    args = train_command(root, classes, [1.0, 1.0, 0.1], preset="mask2former_demo")
-    assert args[:3] == ["omniseg", "train", "mask2former_demo"]
+    args = train_command(root, classes, [1.0, 1.0, 0.1], preset="pspnet_demo")
+    assert args[:3] == ["omniseg", "train", "pspnet_demo"]
     assert "model.loss.class_weights=[1.0,1.0,0.1]" in args
     cfg = load_config(args[2], shlex.split(" ".join(shlex.quote(a) for a in args))[3:])
     assert list(cfg.model.loss.class_weights) == [1.0, 1.0, 0.1]

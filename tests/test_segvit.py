@@ -280,8 +280,10 @@ def test_continual_steps_must_cover_the_classes():
 
 def test_vit_feature_pyramid_strides_and_upernet_output():
     torch.manual_seed(0)
-    model = tiny_segvit("model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, out_indices: [0, 1, 2, 3]}",
-                        "model.head_width=16", preset="upernet_vit_demo")
+    cfg = load_config("upernet_vit_demo", [
+        "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, out_indices: [0, 1, 2, 3]}",
+        "model.head_width=16"])
+    model = build_model(OmegaConf.to_object(cfg.model), num_classes=5)
     feats = model.backbone(torch.randn(1, 3, 64, 64))
     assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {"res2": (32, 32), "res3": (16, 16),
                                                                   "res4": (8, 8), "res5": (4, 4)}
@@ -380,3 +382,14 @@ def test_train_continual_freezes_everything_learnt_before(synth_root, tmp_path, 
         assert not all(same)
     # A finished study is reused, not retrained.
     assert train_continual(cfg, progress=False)["per_step"] == report["per_step"]
+
+
+def test_qd_grid_positions_are_the_grid_tokens_in_raster_order():
+    """Shrunk's query downsampling reads a static index set (exportable); it is the grid mask's tokens."""
+    from omniseg.models.segvit.vit import grid_positions
+
+    for h, w in ((4, 6), (8, 8), (2, 10)):
+        kept = grid_mask(h, w)[None]
+        positions = torch.arange(h * w)[None]
+        expected, padding = gather_kept(positions[..., None], kept)
+        assert torch.equal(grid_positions(h, w), expected[0, :, 0]) and not padding.any()

@@ -13,33 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from omniseg.data.meta import DatasetMeta
 from omniseg.hub import CheckpointError, load_state_dict_file
-
-
-def _build(cfg: DictConfig, meta: DatasetMeta) -> torch.nn.Module:
-    from omniseg.models.registry import build_model
-
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg["backbone_weights"] = None  # the full weights follow; never read a backbone file here
-    return build_model(model_cfg, num_classes=meta.num_classes, thing_ids=meta.thing_ids)
-
-
-def _is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+from omniseg.hub.hf_folder import is_hf_folder
 
 
 def load_model(weights: str | os.PathLike, *, device: str | torch.device = "cpu",
                config: DictConfig | None = None) -> tuple[torch.nn.Module, DictConfig, DatasetMeta]:
     """Load a trained model from an omniseg weights file (config and classes are stored inside it) or a
     local HF transformers Mask2Former / MaskFormer checkpoint folder (config.json + weights)."""
-    from omniseg.config import from_yaml
+    from omniseg.config import config_from_stored
     from omniseg.engine.checkpoint import read_weights_metadata
+    from omniseg.models.registry import build_model_from_config
 
     path = Path(weights)
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         from omniseg.hub.hf import load_hf_checkpoint
 
         model, cfg, meta = load_hf_checkpoint(path)
@@ -48,11 +38,11 @@ def load_model(weights: str | os.PathLike, *, device: str | torch.device = "cpu"
     if config is None:
         if "config" not in md:
             raise CheckpointError(f"{path}: no config stored in this weights file; pass the config it was trained with")
-        config = from_yaml(md["config"])
+        config = config_from_stored(md["config"], f"{path} (stored config)")
     meta = DatasetMeta.from_dict(md["meta"]) if md.get("meta", {}).get("classes") else None
     if meta is None:
         raise CheckpointError(f"{path}: no class list stored in this weights file")
-    model = _build(config, meta)
+    model = build_model_from_config(config, meta, with_backbone_weights=False)
     sd = load_state_dict_file(path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
@@ -67,7 +57,7 @@ def load_weights_into(model: torch.nn.Module, weights: str | os.PathLike) -> dic
     Tensors whose shape differs (e.g. a classifier for another class count) are skipped and reported.
     """
     path = Path(weights)
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         from omniseg.hub.hf import read_hf_state_dict_converted
 
         sd = read_hf_state_dict_converted(path)
@@ -98,23 +88,22 @@ class Predictor:
                  tasks: Sequence[str] | None = None, min_size_test: int | None = None,
                  config: DictConfig | None = None, postprocess: str | None = None):
         from omniseg.data.transforms import build_transforms
-        from omniseg.engine.trainer import resolve_device
+        from omniseg.runtime import resolve_device
+        from omniseg.tasks import check_tasks
 
         self.device = resolve_device(device)
         self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
-        supported = list(getattr(self.model, "tasks", ("semantic", "panoptic", "instance")))
-        self.tasks = list(tasks) if tasks is not None else supported  # default: everything the model predicts
-        unsupported = [t for t in self.tasks if t not in supported]
-        if unsupported:
-            raise ValueError(f"{weights}: this {self.cfg.model.get('arch')} model predicts {supported}, not {unsupported}")
-        if postprocess is not None:  # "official" | "fast" (overrides the checkpoint's model.test.postprocess)
-            from omniseg.models.maskformer.postprocess import check_mode
-
-            self.model.postprocess_mode = check_mode(postprocess)
+        self.tasks = check_tasks(self.model.tasks if tasks is None else tasks,  # default: all the model predicts
+                                 self.model.tasks, what=f"{weights}: this {self.model.describe()} model")
+        if postprocess is not None:  # overrides the checkpoint's model.test.postprocess
+            try:
+                self.model.set_postprocess_mode(postprocess)
+            except ValueError as e:
+                raise ValueError(f"{weights}: {e}") from None
         if min_size_test is None:
-            min_size_test = self.cfg.data.get("min_size_test") if "data" in self.cfg else None
+            min_size_test = self.cfg.data.min_size_test
         self.transforms = build_transforms(False, min_size_test=min_size_test)
-        self.size_divisibility = int(self.cfg.data.get("size_divisibility", 32)) if "data" in self.cfg else 32
+        self.size_divisibility = self.cfg.data.size_divisibility
 
     def _to_sample(self, image) -> dict:
         if isinstance(image, (str, os.PathLike)):

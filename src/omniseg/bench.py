@@ -139,7 +139,7 @@ def build_omniseg_checkpoint(settings: BenchSettings, folder: Path) -> Path:
     from omniseg.config import load_config, to_yaml
     from omniseg.data.meta import DatasetMeta
     from omniseg.engine.checkpoint import save_weights
-    from omniseg.engine.trainer import build_model_from_config
+    from omniseg.models.registry import build_model_from_config
 
     cfg = load_config(settings.preset, [f"model.num_queries={settings.num_queries}"])
     meta = DatasetMeta(classes=[f"class_{i}" for i in range(settings.num_classes)],

@@ -10,12 +10,12 @@ from typing import List, Optional
 
 import typer
 
+from omniseg.tasks import TASKS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Universal image segmentation (MaskFormer, Mask2Former, ...) in pure PyTorch.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic set, check a dataset.")
 app.add_typer(data_app, name="data")
-
-TASKS = ("semantic", "panoptic", "instance")
 
 
 @app.callback()
@@ -75,19 +75,25 @@ def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .
              figure: Optional[Path] = typer.Option(None, "--figure",
                                                    help="with --consistency: PNG of the first image's masks layer by layer")):
     """Evaluate weights on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP (and layer consistency)."""
-    from omegaconf import OmegaConf
-
     from omniseg.api import load_model
-    from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, evaluate, resolve_device
+    from omniseg.config import apply_overrides, load_config
+    from omniseg.data.build import build_datasets
+    from omniseg.engine.evaluate import evaluate
+    from omniseg.runtime import resolve_device
 
     device = resolve_device("auto")
     base = load_config(config) if config else None
     model, cfg, meta = load_model(weights, device=device, config=base)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = apply_overrides(cfg, overrides, source=f"the config of {weights}")
+    bad = [t for t in tasks or () if t not in TASKS]
+    if bad:
+        _fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
     datasets, _ = build_datasets(cfg, splits=("val",))
-    results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images, device=device)
+    try:
+        results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images,
+                           device=device)
+    except ValueError as e:
+        _fail(str(e))
     if consistency:
         from omniseg.evaluation.consistency import evaluate_consistency
 
@@ -130,7 +136,7 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
         _fail(f"{input}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
-        _fail(f"unknown task(s) {bad}; choose from {TASKS}")
+        _fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
     ids = _image_ids_from(image_ids) if image_ids else None
     try:  # default tasks: every task the model predicts
         predictor = Predictor(weights, tasks=list(tasks) if tasks else None, postprocess="fast" if fast else None)
@@ -204,7 +210,7 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
     except ValueError as e:
         _fail(str(e))
     if task is not None and task not in TASKS:
-        _fail(f"unknown task {task!r}; choose from {TASKS}")
+        _fail(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model, _, meta = load_model(weights)
     try:
         path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta, task=task)
@@ -267,32 +273,32 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
 
 @app.command()
 def models():
-    """List the named presets."""
+    """List the named presets: family, backbone and network of each (from the family registry)."""
+    from omegaconf import OmegaConf
+
     from omniseg.config import list_presets, load_config
+    from omniseg.models.registry import family_of
 
     rows = []
     for name in list_presets():
-        cfg = load_config(name)
-        m = cfg.model
-        arch = "mp_former" if m.get("mp") is not None and m.mp.get("enabled") else m.arch
-        if m.arch in ("mask2former", "maskformer", "oneformer"):
-            details = f"{m.num_queries} queries, {m.dec_layers} decoder layers"
-        elif m.arch == "segvit":
-            details = {None: "plain ViT", "shrunk": "Shrunk ViT", "shrunkpp": "Shrunk++ ViT"}[m.get("shrink")] + " + ATM"
-        elif m.arch in ("maskrcnn", "panet"):
-            details = f"FPN {m.get('fpn_dim', 256)}" + (", bottom-up path, adaptive pooling, fc fusion"
-                                                        if m.arch == "panet" else "")
-        elif m.arch == "blendmask":
-            details = f"FCOS + blender, variant {m.get('variant', 'standard')}"
-        elif m.arch == "upernet":
-            details = "UPerNet on a ViT feature pyramid" if str(m.backbone).startswith("vit") else "UPerNet"
-        else:  # per-pixel family
-            details = "JPU neck" if m.get("neck") == "jpu" else f"dilated, output stride {m.get('output_stride', 8)}"
-        rows.append((name, arch, m.backbone, details))
+        settings = OmegaConf.to_object(load_config(name).model)
+        arch, details = family_of(settings.arch).describe(settings)
+        rows.append((name, arch, settings.backbone, details))
     header = ("preset", "arch", "backbone", "network")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command("config")
+def show_config(config: str = typer.Argument(..., help="preset name or YAML file"),
+                overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):
+    """Print the whole resolved config of a preset or YAML file (every setting, defaults included)."""
+    from omegaconf import OmegaConf
+
+    from omniseg.config import load_config
+
+    typer.echo(OmegaConf.to_yaml(load_config(config, overrides)).rstrip())
 
 
 @data_app.command("synth")
@@ -310,8 +316,7 @@ def data_check(config: str = typer.Argument(...), overrides: Optional[List[str]]
                split: str = typer.Option("train")):
     """Load a config's dataset, read every sample, and print the class <-> id mapping and counts."""
     from omniseg.config import load_config
-    from omniseg.data.build import describe_dataset
-    from omniseg.engine.trainer import build_datasets
+    from omniseg.data.build import build_datasets, describe_dataset
 
     cfg = load_config(config, overrides)
     datasets, _ = build_datasets(cfg, splits=(split,))
@@ -340,9 +345,9 @@ def _pssl_errors():
 
 
 def _device(name: str) -> str:
-    import torch
+    from omniseg.runtime import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return str(resolve_device(name))
 
 
 @pssl_app.command("crops")
@@ -458,7 +463,9 @@ def main() -> None:
         from omniseg.data.errors import DataError
         from omniseg.hub import CheckpointError
 
-        if isinstance(e, (DataError, CheckpointError, FileNotFoundError)):
+        from omniseg.schema import ConfigError
+
+        if isinstance(e, (DataError, CheckpointError, ConfigError, FileNotFoundError)):
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             sys.exit(2)
         raise

@@ -13,7 +13,8 @@ def run_demo(output: str | Path = "runs/demo", *, preset: str = "mp_former_demo"
     from omniseg import visualize as vis
     from omniseg.api import Predictor
     from omniseg.config import load_config
-    from omniseg.engine.trainer import build_datasets, train
+    from omniseg.data.build import build_datasets
+    from omniseg.engine.trainer import train
 
     output = Path(output)
     cfg = load_config(preset, [f"train.output_dir={output}", *(overrides or [])])

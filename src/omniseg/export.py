@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import json
 import os
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from omniseg.models.base import Segmenter, semantic_results
+
 FORMATS = ("torch-export", "onnx")
-OUTPUT_NAMES = ("pred_logits", "pred_masks")  # mask classification; a model may name others (raw_output_names)
 OUTPUT_DOCS = {
     "pred_logits": "[B, Q, K+1] class logits (last = no object)",
     "pred_masks": "[B, Q, H/4, W/4] mask logits",
@@ -33,31 +33,25 @@ OUTPUT_DOCS = {
 }
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    return tuple(getattr(model, "raw_output_names", OUTPUT_NAMES))
-
-
 class InferenceGraph(nn.Module):
-    """uint8 images -> the model's raw outputs (mask classification: pred_logits, pred_masks of the last
-    decoder layer; per-pixel: sem_seg); nothing training-only."""
+    """uint8 images -> the model's raw outputs (`model.raw_output_names`: mask classification
+    pred_logits, pred_masks of the last decoder layer; per-pixel sem_seg); nothing training-only.
+    A model whose network cannot be exported is refused with its `export_refusal()` reason."""
 
-    def __init__(self, model: nn.Module, task: str | None = None):
+    def __init__(self, model: Segmenter, task: str | None = None):
         super().__init__()
-        if task is not None and getattr(model, "default_task", None) is None:
-            raise ValueError("--task applies to task-conditioned models (OneFormer) only")
+        reason = model.export_refusal()
+        if reason:
+            raise ValueError(reason)
+        self.options = model.raw_forward_options(task)  # refuses a task for models that take none
         # A shallow copy without the training-only children and parameters (model.training_only: losses,
         # MP-Former's piloting, OneFormer's text mapper), so their weights stay out of the export.
-        skip = set(getattr(model, "training_only", ()))
+        skip = set(model.training_only)
         inference = copy.copy(model)
         inference._modules = {k: v for k, v in model._modules.items() if k not in skip}
         inference._parameters = {k: v for k, v in model._parameters.items() if k not in skip}
         self.model = inference
-        self.output_names = output_names(model)
-        # mask classification: the last prediction set only, computed the inference way
-        parameters = inspect.signature(model.forward_raw).parameters
-        self.options = {"aux_outputs": False} if "aux_outputs" in parameters else {}
-        if task is not None:
-            self.options["task"] = task
+        self.output_names = tuple(model.raw_output_names)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model.forward_raw(self.model.normalize(images), **self.options)
@@ -73,7 +67,7 @@ def check_export_request(fmt: str, height: int, width: int) -> None:
                          f"got {height}x{width}")
 
 
-def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "torch-export",
+def export_model(model: Segmenter, output: str | os.PathLike, *, fmt: str = "torch-export",
                  height: int = 512, width: int = 512, batch: int = 1, meta=None, task: str | None = None) -> Path:
     """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file.
     `task` (OneFormer only) picks the task token baked into the graph."""
@@ -94,13 +88,10 @@ def export_model(model: nn.Module, output: str | os.PathLike, *, fmt: str = "tor
     sidecar = {
         "format": fmt,
         "input": {"name": "images", "shape": [batch, 3, height, width], "dtype": "uint8", "layout": "RGB"},
-        "outputs": {name: OUTPUT_DOCS[name] for name in graph.output_names},
-        "task": task or getattr(model, "default_task", None),
+        "outputs": {name: OUTPUT_DOCS.get(name, name) for name in graph.output_names},
+        "task": graph.options.get("task"),
         "classes": list(meta.classes) if meta is not None else None,
-        "thing_ids": list(getattr(model, "thing_ids", []) or []),
-        "object_mask_threshold": float(getattr(model, "object_mask_threshold", 0.8)),
-        "overlap_threshold": float(getattr(model, "overlap_threshold", 0.8)),
-        "topk": int(getattr(model, "topk", 100)),
+        **model.export_metadata(),
     }
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=2))
     return output
@@ -110,7 +101,9 @@ def load_exported(path: str | os.PathLike):
     """A callable images -> the exported outputs (see the sidecar) for a torch-export (.pt2) or ONNX file."""
     path = Path(path)
     sidecar = Path(str(path) + ".json")
-    names = list(json.loads(sidecar.read_text())["outputs"]) if sidecar.is_file() else list(OUTPUT_NAMES)
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{sidecar}: missing; `omniseg export` writes it next to the exported file")
+    names = list(json.loads(sidecar.read_text())["outputs"])
     if path.suffix == ".onnx":
         import numpy as np
         import onnxruntime
@@ -149,15 +142,6 @@ def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, si
 
 def semantic_from_exported(sem_seg: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                            output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
-    """A per-pixel model's exported logits [B, K, Hp, Wp] -> [{"semantic": int64 [H, W]}] per image (the
-    same as `model.predict`): crop image i's (h, w) content, resize to its output size, argmax."""
-    from torch.nn import functional as F
-
-    output_sizes = output_sizes or image_sizes
-    results = []
-    for i, ((h, w), out) in enumerate(zip(image_sizes, output_sizes)):
-        scores = sem_seg[i:i + 1, :, :h, :w].float()
-        if tuple(out) != (h, w):
-            scores = F.interpolate(scores, size=tuple(out), mode="bilinear", align_corners=False)
-        results.append({"semantic": scores[0].argmax(0)})
-    return results
+    """A per-pixel model's exported logits [B, K, Hp, Wp] -> [{"semantic": int64 [H, W]}] per image, as
+    `model.predict` gives them (the same code: crop image i's (h, w) content, resize, argmax)."""
+    return semantic_results(sem_seg, image_sizes, output_sizes)

@@ -1,16 +1,14 @@
 """Prediction writers in the formats other tools read: label PNGs, COCO panoptic PNG+JSON, COCO results JSON.
 
-Every file is written to a temporary name in the same folder and moved into place with
-`os.replace`, so an interrupted run never leaves a truncated PNG or JSON behind.
+Every file is written through `omniseg.files.atomic_path`, so an interrupted run never leaves a
+truncated PNG or JSON behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,9 @@ from PIL import Image
 
 from omniseg.data.meta import DatasetMeta
 from omniseg.evaluation.instance import to_coco_results
+from omniseg.files import atomic_path
 
 SEMANTIC_IGNORE = 255
-
-
-# --- atomic writes -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling name (not mkstemp, whose 0600 mode would stick to the final file).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

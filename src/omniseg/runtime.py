@@ -1,8 +1,8 @@
-"""Process-wide CPU settings that the `omniseg` command applies first thing, and the benchmarks on both
+"""Process-wide settings. The CPU settings the `omniseg` command applies first thing, and the benchmarks on both
 sides: glibc malloc keeps freed tensor memory (`omniseg.allocator`) and denormal floats are flushed to
 zero in every torch thread (`omniseg.denormals`). Python users call `tune_process()` once.
 Opt out with OMNISEG_MALLOC_TUNING=0 / OMNISEG_FLUSH_DENORMALS=0; OMNISEG_MALLOC_TUNING=lean trades
-speed for the smallest resident memory."""
+speed for the smallest resident memory. Also the device a run uses and the seeding of the global RNGs."""
 
 from __future__ import annotations
 
@@ -25,3 +25,24 @@ def describe(applied: dict[str, int | bool]) -> str:
     threads = applied["denormal_threads"]
     return (f"glibc malloc: {malloc}; denormals flushed to zero: "
             + (f"yes ({threads} threads)" if threads else "no"))
+
+
+def resolve_device(name: str = "auto"):
+    """A torch.device from "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

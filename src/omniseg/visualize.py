@@ -16,7 +16,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from omniseg.data.errors import DataError
 from omniseg.data.meta import DatasetMeta
 from omniseg.engine.logger import read_metrics
-from omniseg.outputs import atomic_path
+from omniseg.files import atomic_path
 
 # Keys of evaluation lines in metrics.jsonl that get their own subplot, in this order.
 EVAL_METRICS = ("PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "fwIoU", "mAcc", "pAcc", "AP", "AP50", "AP75")

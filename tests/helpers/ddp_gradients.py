@@ -13,8 +13,11 @@ import torch
 
 from omniseg.config import load_config
 from omniseg.data.loader import collate
-from omniseg.engine.trainer import (build_datasets, build_model_from_config, build_training_data,
-                                    distributed_session, pad_targets, seed_everything)
+from omniseg.data.build import build_datasets
+from omniseg.data.training import build_training_data, pad_targets
+from omniseg.engine.distributed import distributed_session
+from omniseg.models.registry import build_model_from_config
+from omniseg.runtime import seed_everything
 
 
 def main(config_path: str, out_path: str) -> None:

@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
 from omniseg.data.formats import CocoInstanceDataset, CocoPanopticDataset, SemanticFolderDataset
+from omniseg.data.meta import DatasetMeta
+from omniseg.settings import DATA_FORMATS as FORMATS
 
-FORMATS = ("coco_panoptic", "coco_instance", "semantic_folder", "synthetic")
 _SPLIT_KEYS = ("train", "val", "test")
 
 # Per-format / per-preset default paths, relative to root.
@@ -37,7 +38,7 @@ _DEFAULTS = {
 }
 
 
-def _plain(cfg) -> dict:
+def as_plain_dict(cfg) -> dict:
     if cfg is None:
         return {}
     try:
@@ -51,11 +52,34 @@ def _plain(cfg) -> dict:
 
 
 def _resolve_cfg(data_cfg, split: str) -> dict:
-    cfg = _plain(data_cfg)
+    """The keys of `split`: the section's own, then the split's; unset (null) keys left out so that the
+    format's defaults apply."""
+    cfg = as_plain_dict(data_cfg)
     merged = {k: v for k, v in cfg.items() if k not in _SPLIT_KEYS}
     if isinstance(cfg.get(split), dict):
         merged.update(cfg[split])
-    return merged
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def split_settings(cfg, split: str) -> dict:
+    """A run config's `data.<split>` section as `build_dataset` reads it, with the synthetic-generation
+    settings folded in for that format."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.data[split], resolve=True)
+    if node.get("format") == "synthetic":
+        node = {**OmegaConf.to_container(cfg.data.synthetic, resolve=True), **node}
+    return node
+
+
+def build_datasets(cfg, splits=("train", "val")) -> tuple[dict[str, Dataset], DatasetMeta]:
+    """The datasets of a run config's `splits` (those it defines) and their class metadata."""
+    datasets = {s: build_dataset(split_settings(cfg, s), cfg.data[s].get("split") or s)
+                for s in splits if cfg.data.get(s) is not None}
+    if not datasets:
+        raise ValueError(f"the config defines none of the data splits {list(splits)}")
+    meta = next(iter(datasets.values())).meta
+    return datasets, meta
 
 
 def build_dataset(data_cfg, split: str) -> Dataset:

@@ -1,6 +1,6 @@
 """Batching: images padded to a size divisibility, samples kept alongside.
 
-The training sample order lives in `omniseg.engine.sampling` (resumable, seed-determined).
+The training sample order lives in `omniseg.data.sampling` (resumable, seed-determined).
 """
 
 from __future__ import annotations

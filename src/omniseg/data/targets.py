@@ -10,8 +10,8 @@ import torch
 
 from omniseg.data.errors import DataError
 from omniseg.masks import boxes_from_masks, nonempty_masks  # noqa: F401  (re-exported: data code uses them)
+from omniseg.tasks import TASKS
 
-TASKS = ("semantic", "instance", "panoptic")
 
 
 def semantic_from_panoptic(pan_seg: torch.Tensor, segments_info: list[dict], ignore_index: int = 255) -> torch.Tensor:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from omniseg.files import atomic_path
 from omniseg.hub import CheckpointError, load_state_dict_file
-
-
-def atomic_write(path: Path, write_fn) -> None:
-    """Write via a temp file in the same directory, fsync, then os.replace (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -53,7 +38,8 @@ def save_weights(path: str | os.PathLike, model: torch.nn.Module, *, config_yaml
     path = Path(path)
     sd = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
     metadata = {"format": "omniseg", "config": config_yaml, "meta": json.dumps(meta or {})}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    with atomic_path(path, durable=True) as tmp:
+        save_file(sd, tmp, metadata=metadata)
     return sha256_file(path)
 
 
@@ -115,7 +101,7 @@ class Checkpointer:
         self.keep = keep
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete temp files left by a process killed inside `atomic_write` (they were never renamed,
+        """Delete temp files left by a process killed inside `atomic_path` (they were never renamed,
         so no checkpoint refers to them). Call from the single writing process before training."""
         stale = [p for p in self.dir.glob(".*.tmp") if p.is_file()] if self.dir.is_dir() else []
         for p in stale:
@@ -138,9 +124,11 @@ class Checkpointer:
             "extra": extra or {},
         }
         state_path = self.dir / f"state_{name}.pt"
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        with atomic_path(state_path, durable=True) as tmp:
+            torch.save(state, tmp)
         pointer = {"weights": weights.name, "state": state_path.name, "iteration": iteration}
-        atomic_write(self.dir / "last_checkpoint.json", lambda tmp: Path(tmp).write_text(json.dumps(pointer)))
+        with atomic_path(self.dir / "last_checkpoint.json", durable=True) as tmp:
+            tmp.write_text(json.dumps(pointer))
         self._prune(keep_names={weights.name, state_path.name})
         return weights
 

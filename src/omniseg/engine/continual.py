@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from omniseg.engine.checkpoint import atomic_write
+from omniseg.files import atomic_path
 
 
 def step_iterations(cfg: DictConfig, n_steps: int) -> list[int]:
@@ -56,14 +56,16 @@ def train_continual(cfg: DictConfig, *, progress: bool = True) -> dict:
     """Run every learning step of `model.continual.steps`; returns (and writes) the continual report."""
     from omniseg.engine.trainer import train
 
-    steps = OmegaConf.select(cfg, "model.continual.steps", default=None)
+    if "continual" not in cfg.model:
+        raise ValueError(f"train-continual needs a SegViT config (model.arch segvit), not model.arch {cfg.model.arch}")
+    steps = cfg.model.continual.steps
     if not steps or len(steps) < 2:
         raise ValueError("train-continual needs model.continual.steps with at least two steps, e.g. [4, 2]")
     steps = [int(s) for s in steps]
     iters = step_iterations(cfg, len(steps))
     out = Path(cfg.train.output_dir)
-    freeze = bool(OmegaConf.select(cfg, "model.continual.freeze", default=True))
-    weights = cfg.train.get("weights")
+    freeze = cfg.model.continual.freeze
+    weights = cfg.train.weights
     rows, class_names = [], None
     for t, n_iter in enumerate(iters):
         run = out / f"step{t}"
@@ -89,7 +91,8 @@ def train_continual(cfg: DictConfig, *, progress: bool = True) -> dict:
         weights = str(final_weights)
     report = {"steps": steps, "freeze": freeze, "classes": class_names, "per_step": rows,
               "forgetting": rows[0]["mIoU_old"] - rows[-1]["mIoU_old"]}
-    atomic_write(out / "continual.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    with atomic_path(out / "continual.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from omniseg.data.errors import DataError
+from omniseg.files import atomic_path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -62,9 +63,8 @@ class RunLogger:
         if not self.jsonl.exists():
             return
         kept = [r for r in read_metrics(self.jsonl) if int(r["iter"]) <= iteration]
-        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.jsonl)
+        with atomic_path(self.jsonl) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def step(self, n: int = 1, **postfix) -> None:
         if not self.bar.disable:

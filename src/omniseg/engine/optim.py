@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from omniseg.models.base import Segmenter
+
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -17,10 +19,8 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     wd = float(cfg["weight_decay"])
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
-    # The backbone is whatever the model exposes as `backbone` (an attribute, or a property where a
-    # wrapped detector holds it, as in the R-CNN family).
-    backbone = getattr(model, "backbone", None)
-    in_backbone = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    # The backbone is what a Segmenter declares as `backbone` (the model contract, models/base.py).
+    in_backbone = {id(p) for p in model.backbone.parameters()} if isinstance(model, Segmenter) else set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:

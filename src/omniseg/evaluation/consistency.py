@@ -115,17 +115,17 @@ def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, 
     from omniseg.data.transforms import build_transforms
 
     device = device or next(model.parameters()).device
-    transforms = build_transforms(False, min_size_test=cfg.data.get("min_size_test"))
+    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test)
     evaluator = LayerConsistencyEvaluator()
     # A task-conditioned model (OneFormer) is scored on the task its forward_raw predicts.
-    task = getattr(model, "default_task", None) or str(cfg.task)
+    task = model.default_task or str(cfg.task)
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     for i in tqdm(range(n), desc="consistency", disable=not progress, mininterval=1.0):
         sample = transforms(dataset[i])
         target = mask_targets(sample, task)
-        batch = collate([sample], size_divisibility=int(cfg.data.size_divisibility))
+        batch = collate([sample], size_divisibility=cfg.data.size_divisibility)
         images = batch.images.to(device)
         raw = model.forward_raw(model.normalize(images))
         sets = [{k: v[0].float() for k, v in s.items()} for s in prediction_sets(raw)]

@@ -11,8 +11,8 @@ from omniseg.evaluation.boundary import BoundaryFScoreEvaluator
 from omniseg.evaluation.instance import AP_KEYS, InstanceEvaluator
 from omniseg.evaluation.panoptic import PanopticEvaluator
 from omniseg.evaluation.semantic import SemanticEvaluator
+from omniseg.tasks import TASKS
 
-TASKS = ("semantic", "panoptic", "instance")
 # Headline numbers, in the order `summary()` prints them.
 HEADLINE = (("panoptic", "PQ"), ("semantic", "mIoU"), ("instance", "AP"))
 SCALAR_KEYS = {

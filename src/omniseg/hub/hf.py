@@ -7,31 +7,16 @@ things (HF's own default, no stuff fusion) unless `stuff_classes` names the stuf
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from omniseg.data.meta import DatasetMeta
 from omniseg.hub import CheckpointError, load_state_dict_file, report_load
-
-
-def _read_folder(path: str | os.PathLike) -> tuple[dict, Path]:
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing (expected an HF checkpoint folder)")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
-    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    return hf_config, weights
+from omniseg.hub.hf_folder import model_settings, read_hf_folder
 
 
 def _settings_and_converter(hf_config: dict):
@@ -58,18 +43,16 @@ def _settings_and_converter(hf_config: dict):
 
 
 def hf_folder_to_config(path: str | os.PathLike, *, stuff_classes: Iterable[str] = ()) -> tuple[DictConfig, DatasetMeta]:
-    """An omniseg config (the `_base_` defaults + the checkpoint's architecture) and class metadata."""
-    from omniseg.config import load_config
+    """An omniseg config (the declared defaults + the checkpoint's architecture) and class metadata."""
+    from omniseg.config import config_from_dict
 
-    hf_config, _ = _read_folder(path)
+    hf_config, _ = read_hf_folder(path)
     settings, _ = _settings_and_converter(hf_config)
-    names = settings.pop("class_names")
-    settings.pop("num_classes")
-    settings.pop("backbone_type", None)
-    settings.setdefault("backbone_norm", "bn")  # eval-mode BatchNorm == HF's (frozen) statistics
-    if settings["arch"] == "maskformer":
-        settings.setdefault("loss", {"class_weight": 1.0, "mask_weight": 20.0, "dice_weight": 1.0, "mask_loss": "focal"})
-    cfg = OmegaConf.merge(load_config("_base_"), {"model": settings})
+    names = settings["class_names"]
+    model = {"backbone_norm": "bn", **model_settings(settings)}  # eval-mode BatchNorm == HF's (frozen) statistics
+    if model["arch"] == "maskformer":
+        model.setdefault("loss", {"class_weight": 1.0, "mask_weight": 20.0, "dice_weight": 1.0, "mask_loss": "focal"})
+    cfg = config_from_dict({"model": model}, f"HF checkpoint {path}")
     stuff = set(stuff_classes)
     meta = DatasetMeta(classes=names, isthing=[n not in stuff for n in names], name=Path(path).name)
     return cfg, meta
@@ -77,18 +60,17 @@ def hf_folder_to_config(path: str | os.PathLike, *, stuff_classes: Iterable[str]
 
 def read_hf_state_dict_converted(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The folder's weights renamed to omniseg's MaskFormer module names."""
-    hf_config, weights = _read_folder(path)
+    hf_config, weights = read_hf_folder(path)
     _, convert = _settings_and_converter(hf_config)
     return convert(load_state_dict_file(weights))
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, stuff_classes: Iterable[str] = ()):
     """-> (omniseg model in eval mode, config, DatasetMeta). Every HF tensor must find its place."""
-    from omniseg.models.registry import build_model
+    from omniseg.models.registry import build_model_from_config
 
     cfg, meta = hf_folder_to_config(path, stuff_classes=stuff_classes)
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), num_classes=meta.num_classes,
-                        thing_ids=meta.thing_ids)
+    model = build_model_from_config(cfg, meta)
     state = read_hf_state_dict_converted(path)
     report = report_load(model, state, source=str(path))
     # Inference checkpoints lack training-only weights (loss buffers; OneFormer's text mapper, which

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from omniseg.hub import CheckpointError, load_state_dict_file, report_load
+from omniseg.hub.hf_folder import model_settings, read_hf_folder
 from omniseg.hub.hf_backbones import (
     convert_hf_resnet_to_timm,
     convert_hf_swin_to_timm,
@@ -101,7 +102,8 @@ def build_mask2former_modules(cfg: dict, *, backbone_norm: str = "frozen_bn") ->
     predictor) with random weights, named as `convert_hf_mask2former_state_dict` produces them."""
     from omniseg.models.maskformer.model import MaskFormer
 
-    model = MaskFormer({**cfg, "arch": "mask2former", "backbone_norm": backbone_norm}, num_classes=cfg["num_classes"])
+    model = MaskFormer({**model_settings(cfg), "arch": "mask2former", "backbone_norm": backbone_norm},
+                       num_classes=cfg["num_classes"])
     return nn.ModuleDict({"backbone": model.backbone, "pixel_decoder": model.pixel_decoder, "predictor": model.predictor})
 
 
@@ -253,9 +255,7 @@ def load_hf_mask2former_folder(path: str | os.PathLike, *, backbone_norm: str = 
                                ) -> tuple[nn.ModuleDict, dict]:
     """A local HF Mask2Former folder (config.json + model.safetensors / pytorch_model.bin) ->
     (ModuleDict(backbone, pixel_decoder, predictor) with its weights, omniseg settings dict)."""
-    from omniseg.hub.hf import _read_folder
-
-    hf_config, weights = _read_folder(path)
+    hf_config, weights = read_hf_folder(path)
     cfg = hf_mask2former_config_to_omniseg(hf_config)
     modules = build_mask2former_modules(cfg, backbone_norm=backbone_norm)
     backbone_kind = (hf_config.get("backbone_config") or {}).get("model_type") or cfg["backbone"]

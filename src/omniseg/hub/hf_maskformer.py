@@ -151,7 +151,9 @@ def build_omniseg_modules_from_hf_maskformer_config(cfg: Mapping) -> nn.ModuleDi
     (`cfg` from `hf_maskformer_config_to_omniseg`), ready for `convert_hf_maskformer_state_dict` weights."""
     from omniseg.models.maskformer.model import MaskFormer
 
-    model = MaskFormer({**cfg, "backbone_norm": cfg.get("backbone_norm", "bn")}, num_classes=cfg["num_classes"])
+    from omniseg.hub.hf_folder import model_settings
+
+    model = MaskFormer({"backbone_norm": "bn", **model_settings(cfg)}, num_classes=cfg["num_classes"])
     return nn.ModuleDict({"backbone": model.backbone, "pixel_decoder": model.pixel_decoder, "predictor": model.predictor})
 
 

@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.layers.eager import eager_cached
-
-FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+from omniseg.models.layers.features import FEATURE_NAMES, FeatureSpec
 
 # Short names users type -> timm model names.
 TIMM_NAMES = {
@@ -33,12 +32,6 @@ TIMM_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    channels: int
-    stride: int
-
-
 class TimmBackbone(nn.Module):
     """A timm model in features_only mode, exposing res2..res5 (strides 4..32) as NCHW tensors.
 
@@ -51,7 +44,7 @@ class TimmBackbone(nn.Module):
     """
 
     def __init__(self, name: str, *, norm: str = "bn", weights: str | None = None, drop_path_rate: float = 0.0,
-                 out_norms: bool | None = None, **timm_kwargs):
+                 freeze_at: int = 0, out_norms: bool | None = None, **timm_kwargs):
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
         kwargs = dict(pretrained=False, features_only=True, out_indices=(0, 1, 2, 3) if "swin" in timm_name else (1, 2, 3, 4))
@@ -85,6 +78,25 @@ class TimmBackbone(nn.Module):
             self.body = freeze_batch_norm_2d(self.body)
         elif norm != "bn":
             raise ValueError(f"backbone norm must be 'bn' or 'frozen_bn', got {norm!r}")
+        self.freeze_stages(freeze_at)
+
+    def freeze_stages(self, freeze_at: int) -> None:
+        """detectron2's BACKBONE.FREEZE_AT on a timm ResNet: 1 freezes the stem, 2 also res2 (`layer1`), ...
+        Frozen parameters get no gradient and the frozen stages' BatchNorm layers become FrozenBatchNorm2d,
+        so their statistics stop moving too, as detectron2's `freeze()` does."""
+        if freeze_at <= 0:
+            return
+        body = self.body
+        stem = [n for n, _ in body.named_children() if n in ("conv1", "bn1")]
+        if not stem:
+            raise ValueError(f"model.backbone_freeze_at applies to ResNet backbones (stem conv1/bn1 + layer1..4), "
+                             f"not {self.timm_name}")
+        from timm.layers import freeze_batch_norm_2d
+
+        for name in stem + [f"layer{i}" for i in range(1, freeze_at) if hasattr(body, f"layer{i}")]:
+            frozen = freeze_batch_norm_2d(getattr(body, name))
+            frozen.requires_grad_(False)
+            setattr(body, name, frozen)
 
     @property
     def size_divisibility(self) -> int:
@@ -108,6 +120,8 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     if name.startswith("vit"):
         from omniseg.models.segvit.vit import ViTFeaturePyramid
 
+        if kwargs.pop("freeze_at", 0):
+            raise ValueError("model.backbone_freeze_at applies to ResNet backbones, not ViT")
         return ViTFeaturePyramid(name, **kwargs)
     return TimmBackbone(name, **kwargs)
 

@@ -1,72 +1,99 @@
-"""Model construction from a config, and the table of named presets shown by `omniseg models`."""
+"""The model families: which `model.arch` values each builds, its settings dataclass, and its presets.
+
+A family registers itself by defining `FAMILY = Family(...)` in `models/<folder>/family.py`; its presets
+are the YAML files in `models/<folder>/presets/`. Nothing here lists the families: they are found by
+looking for those files, so adding a family touches no shared code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-# arch name -> builder(model_cfg, num_classes, thing_ids). Families register themselves here.
-_BUILDERS = {}
+from omniseg.models.settings import ModelSettings
+from omniseg.schema import ConfigError, suggestion
 
 
-def register_arch(*names: str):
-    def deco(fn):
-        for n in names:
-            _BUILDERS[n] = fn
-        return fn
+@dataclass(frozen=True)
+class Family:
+    """One model family.
 
-    return deco
+    name: the folder under omniseg/models.
+    archs: the `model.arch` values it builds (the first is its default).
+    settings: its dataclass of the `model` section (a ModelSettings subclass).
+    model: "module:Class" of its Segmenter, whose constructor takes (settings, num_classes, thing_ids);
+        imported only when a model is built, so reading configs stays light.
+    describe: settings -> (arch label, one-line network summary) for `omniseg models`.
+    """
 
+    name: str
+    archs: tuple[str, ...]
+    settings: type[ModelSettings]
+    model: str
+    describe: Callable[[Any], tuple[str, str]] = field(default=lambda s: (s.arch, ""))
 
-@register_arch("mask2former", "maskformer")
-def _build_maskformer(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.maskformer.model import MaskFormer
+    def model_class(self) -> type[nn.Module]:
+        module, cls = self.model.split(":")
+        return getattr(importlib.import_module(module), cls)
 
-    return MaskFormer(cfg, num_classes=num_classes, thing_ids=thing_ids)
-
-
-@register_arch("oneformer")
-def _build_oneformer(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.oneformer.model import OneFormer
-
-    return OneFormer(cfg, num_classes=num_classes, thing_ids=thing_ids)
-
-
-@register_arch("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
-def _build_per_pixel(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.per_pixel import PerPixelSegmenter
-
-    return PerPixelSegmenter(cfg, num_classes=num_classes, thing_ids=thing_ids)
+    @property
+    def folder(self) -> Path:
+        return Path(__file__).parent / self.name
 
 
-@register_arch("segvit")
-def _build_segvit(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.segvit.model import SegViT
+@lru_cache(maxsize=1)
+def families() -> tuple[Family, ...]:
+    """Every family found under omniseg/models (see the module docstring)."""
+    import omniseg.models as package
 
-    return SegViT(cfg, num_classes=num_classes, thing_ids=thing_ids)
-
-
-@register_arch("maskrcnn", "panet")
-def _build_rcnn(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.rcnn.model import RCNNSegmenter
-
-    return RCNNSegmenter(cfg, num_classes=num_classes, thing_ids=thing_ids)
-
-
-@register_arch("blendmask")
-def _build_blendmask(cfg: Mapping, num_classes: int, thing_ids: Sequence[int]) -> nn.Module:
-    from omniseg.models.blendmask.model import BlendMask
-
-    return BlendMask(cfg, num_classes=num_classes, thing_ids=thing_ids)
-
-
-def build_model(model_cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()) -> nn.Module:
-    arch = model_cfg.get("arch", "mask2former")
-    if arch not in _BUILDERS:
-        raise ValueError(f"unknown model arch {arch!r}; known: {sorted(_BUILDERS)}")
-    return _BUILDERS[arch](model_cfg, num_classes, thing_ids)
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg and (Path(info.module_finder.path) / info.name / "family.py").is_file():
+            family = importlib.import_module(f"{package.__name__}.{info.name}.family").FAMILY
+            found.append(family)
+    return tuple(sorted(found, key=lambda f: f.name))
 
 
 def available_archs() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(a for f in families() for a in f.archs)
+
+
+def family_of(arch: str) -> Family:
+    for f in families():
+        if arch in f.archs:
+            return f
+    raise ConfigError(f"unknown model.arch {arch!r}{suggestion(str(arch), available_archs())}; "
+                      f"known: {', '.join(available_archs())}")
+
+
+def preset_folders() -> list[Path]:
+    """The `presets` folders next to the model code (models/*/presets); shared bases are in omniseg/configs."""
+    return sorted(p for p in Path(__file__).parent.glob("*/presets") if p.is_dir())
+
+
+def build_model(settings: Any, num_classes: int, thing_ids: Sequence[int] = ()) -> nn.Module:
+    """A model from its `model` settings (the family's dataclass, or a mapping checked against it)."""
+    arch = settings.arch if isinstance(settings, ModelSettings) else dict(settings or {}).get("arch", "mask2former")
+    family = family_of(arch)
+    return family.model_class()(family.settings.coerce(settings), num_classes=num_classes, thing_ids=thing_ids)
+
+
+def build_model_from_config(cfg, meta, *, with_backbone_weights: bool = True) -> nn.Module:
+    """The model a whole config describes, for the classes of `meta` (a DatasetMeta). The one way the
+    engine, the API and the hub build a model from a config. `with_backbone_weights=False` skips reading
+    model.backbone_weights, for a model whose full weights are loaded next."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else cfg.model
+    if not with_backbone_weights:
+        settings = dataclasses.replace(settings, backbone_weights=None) if dataclasses.is_dataclass(settings) \
+            else {**dict(settings), "backbone_weights": None}
+    return build_model(settings, num_classes=meta.num_classes, thing_ids=meta.thing_ids)

@@ -139,9 +139,9 @@ def make_crops(dataset_cfg_or_root, out_dir: str | os.PathLike, *, split: str = 
     if isinstance(dataset_cfg_or_root, (str, os.PathLike)):
         cfg = dataset_cfg_from_root(dataset_cfg_or_root, fmt, split)
     else:
-        from omniseg.data.build import _plain
+        from omniseg.data.build import as_plain_dict
 
-        cfg = _plain(dataset_cfg_or_root)
+        cfg = as_plain_dict(dataset_cfg_or_root)
     if cfg.get("format") not in INSTANCE_FORMATS:
         raise ValueError(f"crops need instance annotations: format must be one of {INSTANCE_FORMATS}, "
                          f"got {cfg.get('format')!r}")

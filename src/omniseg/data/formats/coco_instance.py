@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.formats import check_pixel_count, load_json, load_rgb_image, malformed_entries, require_path
+from omniseg.data.formats.files import check_pixel_count, load_json, load_rgb_image, malformed_entries, require_path
 from omniseg.data.formats.coco_panoptic import meta_from_coco_categories
 from omniseg.data.targets import boxes_from_masks
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.formats import (check_same_size, load_json, load_png_array, load_rgb_image, malformed_entries,
+from omniseg.data.formats.files import (check_same_size, load_json, load_png_array, load_rgb_image, malformed_entries,
                                    require_path)
 from omniseg.data.meta import DatasetMeta
 from omniseg.data.targets import instances_from_panoptic, semantic_from_panoptic

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.formats import (
+from omniseg.data.formats.files import (
     IMAGE_EXTENSIONS,
     check_same_size,
     load_png_array,

@@ -9,11 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def conv_block(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
-    """conv -> BN -> ReLU (AdelaiDet: SyncBN; plain BN on one process)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+from omniseg.models.layers.conv import ConvNormAct
 
 
 class BasisModule(nn.Module):
@@ -26,9 +22,9 @@ class BasisModule(nn.Module):
     def __init__(self, in_channels: int, num_levels: int = 3, channels: int = 128, num_convs: int = 3,
                  num_bases: int = 4):
         super().__init__()
-        self.refine = nn.ModuleList(conv_block(in_channels, channels) for _ in range(num_levels))
-        self.tower = nn.Sequential(*[conv_block(channels, channels) for _ in range(num_convs)])
-        self.post = conv_block(channels, channels)
+        self.refine = nn.ModuleList(ConvNormAct(in_channels, channels, norm="bn") for _ in range(num_levels))
+        self.tower = nn.Sequential(*[ConvNormAct(channels, channels, norm="bn") for _ in range(num_convs)])
+        self.post = ConvNormAct(channels, channels, norm="bn")
         self.bases = nn.Conv2d(channels, num_bases, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +42,7 @@ class SemanticHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 128, num_convs: int = 2):
         super().__init__()
-        layers = [conv_block(in_channels if i == 0 else channels, channels) for i in range(num_convs)]
+        layers = [ConvNormAct(in_channels if i == 0 else channels, channels, norm="bn") for i in range(num_convs)]
         self.convs = nn.Sequential(*layers)
         self.logits = nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)
 

@@ -16,27 +16,22 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
+from omniseg.models.layers.conv import norm_layer
+
 INF = 1e8
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "gn":  # GroupNorm(32); narrower towers keep >= 2 channels per group (P7 can be 1x1)
-        return nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels)
-    if kind == "bn":
-        return nn.BatchNorm2d(channels)
-    raise ValueError(f"FCOS tower norm must be 'gn' or 'bn', got {kind!r}")
 
 
 class Tower(nn.Module):
     """n x (conv3x3 -> norm -> ReLU), convs shared over levels. GroupNorm is shared too; BatchNorm gets one
-    module per level (AdelaiDet's ModuleListDial), since level statistics differ."""
+    module per level (AdelaiDet's ModuleListDial), since level statistics differ: which is why this is not
+    a stack of ConvNormAct blocks, though its norms are the same (`norm_layer`)."""
 
     def __init__(self, channels: int, num_convs: int, norm: str, num_levels: int):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
         per_level = norm == "bn"
         self.norms = nn.ModuleList(
-            nn.ModuleList(_norm(norm, channels) for _ in range(num_levels if per_level else 1))
+            nn.ModuleList(norm_layer(norm, channels, min_group_size=2) for _ in range(num_levels if per_level else 1))
             for _ in range(num_convs)
         )
         for conv in self.convs:

@@ -3,7 +3,8 @@ K x M x M attentions, blended inside each box into an R x R mask.
 
 Variants (`model.variant`): "standard" (AdelaiDet R_50 configs), "rt" (BlendMask-RT: P3-P6, 3 shared BN
 tower convs, 2 basis convs, M = 7) and "panoptic" (a stuff branch on the basis features, merged with the
-instances as Panoptic-FPN). Every `model.blendmask.*` key left null takes the variant's value (VARIANTS).
+instances as Panoptic-FPN). Every `model.blendmask.*` key left null takes the variant's value
+(family.py VARIANTS).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
 from omniseg.masks import boxes_from_masks
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, cfg_get
+from omniseg.models.base import Segmenter
 from omniseg.models.blendmask.basis import BasisModule, SemanticHead
+from omniseg.models.blendmask.family import BlendMaskSettings
 from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, pool_bases
 from omniseg.models.blendmask.fcos import (
     FCOSHead, fcos_detect, fcos_losses, fcos_targets, flatten_levels, locations, size_ranges,
@@ -27,20 +29,6 @@ from omniseg.models.blendmask.fcos import (
 from omniseg.models.blendmask.panoptic import combine_panoptic
 
 BASIS_STRIDE = 4
-# Per-variant values of the structural keys (AdelaiDet configs/BlendMask/{R_50_1x, RT_R_50_4x-BN-head,
-# Panoptic/R_50_3x}; RT's M = 7 follows the paper's RT model, AdelaiDet's RT config keeps ATTN_SIZE 14).
-VARIANTS = {
-    "standard": dict(num_levels=5, attn_size=14, num_cls_convs=4, num_box_convs=4, num_share_convs=0,
-                     tower_norm="gn", basis_num_convs=3, sizes_of_interest=[64, 128, 256, 512]),
-    "rt": dict(num_levels=4, attn_size=7, num_cls_convs=0, num_box_convs=0, num_share_convs=3,
-               tower_norm="bn", basis_num_convs=2, sizes_of_interest=[64, 128, 256]),
-}
-VARIANTS["panoptic"] = dict(VARIANTS["standard"])
-COMMON = dict(num_bases=4, bottom_resolution=56, basis_channels=128, center_sample_radius=1.5,
-              focal_alpha=0.25, focal_gamma=2.0, aux_semantic_weight=0.3, stuff_weight=0.5)
-TEST = dict(score_threshold=0.05, pre_nms_topk=1000, nms_threshold=0.6, detections_per_image=100,
-            mask_threshold=0.5, instance_score_threshold=0.5, overlap_threshold=0.5, stuff_area_threshold=4096)
-
 
 
 class LastLevelP6(ExtraFPNBlock):
@@ -56,42 +44,26 @@ class LastLevelP6(ExtraFPNBlock):
         return [*p, self.p6(p[-1])], [*names, "p6"]
 
 
-def freeze_stages(backbone, freeze_at: int) -> None:
-    """detectron2's BACKBONE.FREEZE_AT on a timm ResNet: 1 freezes the stem, 2 also res2 (`layer1`), ..."""
-    if freeze_at <= 0:
-        return
-    body = getattr(backbone, "body", backbone)
-    stem = [m for n, m in body.named_children() if n in ("conv1", "bn1")]
-    if not stem:
-        raise ValueError("model.backbone_freeze_at applies to ResNet backbones (stem conv1/bn1 + layer1..4)")
-    for m in stem + [getattr(body, f"layer{i}") for i in range(1, freeze_at) if hasattr(body, f"layer{i}")]:
-        for p in m.parameters():
-            p.requires_grad_(False)
-
-
 class BlendMask(Segmenter):
     """FCOS detector + blender masks; `predict` gives instances (and panoptic / semantic for the panoptic variant).
 
     Args:
-        cfg: the `model` section (configs/_blendmask_.yaml lists every key).
+        settings: the `model` section (BlendMaskSettings, or a mapping checked against it).
         num_classes: all contiguous classes of the dataset.
         thing_ids: contiguous ids of thing classes (the detector's classes; the rest are stuff). Empty: all
             classes are things.
     """
 
-    default_task = None
+    settings_class = BlendMaskSettings
     training_only = ("aux_semantic",)  # the auxiliary thing-semantic head only shapes the bases in training
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        super().__init__()
-        self.variant = str(cfg_get(cfg, "variant", "standard"))
-        if self.variant not in VARIANTS:
-            raise ValueError(f"model.variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-        bm = dict(cfg_get(cfg, "blendmask", {}) or {})
-        opt = {**COMMON, **VARIANTS[self.variant], **{k: v for k, v in bm.items() if v is not None and k != "test"}}
-        self.test_cfg = {**TEST, **{k: v for k, v in (bm.get("test") or {}).items() if v is not None}}
-        self.num_classes = num_classes
-        self.thing_ids = sorted({int(t) for t in thing_ids}) or list(range(num_classes))
+    def __init__(self, settings: BlendMaskSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__(settings, num_classes, thing_ids)
+        s = self.settings
+        self.variant = s.variant
+        opt = s.blendmask.for_variant(self.variant)
+        self.test_cfg = opt.test
+        self.thing_ids = self.thing_ids or list(range(num_classes))  # none given: every class is a thing
         self.stuff_ids = [c for c in range(num_classes) if c not in set(self.thing_ids)]
         self.panoptic = self.variant == "panoptic"
         if self.panoptic and not self.stuff_ids:
@@ -108,44 +80,35 @@ class BlendMask(Segmenter):
         self.register_buffer("thing_table", torch.tensor(self.thing_ids, dtype=torch.int64), persistent=False)
         self.register_buffer("stuff_table", torch.tensor(self.stuff_ids, dtype=torch.int64), persistent=False)
 
-        self.num_levels = int(opt["num_levels"])
-        if self.num_levels not in (3, 4, 5):
-            raise ValueError(f"model.blendmask.num_levels must be 3 (P3-P5), 4 (P3-P6) or 5 (P3-P7), "
-                             f"got {self.num_levels}")
+        self.num_levels = opt.num_levels
         self.strides = [8, 16, 32, 64, 128][: self.num_levels]
-        self.sizes_of_interest = [float(s) for s in opt["sizes_of_interest"]]
+        self.sizes_of_interest = [float(x) for x in opt.sizes_of_interest]
         if len(self.sizes_of_interest) != self.num_levels - 1:
             raise ValueError(f"model.blendmask.sizes_of_interest needs {self.num_levels - 1} split points")
-        self.num_bases = int(opt["num_bases"])
-        self.attn_size = int(opt["attn_size"])
-        self.resolution = int(opt["bottom_resolution"])
-        self.radius = float(opt["center_sample_radius"])
-        self.focal = (float(opt["focal_alpha"]), float(opt["focal_gamma"]))
-        self.aux_weight = float(opt["aux_semantic_weight"])
-        self.stuff_weight = float(opt["stuff_weight"])
+        self.num_bases = opt.num_bases
+        self.attn_size = opt.attn_size
+        self.resolution = opt.bottom_resolution
+        self.radius = opt.center_sample_radius
+        self.focal = (opt.focal_alpha, opt.focal_gamma)
+        self.aux_weight = opt.aux_semantic_weight
+        self.stuff_weight = opt.stuff_weight
 
-        self.backbone = build_backbone(
-            cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "frozen_bn"),
-            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
-            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}),
-        )
-        freeze_stages(self.backbone, int(cfg_get(cfg, "backbone_freeze_at", 0)))
+        self.backbone = build_backbone(s.backbone, **s.backbone_options())
         specs = self.backbone.specs
-        width = int(cfg_get(cfg, "fpn_channels", 256))
+        width = s.fpn_channels
         # P6 (/P7) from P5 (LastLevelP6P7 reads P5 when in == out channels), as FCOS / AdelaiDet.
         extra = (None if self.num_levels == 3 else LastLevelP6(width) if self.num_levels == 4
                  else LastLevelP6P7(width, width))
         self.fpn = FeaturePyramidNetwork([specs[n].channels for n in ("res3", "res4", "res5")], width,
                                          extra_blocks=extra)
-        self.head = FCOSHead(width, len(self.thing_ids), self.num_levels, num_cls_convs=int(opt["num_cls_convs"]),
-                             num_box_convs=int(opt["num_box_convs"]), num_share_convs=int(opt["num_share_convs"]),
-                             norm=str(opt["tower_norm"]), attn_channels=self.num_bases * self.attn_size ** 2)
-        channels = int(opt["basis_channels"])
-        self.basis = BasisModule(width, 3, channels, int(opt["basis_num_convs"]), self.num_bases)
+        self.head = FCOSHead(width, len(self.thing_ids), self.num_levels, num_cls_convs=opt.num_cls_convs,
+                             num_box_convs=opt.num_box_convs, num_share_convs=opt.num_share_convs,
+                             norm=opt.tower_norm, attn_channels=self.num_bases * self.attn_size ** 2)
+        channels = opt.basis_channels
+        self.basis = BasisModule(width, 3, channels, opt.basis_num_convs, self.num_bases)
         self.aux_semantic = (SemanticHead(width, len(self.thing_ids) + 1, channels, 2) if self.aux_weight > 0
                              else None)
         self.stuff_head = SemanticHead(channels, len(self.stuff_ids) + 1, channels, 1) if self.panoptic else None
-        self.register_pixel_stats(cfg)
 
     # -- network -------------------------------------------------------------------------------
     def network(self, x: torch.Tensor) -> dict:
@@ -244,24 +207,17 @@ class BlendMask(Segmenter):
         return out
 
     # -- inference -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None, tasks: Sequence[str] = ("instance",), *,
-                return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> per image {"instances": {"masks" bool [n,H,W], "labels" int64, "scores",
-        "boxes" [n,4] xyxy}} at `output_sizes` (default the image sizes); the panoptic variant adds
-        {"panoptic": {"segment_map", "segments_info"}} and {"semantic": int64 [H,W]} when asked."""
-        unsupported = [t for t in tasks if t not in self.tasks]
-        if unsupported:
-            raise ValueError(f"BlendMask ({self.variant}) predicts {list(self.tasks)} only, not {unsupported}")
-        output_sizes = list(output_sizes or image_sizes)
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+        """FCOS detections, blended masks pasted at the output size; the panoptic variant merges them with
+        the stuff branch (Panoptic-FPN) for "panoptic" and "semantic"."""
         out = self.network(self.normalize(images))
         flat = self._flat(out, images.device)
         tc = self.test_cfg
         dets = [fcos_detect(flat["logits"][i], flat["reg"][i], flat["ctr"][i], flat["xy"], flat["strides"],
                             flat["levels"], self.num_levels, tuple(image_sizes[i]),
-                            score_threshold=float(tc["score_threshold"]), pre_nms_topk=int(tc["pre_nms_topk"]),
-                            nms_threshold=float(tc["nms_threshold"]), max_detections=int(tc["detections_per_image"]))
+                            score_threshold=tc.score_threshold, pre_nms_topk=tc.pre_nms_topk,
+                            nms_threshold=tc.nms_threshold, max_detections=tc.detections_per_image)
                 for i in range(images.shape[0])]
         # One RoIAlign and one blend for every detection of the batch.
         boxes = torch.cat([d[0] for d in dets])
@@ -277,7 +233,7 @@ class BlendMask(Segmenter):
             det_boxes, scores, cls, _ = dets[i]
             scale = det_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
             out_boxes = det_boxes * scale
-            masks = paste_masks(mask_logits[i].sigmoid(), out_boxes, (int(oh), int(ow)), float(tc["mask_threshold"]))
+            masks = paste_masks(mask_logits[i].sigmoid(), out_boxes, (int(oh), int(ow)), tc.mask_threshold)
             instances = {"masks": masks, "labels": self.thing_table[cls],
                          "scores": scores.float(), "boxes": out_boxes.float()}
             result = {"instances": instances} if "instance" in tasks else {}
@@ -292,6 +248,10 @@ class BlendMask(Segmenter):
             results.append(result)
         return results
 
+    def export_refusal(self) -> str:
+        return (f"{self.describe()} cannot be exported yet: its detections (FCOS top-k, NMS, blending) keep a "
+                f"data-dependent number of objects, which the exported graph would have to fix in advance")
+
     def _panoptic(self, instances: dict, stuff_logits: torch.Tensor, padded: tuple[int, int],
                   image_size: tuple[int, int], output_size: tuple[int, int], tasks: Sequence[str]) -> dict:
         """Stuff logits -> padded input -> crop -> output size (the mask-classification order); Panoptic-FPN
@@ -304,8 +264,8 @@ class BlendMask(Segmenter):
         tc = self.test_cfg
         segment_map, infos = combine_panoptic(
             instances["masks"], instances["scores"], instances["labels"], probs.argmax(0), probs, self.stuff_ids,
-            overlap_threshold=float(tc["overlap_threshold"]), stuff_area_threshold=int(tc["stuff_area_threshold"]),
-            instance_score_threshold=float(tc["instance_score_threshold"]))
+            overlap_threshold=tc.overlap_threshold, stuff_area_threshold=tc.stuff_area_threshold,
+            instance_score_threshold=tc.instance_score_threshold)
         result = {}
         if "panoptic" in tasks:
             result["panoptic"] = {"segment_map": segment_map, "segments_info": infos}

@@ -1,4 +1,4 @@
-"""Small building blocks shared by several model families."""
+"""The multi-layer perceptron of DETR-style heads (mask embeddings, task tokens)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,3 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
-
-
-class ConvNormAct(nn.Sequential):
-    """Conv2d -> GroupNorm -> optional ReLU: detectron2's `Conv2d(norm=GN, activation=relu)`.
-
-    Children are named `0` (conv) and `1` (norm) so HF checkpoints map one to one.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, bias: bool = False, groups: int = 32,
-                 activation: bool = True):
-        layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias),
-                                   nn.GroupNorm(min(groups, out_ch), out_ch)]
-        if activation:
-            layers.append(nn.ReLU())
-        super().__init__(*layers)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import FEATURE_NAMES, FeatureSpec
-from omniseg.models.layers.mlp import ConvNormAct
+from omniseg.models.layers.conv import ConvNormAct
 
 __all__ = ["FPNPixelDecoder", "c2_xavier_fill"]
 
@@ -40,9 +40,9 @@ class FPNPixelDecoder(nn.Module):
             raise ValueError(f"FPNPixelDecoder needs at least two of {FEATURE_NAMES}, got {sorted(input_specs)}")
         coarsest, *finer = self.in_features
         self.lateral_convs = nn.ModuleDict(
-            {n: ConvNormAct(input_specs[n].channels, conv_dim, 1, activation=False) for n in finer})
-        self.output_convs = nn.ModuleDict({coarsest: ConvNormAct(input_specs[coarsest].channels, conv_dim, 3)})
-        self.output_convs.update({n: ConvNormAct(conv_dim, conv_dim, 3) for n in finer})
+            {n: ConvNormAct(input_specs[n].channels, conv_dim, 1, activation=False, norm="gn") for n in finer})
+        self.output_convs = nn.ModuleDict({coarsest: ConvNormAct(input_specs[coarsest].channels, conv_dim, 3, norm="gn")})
+        self.output_convs.update({n: ConvNormAct(conv_dim, conv_dim, 3, norm="gn") for n in finer})
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim

@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, cfg_get
+from omniseg.models.base import Segmenter
 from omniseg.models.maskformer.criterion import SetCriterion
+from omniseg.models.maskformer.family import MaskFormerSettings
 from omniseg.models.maskformer.matcher import HungarianMatcher
-from omniseg.models.maskformer.postprocess import check_mode, postprocess
+from omniseg.models.maskformer.postprocess import MODES, postprocess
 
 
 
@@ -34,91 +35,73 @@ class MaskFormer(Segmenter):
     masked-attention decoder; `arch="maskformer"` the FPN pixel decoder and a DETR decoder on res5.
 
     Args:
-        cfg: the `model` section of a config (see configs/_base_.yaml).
+        settings: the `model` section (MaskFormerSettings, or a mapping checked against it).
         num_classes: K, the number of classes (no-object is added internally).
         thing_ids: contiguous ids of thing classes (panoptic / instance post-processing).
     """
 
+    settings_class = MaskFormerSettings
     learned_query_content = True  # OneFormer builds its queries from the task token instead
-    default_task = None  # the task forward_raw predicts, for task-conditioned models (OneFormer)
     training_only = ("criterion", "mask_pilot")  # children (and parameters) that inference never uses
+    postprocess_modes = MODES
+    raw_output_names = ("pred_logits", "pred_masks")
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        super().__init__()
-        self.arch = cfg_get(cfg, "arch", "mask2former")
-        self.num_classes = num_classes
-        self.thing_ids = sorted(int(i) for i in thing_ids)
-        hidden = int(cfg_get(cfg, "hidden_dim", 256))
-        conv_dim = int(cfg_get(cfg, "conv_dim", 256))
-        mask_dim = int(cfg_get(cfg, "mask_dim", 256))
-        self.backbone = build_backbone(
-            cfg_get(cfg, "backbone", "resnet50"),
-            norm=cfg_get(cfg, "backbone_norm", "bn"),
-            weights=cfg_get(cfg, "backbone_weights"),
-            drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
-            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}),
-        )
+    def __init__(self, settings: MaskFormerSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__(settings, num_classes, thing_ids)
+        s = self.settings
+        self.backbone = build_backbone(s.backbone, **s.backbone_options())
         specs = self.backbone.specs
         if self.arch in ("mask2former", "oneformer"):
             from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder
             from omniseg.models.maskformer.msdeform_pixel_decoder import MSDeformAttnPixelDecoder
 
             self.pixel_decoder = MSDeformAttnPixelDecoder(
-                specs, conv_dim=conv_dim, mask_dim=mask_dim, num_encoder_layers=int(cfg_get(cfg, "enc_layers", 6)),
-                num_heads=int(cfg_get(cfg, "nheads", 8)), dim_feedforward=int(cfg_get(cfg, "enc_dim_feedforward", 1024)),
-                num_points=int(cfg_get(cfg, "enc_num_points", 4)), common_stride=int(cfg_get(cfg, "common_stride", 4)),
+                specs, conv_dim=s.conv_dim, mask_dim=s.mask_dim, num_encoder_layers=s.enc_layers,
+                num_heads=s.nheads, dim_feedforward=s.enc_dim_feedforward, num_points=s.enc_num_points,
+                common_stride=s.common_stride,
             )
             self.predictor = MultiScaleMaskedTransformerDecoder(
-                conv_dim, num_classes=num_classes, hidden_dim=hidden, num_queries=int(cfg_get(cfg, "num_queries", 100)),
-                nheads=int(cfg_get(cfg, "nheads", 8)), dim_feedforward=int(cfg_get(cfg, "dim_feedforward", 2048)),
-                dec_layers=int(cfg_get(cfg, "dec_layers", 9)), mask_dim=mask_dim, pre_norm=bool(cfg_get(cfg, "pre_norm", False)),
-                enforce_input_project=bool(cfg_get(cfg, "enforce_input_project", False)),
+                s.conv_dim, num_classes=num_classes, hidden_dim=s.hidden_dim, num_queries=s.num_queries,
+                nheads=s.nheads, dim_feedforward=s.dim_feedforward, dec_layers=s.dec_layers, mask_dim=s.mask_dim,
+                pre_norm=s.pre_norm, enforce_input_project=s.enforce_input_project,
                 learned_query_content=self.learned_query_content,
             )
-        elif self.arch == "maskformer":
+        else:
             from omniseg.models.maskformer.detr_decoder import DetrTransformerPredictor
             from omniseg.models.maskformer.fpn_pixel_decoder import FPNPixelDecoder
 
-            self.pixel_decoder = FPNPixelDecoder(specs, conv_dim=conv_dim, mask_dim=mask_dim)
+            self.pixel_decoder = FPNPixelDecoder(specs, conv_dim=s.conv_dim, mask_dim=s.mask_dim)
             self.predictor = DetrTransformerPredictor(
-                specs["res5"].channels, num_classes=num_classes, hidden_dim=hidden,
-                num_queries=int(cfg_get(cfg, "num_queries", 100)), nheads=int(cfg_get(cfg, "nheads", 8)),
-                dropout=float(cfg_get(cfg, "dropout", 0.1)), dim_feedforward=int(cfg_get(cfg, "dim_feedforward", 2048)),
-                enc_layers=int(cfg_get(cfg, "enc_layers", 0)), dec_layers=int(cfg_get(cfg, "dec_layers", 6)),
-                pre_norm=bool(cfg_get(cfg, "pre_norm", False)), mask_dim=mask_dim,
+                specs["res5"].channels, num_classes=num_classes, hidden_dim=s.hidden_dim, num_queries=s.num_queries,
+                nheads=s.nheads, dropout=s.dropout, dim_feedforward=s.dim_feedforward, enc_layers=s.enc_layers,
+                dec_layers=s.dec_layers, pre_norm=s.pre_norm, mask_dim=s.mask_dim,
             )
-        else:
-            raise ValueError(f"unknown mask-classification arch {self.arch!r} (mask2former | maskformer | oneformer)")
 
-        loss = dict(cfg_get(cfg, "loss", {}) or {})
-        mask_loss = loss.get("mask_loss", "bce")
-        num_points = int(loss.get("train_num_points", 12544))
-        weights = {"loss_ce": float(loss.get("class_weight", 2.0)), "loss_mask": float(loss.get("mask_weight", 5.0)),
-                   "loss_dice": float(loss.get("dice_weight", 5.0))}
+        loss = s.loss
+        weights = {"loss_ce": loss.class_weight, "loss_mask": loss.mask_weight, "loss_dice": loss.dice_weight}
         matcher = HungarianMatcher(cost_class=weights["loss_ce"], cost_mask=weights["loss_mask"],
-                                   cost_dice=weights["loss_dice"], num_points=num_points, mask_loss=mask_loss)
-        self.deep_supervision = bool(loss.get("deep_supervision", True))
+                                   cost_dice=weights["loss_dice"], num_points=loss.train_num_points,
+                                   mask_loss=loss.mask_loss)
+        self.deep_supervision = loss.deep_supervision
         self.criterion = SetCriterion(
-            num_classes, matcher, weight_dict=weights, eos_coef=float(loss.get("no_object_weight", 0.1)),
-            num_points=num_points, oversample_ratio=float(loss.get("oversample_ratio", 3.0)),
-            importance_sample_ratio=float(loss.get("importance_sample_ratio", 0.75)), mask_loss=mask_loss,
+            num_classes, matcher, weight_dict=weights, eos_coef=loss.no_object_weight,
+            num_points=loss.train_num_points, oversample_ratio=loss.oversample_ratio,
+            importance_sample_ratio=loss.importance_sample_ratio, mask_loss=loss.mask_loss,
         )
-        mp = dict(cfg_get(cfg, "mp", {}) or {})
         self.mask_pilot = None  # MP-Former's mask-piloted training (training only)
-        if mp.get("enabled", False):
+        if s.mp.enabled:
             if self.arch != "mask2former":
-                raise ValueError("model.mp (mask-piloted training) needs arch=mask2former (masked attention)")
-            from omniseg.models.mp_former import MaskPilot, PilotSettings
+                raise ValueError(f"model.mp (mask-piloted training) needs arch=mask2former (masked attention), "
+                                 f"not {self.arch}")
+            from omniseg.models.mp_former import MaskPilot
 
-            self.mask_pilot = MaskPilot(num_classes, hidden, PilotSettings.from_config(mp))
-        if bool(cfg_get(cfg, "activation_checkpointing", False)):
+            self.mask_pilot = MaskPilot(num_classes, s.hidden_dim, s.mp)
+        if s.activation_checkpointing:
             self.set_activation_checkpointing(True)
-        test = dict(cfg_get(cfg, "test", {}) or {})
-        self.object_mask_threshold = float(test.get("object_mask_threshold", 0.8))
-        self.overlap_threshold = float(test.get("overlap_threshold", 0.8))
-        self.topk = int(test.get("topk", 100))
-        self.postprocess_mode = check_mode(str(test.get("postprocess", "official")))
-        self.register_pixel_stats(cfg)
+        self.object_mask_threshold = s.test.object_mask_threshold
+        self.overlap_threshold = s.test.overlap_threshold
+        self.topk = s.test.topk
+        self.postprocess_mode = s.test.postprocess
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward instead of storing them (training memory for about one
@@ -192,15 +175,11 @@ class MaskFormer(Segmenter):
         a task-conditioned model (OneFormer) runs one per task."""
         return [(list(tasks), self.forward_raw(self.normalize(images), aux_outputs=False))]
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None,
-                tasks: Sequence[str] = ("semantic", "panoptic", "instance"), *, return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> one prediction dict per image (docs/design.md) at `output_sizes`.
-        With `return_raw`, "raw" holds the image's raw outputs (keyed by task when each task had its
-        own decoder pass)."""
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+        """Post-processing of each decoder pass's last prediction set (see `Segmenter.predict`). With
+        `return_raw`, "raw" holds the image's raw outputs (keyed by task when each task had its own pass)."""
         passes = self.decoder_passes(images, tasks)
-        output_sizes = output_sizes or image_sizes
         results = [{} for _ in image_sizes]
         for pass_tasks, outputs in passes:
             for i, (image_size, out_size) in enumerate(zip(image_sizes, output_sizes)):
@@ -212,9 +191,19 @@ class MaskFormer(Segmenter):
                     topk=self.topk, mode=self.postprocess_mode,
                 ))
                 if return_raw:
-                    raw = {k: v[i] for k, v in outputs.items() if k in ("pred_logits", "pred_masks")}
+                    raw = {k: v[i] for k, v in outputs.items() if k in self.raw_output_names}
                     if len(passes) == 1:
                         results[i]["raw"] = raw
                     else:
                         results[i].setdefault("raw", {})[pass_tasks[0]] = raw
         return results
+
+    # -- export --------------------------------------------------------------------------------
+    def raw_forward_options(self, task: str | None = None) -> dict:
+        """The last prediction set only, computed the cheaper way inference allows."""
+        super().raw_forward_options(task)  # refuses a task: only OneFormer is task-conditioned
+        return {"aux_outputs": False}
+
+    def export_metadata(self) -> dict:
+        return {"thing_ids": list(self.thing_ids), "object_mask_threshold": self.object_mask_threshold,
+                "overlap_threshold": self.overlap_threshold, "topk": self.topk}

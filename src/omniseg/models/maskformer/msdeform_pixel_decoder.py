@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import FeatureSpec
-from omniseg.models.layers.mlp import ConvNormAct
+from omniseg.models.layers.conv import ConvNormAct
 from omniseg.models.layers.checkpointing import run_block
 from omniseg.models.layers.ms_deform_attn import MSDeformAttn
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
@@ -132,7 +132,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         # coarse to fine (res5 first), as the official code orders them
         self.input_proj = nn.ModuleList(
-            ConvNormAct(specs[f].channels, conv_dim, 1, bias=True, activation=False)
+            ConvNormAct(specs[f].channels, conv_dim, 1, bias=True, activation=False, norm="gn")
             for f in self.transformer_in_features[::-1])
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
@@ -150,8 +150,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_fpn_levels = int(math.log2(min_stride) - math.log2(common_stride))
         lateral, output = [], []
         for idx, name in enumerate(self.in_features[: self.num_fpn_levels]):
-            lateral_conv = ConvNormAct(specs[name].channels, conv_dim, 1, bias=False, activation=False)
-            output_conv = ConvNormAct(conv_dim, conv_dim, 3, bias=False, activation=True)
+            lateral_conv = ConvNormAct(specs[name].channels, conv_dim, 1, bias=False, activation=False, norm="gn")
+            output_conv = ConvNormAct(conv_dim, conv_dim, 3, bias=False, activation=True, norm="gn")
             _c2_xavier_fill(lateral_conv[0])
             _c2_xavier_fill(output_conv[0])
             self.add_module(f"adapter_{idx + 1}", lateral_conv)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from omniseg.masks import boxes_from_masks
 from omniseg.models.layers.resize_grid import ResizeGrid, resize_chain
+from omniseg.tasks import TASKS
 
 __all__ = [
     "semantic_inference",
@@ -38,7 +39,6 @@ __all__ = [
     "postprocess",
 ]
 
-TASKS = ("semantic", "panoptic", "instance")
 MODES = ("official", "fast")
 
 

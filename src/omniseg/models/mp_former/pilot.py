@@ -18,8 +18,8 @@ Nothing here runs at inference: `MaskFormer.predict` never touches this module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,41 +29,9 @@ from omniseg.masks import boxes_from_masks
 from omniseg.models.layers.point_sampling import Generators
 from omniseg.models.maskformer.criterion import SetCriterion, count_num_masks
 from omniseg.models.maskformer.masked_decoder import MultiScaleMaskedTransformerDecoder
+from omniseg.models.mp_former.settings import PilotSettings
 
 __all__ = ["PilotSettings", "MaskPilot"]
-
-
-@dataclass
-class PilotSettings:
-    """Knobs of mask-piloted training (config section `model.mp`).
-
-    The defaults are those of the released MP-Former training scripts: one group, label noise 0.2,
-    no point noise, every decoder layer piloted. The official config defaults (and the paper's
-    ablations) use 5 groups and point noise 0.2.
-    """
-
-    groups: int = 1
-    label_noise: float = 0.2
-    point_noise: float = 0.0
-    piloted_layers: int | None = None  # None: all layers (multi-layer MP); n: only layers 0..n-1
-    shift_noise: float = 0.0
-    scale_noise: float = 0.0
-    class_loss: bool = True  # supervise the MP queries' classes too (official DN_NO_LB=False)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping | None) -> "PilotSettings":
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known - {"enabled"}
-        if unknown:
-            raise ValueError(f"model.mp: unknown keys {sorted(unknown)}; known: {sorted(known | {'enabled'})}")
-        settings = cls(**{k: v for k, v in cfg.items() if k in known and v is not None})
-        if settings.groups < 1:
-            raise ValueError(f"model.mp.groups must be >= 1, got {settings.groups}")
-        for name in ("label_noise", "point_noise", "shift_noise", "scale_noise"):
-            if getattr(settings, name) < 0:
-                raise ValueError(f"model.mp.{name} must be >= 0, got {getattr(settings, name)}")
-        return settings
 
 
 @dataclass

@@ -18,10 +18,9 @@ from torch import nn
 from omniseg.models.layers.mlp import MLP
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 from omniseg.models.maskformer.detr_decoder import DetrDecoderLayer
-from omniseg.models.base import cfg_get
 from omniseg.models.maskformer.model import MaskFormer
+from omniseg.models.oneformer.family import OneFormerSettings
 from omniseg.models.oneformer.text import (
-    TASKS,
     PromptTokenizer,
     TextMapper,
     query_text_contrastive_loss,
@@ -63,41 +62,36 @@ class QueryInitializer(nn.Module):
 
 class OneFormer(MaskFormer):
     """Task-conditioned Mask2Former (see module docstring). `cfg["oneformer"]` holds the OneFormer-only
-    settings (see configs/_base_.yaml); `predict` runs the transformer decoder once per task."""
+    settings (OneFormerOptions in family.py); `predict` runs the transformer decoder once per task."""
 
+    settings_class = OneFormerSettings
     learned_query_content = False
     training_only = MaskFormer.training_only + ("text_mapper", "logit_scale")
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        if dict(cfg_get(cfg, "mp", {}) or {}).get("enabled", False):
+    def __init__(self, settings: OneFormerSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        s = self.settings_class.coerce(settings)
+        if s.mp.enabled:
             raise ValueError("model.mp (mask-piloted training) is not available for OneFormer")
-        super().__init__(cfg, num_classes, thing_ids)
-        of = dict(cfg_get(cfg, "oneformer", {}) or {})
+        super().__init__(s, num_classes, thing_ids)
+        of = s.oneformer
         hidden = self.predictor.hidden_dim
         if self.predictor.num_queries < 2:
             raise ValueError("OneFormer needs num_queries >= 2 (N-1 object queries plus the task token)")
-        self.task_seq_len = int(of.get("task_seq_len", 77))
+        self.task_seq_len = of.task_seq_len
         self.task_mlp = MLP(self.task_seq_len, hidden, hidden, 2)
-        self.query_init = QueryInitializer(
-            int(cfg_get(cfg, "mask_dim", 256)), hidden, int(cfg_get(cfg, "nheads", 8)),
-            int(cfg_get(cfg, "dim_feedforward", 2048)), layers=int(of.get("query_dec_layers", 2)),
-            dropout=float(of.get("query_dropout", 0.1)), pre_norm=bool(cfg_get(cfg, "pre_norm", False)))
-        n_ctx = int(of.get("n_ctx", 16))
-        self.num_text = self.predictor.num_queries - n_ctx
+        self.query_init = QueryInitializer(s.mask_dim, hidden, s.nheads, s.dim_feedforward,
+                                           layers=of.query_dec_layers, dropout=of.query_dropout, pre_norm=s.pre_norm)
+        self.num_text = self.predictor.num_queries - of.n_ctx
         if self.num_text < 1:
-            raise ValueError(f"oneformer.n_ctx ({n_ctx}) must be smaller than num_queries ({self.predictor.num_queries})")
-        vocab = int(of.get("text_vocab_size", 49408))
-        context = int(of.get("text_context_length", 77))
-        self.tokenizer = PromptTokenizer(num_classes, vocab, context)
+            raise ValueError(f"oneformer.n_ctx ({of.n_ctx}) must be smaller than num_queries ({self.predictor.num_queries})")
+        self.tokenizer = PromptTokenizer(num_classes, of.text_vocab_size, of.text_context_length)
         self.text_mapper = TextMapper(
-            vocab_size=vocab, context_length=context, width=int(of.get("text_width", hidden)),
-            layers=int(of.get("text_layers", 6)), hidden_dim=hidden, proj_layers=int(of.get("text_proj_layers", 2)),
-            n_ctx=n_ctx, causal=bool(of.get("text_causal", True)))
-        self.contrastive_weight = float(of.get("contrastive_weight", 0.5))
-        self.logit_scale = nn.Parameter(torch.tensor(1 / float(of.get("contrastive_temperature", 0.07))).log())
-        self.default_task = str(cfg_get(cfg, "test", {}).get("task", "panoptic"))
-        if self.default_task not in TASKS:
-            raise ValueError(f"model.test.task must be one of {TASKS}, got {self.default_task!r}")
+            vocab_size=of.text_vocab_size, context_length=of.text_context_length, width=of.text_width,
+            layers=of.text_layers, hidden_dim=hidden, proj_layers=of.text_proj_layers, n_ctx=of.n_ctx,
+            causal=of.text_causal)
+        self.contrastive_weight = of.contrastive_weight
+        self.logit_scale = nn.Parameter(torch.tensor(1 / of.contrastive_temperature).log())
+        self.default_task = s.test.task
 
     # -- network -------------------------------------------------------------------------------
     def task_token(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -119,6 +113,10 @@ class OneFormer(MaskFormer):
         mask_features, multi_scale = self.pixel_features(x)
         ids = task_token_ids([task or self.default_task] * x.shape[0], self.task_seq_len, x.device)
         return self.decode(multi_scale, mask_features, ids, aux_outputs=aux_outputs)
+
+    def raw_forward_options(self, task: str | None = None) -> dict:
+        """The last prediction set for `task` (default: model.test.task), which the graph bakes in."""
+        return {"aux_outputs": False, "task": task or self.default_task}
 
     # -- training ------------------------------------------------------------------------------
     def training_outputs(self, x: torch.Tensor, targets: list[dict]):

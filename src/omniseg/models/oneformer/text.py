@@ -30,7 +30,6 @@ TASK_TOKEN_IDS = {
     "instance": (49406, 518, 10549, 533, 34572, 49407),
     "panoptic": (49406, 518, 10549, 533, 1072, 24755, 49407),
 }
-TASKS = tuple(TASK_TOKEN_IDS)
 
 
 def task_token_ids(tasks: Sequence[str], seq_len: int = 77, device=None) -> torch.Tensor:
@@ -38,7 +37,7 @@ def task_token_ids(tasks: Sequence[str], seq_len: int = 77, device=None) -> torc
     out = torch.zeros(len(tasks), seq_len, dtype=torch.int64, device=device)
     for i, task in enumerate(tasks):
         if task not in TASK_TOKEN_IDS:
-            raise ValueError(f"unknown task {task!r}; OneFormer knows {TASKS}")
+            raise ValueError(f"unknown task {task!r}; OneFormer knows {tuple(TASK_TOKEN_IDS)}")
         ids = TASK_TOKEN_IDS[task]
         if len(ids) > seq_len:
             raise ValueError(f"task_seq_len {seq_len} is shorter than the task prompt ({len(ids)} tokens)")

@@ -12,13 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 3, dilation: int = 1):
-        super().__init__(
-            nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        )
+from omniseg.models.layers.conv import ConvNormAct
 
 
 class Classifier(nn.Sequential):
@@ -35,7 +29,7 @@ class FCNHead(nn.Module):
     def __init__(self, cin: int, num_classes: int, width: int | None = None, dropout: float = 0.1):
         super().__init__()
         width = width or max(cin // 4, 16)
-        self.conv = ConvBNReLU(cin, width)
+        self.conv = ConvNormAct(cin, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +44,7 @@ class PyramidPooling(nn.Module):
         super().__init__()
         self.bins = tuple(int(b) for b in bins)
         reduced = branch_channels or cin // len(self.bins)
-        self.stages = nn.ModuleList(ConvBNReLU(cin, reduced, kernel=1) for _ in self.bins)
+        self.stages = nn.ModuleList(ConvNormAct(cin, reduced, kernel_size=1, norm="bn") for _ in self.bins)
         self.out_channels = cin + reduced * len(self.bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +59,7 @@ class PSPHead(nn.Module):
                  dropout: float = 0.1):
         super().__init__()
         self.ppm = PyramidPooling(cin, bins)
-        self.bottleneck = ConvBNReLU(self.ppm.out_channels, width)
+        self.bottleneck = ConvNormAct(self.ppm.out_channels, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +75,10 @@ class UPerHead(nn.Module):
                  bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
         super().__init__()
         self.ppm = PyramidPooling(in_channels[-1], bins, branch_channels=width)
-        self.ppm_bottleneck = ConvBNReLU(self.ppm.out_channels, width)
-        self.laterals = nn.ModuleList(ConvBNReLU(c, width, kernel=1) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(ConvBNReLU(width, width) for _ in in_channels[:-1])
-        self.fuse = ConvBNReLU(width * len(in_channels), width)
+        self.ppm_bottleneck = ConvNormAct(self.ppm.out_channels, width, norm="bn")
+        self.laterals = nn.ModuleList(ConvNormAct(c, width, kernel_size=1, norm="bn") for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvNormAct(width, width, norm="bn") for _ in in_channels[:-1])
+        self.fuse = ConvNormAct(width * len(in_channels), width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -143,9 +137,9 @@ class DANetHead(nn.Module):
 
     def __init__(self, cin: int, num_classes: int, width: int = 512, dropout: float = 0.1):
         super().__init__()
-        self.pam_in, self.cam_in = ConvBNReLU(cin, width), ConvBNReLU(cin, width)
+        self.pam_in, self.cam_in = ConvNormAct(cin, width, norm="bn"), ConvNormAct(cin, width, norm="bn")
         self.pam, self.cam = PositionAttention(width), ChannelAttention()
-        self.pam_out, self.cam_out = ConvBNReLU(width, width), ConvBNReLU(width, width)
+        self.pam_out, self.cam_out = ConvNormAct(width, width, norm="bn"), ConvNormAct(width, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
         self.pam_classifier = Classifier(width, num_classes, dropout)
         self.cam_classifier = Classifier(width, num_classes, dropout)
@@ -166,11 +160,11 @@ class ASPP(nn.Module):
     def __init__(self, cin: int, width: int = 256, rates: Sequence[int] = (12, 24, 36), extra: int = 0,
                  project_bn: bool = True):
         super().__init__()
-        self.branches = nn.ModuleList([ConvBNReLU(cin, width, kernel=1)]
-                                      + [ConvBNReLU(cin, width, dilation=int(r)) for r in rates])
-        self.image_pool = ConvBNReLU(cin, width, kernel=1)
+        self.branches = nn.ModuleList([ConvNormAct(cin, width, kernel_size=1, norm="bn")]
+                                      + [ConvNormAct(cin, width, dilation=int(r), norm="bn") for r in rates])
+        self.image_pool = ConvNormAct(cin, width, kernel_size=1, norm="bn")
         n = (len(rates) + 2) * width + extra
-        self.project = ConvBNReLU(n, width, kernel=1) if project_bn else nn.Conv2d(n, width, 1, bias=False)
+        self.project = ConvNormAct(n, width, kernel_size=1, norm="bn") if project_bn else nn.Conv2d(n, width, 1, bias=False)
         self.out_channels = width
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,7 +178,7 @@ class ASPPHead(nn.Module):
                  dropout: float = 0.1):
         super().__init__()
         self.aspp = ASPP(cin, width, rates)
-        self.conv = ConvBNReLU(width, width)
+        self.conv = ConvNormAct(width, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +203,7 @@ class JointPyramidUpsampling(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], width: int = 512, dilations: Sequence[int] = (1, 2, 4, 8)):
         super().__init__()
-        self.convs = nn.ModuleList(ConvBNReLU(c, width) for c in in_channels)
+        self.convs = nn.ModuleList(ConvNormAct(c, width, norm="bn") for c in in_channels)
         self.dilated = nn.ModuleList(
             nn.Sequential(SeparableConv(len(in_channels) * width, width, d), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
             for d in dilations

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.layers.canny import canny
-from omniseg.models.per_pixel.blocks import ConvBNReLU
+from omniseg.models.layers.conv import ConvNormAct
 
 
 class BasicBlock(nn.Module):
@@ -25,7 +25,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv1 = ConvBNReLU(channels, channels)
+        self.conv1 = ConvNormAct(channels, channels, norm="bn")
         self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets, semantic_results
+from omniseg.models.base import Segmenter, label_map_from_targets, semantic_results
+from omniseg.models.layers.conv import ConvNormAct
 from omniseg.models.per_pixel.blocks import (
-    ASPP, ASPPHead, Classifier, ConvBNReLU, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
+    ASPP, ASPPHead, Classifier, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
 )
+from omniseg.models.per_pixel.family import PerPixelSettings
 
-ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
 
 
 
@@ -32,10 +33,10 @@ class GatedSCNNHead(nn.Module):
     def __init__(self, cin: int, fine_channels: int, num_classes: int, width: int = 256,
                  rates: Sequence[int] = (12, 24, 36), dropout: float = 0.1):
         super().__init__()
-        self.edge_embed = ConvBNReLU(1, width, kernel=1)
+        self.edge_embed = ConvNormAct(1, width, kernel_size=1, norm="bn")
         self.aspp = ASPP(cin, width, rates, extra=width, project_bn=False)
-        self.fine = ConvBNReLU(fine_channels, 48, kernel=1)
-        self.fuse = nn.Sequential(ConvBNReLU(width + 48, width), ConvBNReLU(width, width))
+        self.fine = ConvNormAct(fine_channels, 48, kernel_size=1, norm="bn")
+        self.fuse = nn.Sequential(ConvNormAct(width + 48, width, norm="bn"), ConvNormAct(width, width, norm="bn"))
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, x: torch.Tensor, fine: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
@@ -48,53 +49,38 @@ class PerPixelSegmenter(Segmenter):
     """Backbone (dilated, output stride 8 or 16; or stride 32 + JPU) -> head -> per-pixel class logits.
 
     Args:
-        cfg: the `model` section (configs/pspnet_demo.yaml lists every key).
+        settings: the `model` section (PerPixelSettings, or a mapping checked against it).
         num_classes: K.
-        thing_ids: unused (semantic only); accepted for a uniform builder signature.
+        thing_ids: kept for the contract (semantic only).
     """
 
-    tasks = ("semantic",)  # what predict can produce
-    default_task = None
+    settings_class = PerPixelSettings
+    tasks = ("semantic",)
     training_only = ("aux_head",)
-    raw_output_names = ("sem_seg",)  # what forward_raw returns, in export order
+    raw_output_names = ("sem_seg",)
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        super().__init__()
-        self.arch = cfg_get(cfg, "arch", "pspnet")
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown per-pixel arch {self.arch!r} ({' | '.join(ARCHS)})")
-        self.num_classes = num_classes
+    def __init__(self, settings: PerPixelSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__(settings, num_classes, thing_ids)
+        s = self.settings
         self.ignore_index = 255
-        self.neck_name = cfg_get(cfg, "neck")
-        if self.neck_name not in (None, "jpu"):
-            raise ValueError(f"model.neck must be null (dilated backbone) or 'jpu', got {self.neck_name!r}")
-        output_stride = int(cfg_get(cfg, "output_stride", 8))
-        if self.neck_name == "jpu":
-            output_stride = 32  # the JPU replaces the dilation
-        elif output_stride not in (8, 16, 32):
-            raise ValueError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
-        backbone_kwargs = dict(cfg_get(cfg, "backbone_kwargs", {}) or {})
+        self.neck_name = s.neck
+        output_stride = 32 if self.neck_name == "jpu" else s.output_stride  # the JPU replaces the dilation
+        options = s.backbone_options()
         if output_stride != 32:
-            backbone_kwargs["output_stride"] = output_stride
-        self.backbone = build_backbone(
-            cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "bn"),
-            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
-            **backbone_kwargs,
-        )
+            options["output_stride"] = output_stride
+        self.backbone = build_backbone(s.backbone, **options)
         specs = self.backbone.specs
         top_channels = specs["res5"].channels
         self.neck = None
         if self.neck_name == "jpu":
-            width = int(cfg_get(cfg, "jpu_width", 512))
-            self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], width)
+            self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], s.jpu_width)
             top_channels = self.neck.out_channels
-        width = int(cfg_get(cfg, "head_width", 512))
-        dropout = float(cfg_get(cfg, "dropout", 0.1))
-        rates = tuple(int(r) for r in cfg_get(cfg, "aspp_rates", (12, 24, 36)))
+        width, dropout = s.head_width, s.dropout
+        rates, bins = tuple(s.aspp_rates), tuple(s.psp_bins)
         if self.arch == "fcn":
             self.head = FCNHead(top_channels, num_classes, width, dropout)
         elif self.arch == "pspnet":
-            self.head = PSPHead(top_channels, num_classes, width, tuple(cfg_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
+            self.head = PSPHead(top_channels, num_classes, width, bins, dropout)
         elif self.arch == "danet":
             self.head = DANetHead(top_channels, num_classes, width, dropout)
         elif self.arch == "deeplabv3":
@@ -103,32 +89,30 @@ class PerPixelSegmenter(Segmenter):
             if self.neck is not None:
                 raise ValueError("UPerNet reads every backbone level: model.neck must be null")
             self.head = UPerHead([specs[n].channels for n in ("res2", "res3", "res4", "res5")], num_classes, width,
-                                 tuple(cfg_get(cfg, "psp_bins", (1, 2, 3, 6))), dropout)
+                                 bins, dropout)
         else:
             from omniseg.models.per_pixel.gscnn import EdgeFusion, ShapeStream
 
             self.shape_stream = ShapeStream(specs["res2"].channels, [specs[n].channels for n in ("res3", "res4", "res5")],
-                                            int(cfg_get(cfg, "shape_width", 64)))
-            self.edge_fusion = EdgeFusion(*cfg_get(cfg, "canny_thresholds", (10.0, 100.0)))
+                                            s.shape_width)
+            self.edge_fusion = EdgeFusion(*s.canny_thresholds)
             self.head = GatedSCNNHead(top_channels, specs["res2"].channels, num_classes, width, rates, dropout)
-        loss = dict(cfg_get(cfg, "loss", {}) or {})
-        self.aux_weight = float(cfg_get(loss, "aux_weight", 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet")
-                                     else 0.0))
+        loss = s.loss
+        default_aux = 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet") else 0.0
+        self.aux_weight = default_aux if loss.aux_weight is None else loss.aux_weight
         self.aux_head = FCNHead(specs["res4"].channels, num_classes, dropout=dropout) if self.aux_weight > 0 else None
-        self.branch_weight = float(loss.get("branch_weight", 1.0))  # DANet: each attention branch's own CE
-        self.edge_weight = float(loss.get("edge_weight", 20.0))  # Gated-SCNN's weights
-        self.edge_att_weight = float(loss.get("edge_attention_weight", 1.0))
-        self.dual_weight = float(loss.get("dual_task_weight", 1.0))
-        self.edge_radius = int(loss.get("edge_radius", 2))
-        class_weights = loss.get("class_weights")
+        self.branch_weight = loss.branch_weight  # DANet: each attention branch's own CE
+        self.edge_weight = loss.edge_weight  # Gated-SCNN's weights
+        self.edge_att_weight = loss.edge_attention_weight
+        self.dual_weight = loss.dual_task_weight
+        self.edge_radius = loss.edge_radius
+        class_weights = loss.class_weights
         if class_weights is not None:
-            class_weights = [float(w) for w in class_weights]
             if len(class_weights) != num_classes:
                 raise ValueError(f"model.loss.class_weights has {len(class_weights)} entries for {num_classes} classes")
-            class_weights = torch.tensor(class_weights)
+            class_weights = torch.tensor([float(w) for w in class_weights])
         self.register_buffer("class_weights", class_weights, persistent=False)
-        self.register_pixel_stats(cfg)
-        if bool(cfg_get(cfg, "activation_checkpointing", False)):
+        if s.activation_checkpointing:
             self.set_activation_checkpointing(True)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -210,14 +194,9 @@ class PerPixelSegmenter(Segmenter):
         return losses
 
     # -- inference -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None,
-                tasks: Sequence[str] = ("semantic",), *, return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> [{"semantic": int64 [H,W]}] at `output_sizes` (default: image sizes)."""
-        unsupported = [t for t in tasks if t not in self.tasks]
-        if unsupported:
-            raise ValueError(f"{type(self).__name__} ({self.arch}) predicts {list(self.tasks)} only, not {unsupported}")
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+        """Logits upsampled to the padded input, then per image cropped, resized and argmaxed."""
         logits = self.network(self.normalize(images))["sem_seg"]
         padded = tuple(images.shape[-2:])
         logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)

@@ -30,12 +30,12 @@ from torchvision.ops.poolers import LevelMapper
 
 from omniseg.masks import boxes_from_masks
 from omniseg.models.backbones import FEATURE_NAMES, build_backbone
-from omniseg.models.base import Segmenter, cfg_get
+from omniseg.models.base import Segmenter
+from omniseg.models.rcnn.family import RCNNSettings
 from omniseg.models.rcnn.panet import (
     AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, FusedMaskHead, rois_from_boxes,
 )
 
-ARCHS = ("maskrcnn", "panet")
 
 
 
@@ -119,94 +119,68 @@ class RCNNSegmenter(Segmenter):
     """Mask R-CNN (`arch: maskrcnn`) or PANet (`arch: panet`) instance segmentation.
 
     Args:
-        cfg: the `model` section (configs/_rcnn_.yaml lists every key).
+        settings: the `model` section (RCNNSettings, or a mapping checked against it).
         num_classes: K (contiguous ids 0..K-1; torchvision's class 0 is background, so it sees K + 1).
-        thing_ids: unused (targets of the instance task are things only); kept for the uniform builder signature.
+        thing_ids: kept for the contract (targets of the instance task are things only).
     """
 
-    tasks = ("instance",)  # what predict can produce
-    default_task = None
-    training_only = ()
+    settings_class = RCNNSettings
+    tasks = ("instance",)
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        super().__init__()
-        self.arch = cfg_get(cfg, "arch", "maskrcnn")
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown R-CNN arch {self.arch!r} ({' | '.join(ARCHS)})")
-        self.num_classes = num_classes
-        panet = dict(cfg_get(cfg, "panet", {}) or {}) if self.arch == "panet" else {}
-        bottom_up = bool(panet.get("bottom_up", True)) if self.arch == "panet" else False
-        adaptive = bool(panet.get("adaptive_pooling", True)) if self.arch == "panet" else False
-        fc_fusion = bool(panet.get("fc_fusion", True)) if self.arch == "panet" else False
+    def __init__(self, settings: RCNNSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__(settings, num_classes, thing_ids)
+        s = self.settings
+        is_panet = self.arch == "panet"
+        bottom_up, adaptive, fc_fusion = (s.panet.bottom_up, s.panet.adaptive_pooling, s.panet.fc_fusion) if is_panet \
+            else (False, False, False)
 
-        body = build_backbone(cfg_get(cfg, "backbone", "resnet50"), norm=cfg_get(cfg, "backbone_norm", "frozen_bn"),
-                              weights=cfg_get(cfg, "backbone_weights"),
-                              drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
-                              **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}))
-        _freeze_stages(body, int(cfg_get(cfg, "backbone_freeze_at", 0)))
-        dim = int(cfg_get(cfg, "fpn_dim", 256))
-        backbone = FPNBackbone(body, dim, bottom_up=bottom_up)
-        names, strides = backbone.level_names, backbone.strides
+        backbone = FPNBackbone(build_backbone(s.backbone, **s.backbone_options()), s.fpn_dim, bottom_up=bottom_up)
+        names, strides, dim = backbone.level_names, backbone.strides, s.fpn_dim
 
-        rpn = dict(cfg_get(cfg, "rpn", {}) or {})
-        sizes = [int(s) for s in rpn.get("anchor_sizes", (32, 64, 128, 256, 512))]
-        ratios = [float(r) for r in rpn.get("aspect_ratios", (0.5, 1.0, 2.0))]
-        if len(sizes) != len(names) + 1:
+        rpn, roi, test = s.rpn, s.roi, s.test
+        if len(rpn.anchor_sizes) != len(names) + 1:
             raise ValueError(f"model.rpn.anchor_sizes needs one size per level ({len(names) + 1}: "
-                             f"{names + ['pool']}), got {sizes}")
-        anchors = AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
-
-        roi = dict(cfg_get(cfg, "roi", {}) or {})
-        box_res, mask_res = int(roi.get("box_resolution", 7)), int(roi.get("mask_resolution", 14))
-        ratio, aligned = int(roi.get("sampling_ratio", 2)), bool(roi.get("aligned", True))
-        box_dim, mask_dim = int(roi.get("box_head_dim", 1024)), int(roi.get("mask_head_dim", 256))
+                             f"{names + ['pool']}), got {list(rpn.anchor_sizes)}")
+        anchors = AnchorGenerator(tuple((int(a),) for a in rpn.anchor_sizes),
+                                  (tuple(float(r) for r in rpn.aspect_ratios),) * len(rpn.anchor_sizes))
+        box_res, mask_res, ratio = roi.box_resolution, roi.mask_resolution, roi.sampling_ratio
         if adaptive:
             # PANet's adaptive pooling is aligned RoIAlign, sampling ratio 2 (spec), on every level.
             box_pool = AdaptiveRoIAlign(names, strides, box_res, ratio, aligned=True)
             mask_pool = AdaptiveRoIAlign(names, strides, mask_res, ratio, aligned=True)
-            box_head = AdaptiveTwoMLPHead(len(names), dim * box_res * box_res, box_dim)
+            box_head = AdaptiveTwoMLPHead(len(names), dim * box_res * box_res, roi.box_head_dim)
         else:
-            box_pool = LevelRoIAlign(names, strides, box_res, ratio, aligned)
-            mask_pool = LevelRoIAlign(names, strides, mask_res, ratio, aligned)
-            box_head = TwoMLPHead(dim * box_res * box_res, box_dim)
-        if self.arch == "panet":
-            mask_head = FusedMaskHead(len(names) if adaptive else 1, dim, num_classes + 1, mask_dim, mask_res,
-                                      fc_fusion=fc_fusion, fusion_relu=bool(panet.get("fusion_relu", True)))
+            box_pool = LevelRoIAlign(names, strides, box_res, ratio, roi.aligned)
+            mask_pool = LevelRoIAlign(names, strides, mask_res, ratio, roi.aligned)
+            box_head = TwoMLPHead(dim * box_res * box_res, roi.box_head_dim)
+        if is_panet:
+            mask_head = FusedMaskHead(len(names) if adaptive else 1, dim, num_classes + 1, roi.mask_head_dim, mask_res,
+                                      fc_fusion=fc_fusion, fusion_relu=s.panet.fusion_relu)
             if not adaptive:
                 mask_head = _OneLevel(mask_head)
             mask_predictor = nn.Identity()  # FusedMaskHead already returns per-class logits
         else:
-            mask_head = MaskRCNNHeads(dim, [mask_dim] * int(roi.get("mask_convs", 4)), 1)
-            mask_predictor = MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1)
+            mask_head = MaskRCNNHeads(dim, [roi.mask_head_dim] * roi.mask_convs, 1)
+            mask_predictor = MaskRCNNPredictor(roi.mask_head_dim, roi.mask_head_dim, num_classes + 1)
 
-        test = dict(cfg_get(cfg, "test", {}) or {})
-        self.mask_threshold = float(test.get("mask_threshold", 0.5))
+        self.mask_threshold = test.mask_threshold
         self.detector = MaskRCNN(
             backbone, num_classes=None,
             rpn_anchor_generator=anchors,
-            rpn_pre_nms_top_n_train=int(rpn.get("pre_nms_topk_train", 2000)),
-            rpn_pre_nms_top_n_test=int(rpn.get("pre_nms_topk_test", 1000)),
-            rpn_post_nms_top_n_train=int(rpn.get("post_nms_topk_train", 1000)),
-            rpn_post_nms_top_n_test=int(rpn.get("post_nms_topk_test", 1000)),
-            rpn_nms_thresh=float(rpn.get("nms_thresh", 0.7)),
-            rpn_fg_iou_thresh=float(rpn.get("fg_iou_thresh", 0.7)),
-            rpn_bg_iou_thresh=float(rpn.get("bg_iou_thresh", 0.3)),
-            rpn_batch_size_per_image=int(rpn.get("batch_size_per_image", 256)),
-            rpn_positive_fraction=float(rpn.get("positive_fraction", 0.5)),
+            rpn_pre_nms_top_n_train=rpn.pre_nms_topk_train, rpn_pre_nms_top_n_test=rpn.pre_nms_topk_test,
+            rpn_post_nms_top_n_train=rpn.post_nms_topk_train, rpn_post_nms_top_n_test=rpn.post_nms_topk_test,
+            rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.fg_iou_thresh, rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+            rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
             box_roi_pool=box_pool, box_head=box_head,
-            box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
-            box_score_thresh=float(test.get("score_thresh", 0.05)),
-            box_nms_thresh=float(test.get("nms_thresh", 0.5)),
-            box_detections_per_img=int(test.get("detections_per_img", 100)),
-            box_fg_iou_thresh=float(roi.get("fg_iou_thresh", 0.5)),
-            box_bg_iou_thresh=float(roi.get("bg_iou_thresh", 0.5)),
-            box_batch_size_per_image=int(roi.get("batch_size_per_image", 512)),
-            box_positive_fraction=float(roi.get("positive_fraction", 0.25)),
-            bbox_reg_weights=tuple(float(w) for w in roi.get("bbox_reg_weights", (10.0, 10.0, 5.0, 5.0))),
+            box_predictor=FastRCNNPredictor(roi.box_head_dim, num_classes + 1),
+            box_score_thresh=test.score_thresh, box_nms_thresh=test.nms_thresh,
+            box_detections_per_img=test.detections_per_img,
+            box_fg_iou_thresh=roi.fg_iou_thresh, box_bg_iou_thresh=roi.bg_iou_thresh,
+            box_batch_size_per_image=roi.batch_size_per_image, box_positive_fraction=roi.positive_fraction,
+            bbox_reg_weights=tuple(float(w) for w in roi.bbox_reg_weights),
             mask_roi_pool=mask_pool, mask_head=mask_head, mask_predictor=mask_predictor,
         )
         self.detector.transform = BatchOnlyTransform(32)
-        self.register_pixel_stats(cfg)
 
     @property
     def backbone(self) -> nn.Module:
@@ -252,24 +226,13 @@ class RCNNSegmenter(Segmenter):
             for p, m in zip(parts, modes):
                 p.training = m
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None,
-                tasks: Sequence[str] = ("instance",), *, return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> [{"instances": {"masks": bool [n,H,W], "labels": int64 [n] (0-based),
-        "scores": float [n], "boxes": float [n,4] xyxy}}] at `output_sizes` (default: `image_sizes`).
-
-        Boxes are scaled from the image size to the output size and the 28x28 mask probabilities pasted into
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+        """Boxes are scaled from the image size to the output size and the 28x28 mask probabilities pasted into
         them at the output size (torchvision's postprocess), then thresholded at `model.test.mask_threshold`.
         `return_raw` adds "raw": the detections at the input resolution with the unpasted mask probabilities.
         """
-        unsupported = [t for t in tasks if t not in self.tasks]
-        if unsupported:
-            raise ValueError(f"{type(self).__name__} ({self.arch}) predicts {list(self.tasks)} only, not {unsupported}")
-        sizes = [(int(h), int(w)) for h, w in image_sizes]
-        outs = [(int(h), int(w)) for h, w in (output_sizes or sizes)]
-        if len(sizes) != images.shape[0] or len(outs) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(sizes)} image sizes and {len(outs)} output sizes")
+        sizes, outs = image_sizes, output_sizes
         x = self.normalize(images)
         with self._inference_mode():
             features = self.detector.backbone(x)
@@ -293,6 +256,10 @@ class RCNNSegmenter(Segmenter):
             results.append(result)
         return results
 
+    def export_refusal(self) -> str:
+        return (f"{self.describe()} cannot be exported yet: torchvision's RPN and RoI heads keep a data-dependent "
+                f"number of boxes (NMS, top-k), which the exported graph would have to fix in advance")
+
 
 class _OneLevel(nn.Module):
     """Feeds a single-level pooled map [R,C,S,S] to a per-level head as one level (PANet without adaptive pooling)."""
@@ -303,17 +270,3 @@ class _OneLevel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x[None])
-
-
-def _freeze_stages(body: nn.Module, freeze_at: int) -> None:
-    """detectron2's BACKBONE.FREEZE_AT for timm ResNets: 1 freezes the stem, 2 also res2 (stage `layer1`), ..."""
-    if freeze_at <= 0:
-        return
-    inner = getattr(body, "body", body)
-    stem = [m for n, m in inner.named_children() if n in ("conv1", "bn1", "act1", "maxpool")]
-    stages = [getattr(inner, f"layer{i}") for i in range(1, freeze_at) if hasattr(inner, f"layer{i}")]
-    if not stem:
-        raise ValueError("model.backbone_freeze_at applies to ResNet backbones (stem conv1/bn1 + layer1..4)")
-    for m in stem + stages:
-        for p in m.parameters():
-            p.requires_grad_(False)

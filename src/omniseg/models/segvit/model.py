@@ -18,19 +18,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.models.base import Segmenter, cfg_get, label_map_from_targets, semantic_results
+from omniseg.models.base import Segmenter, label_map_from_targets, semantic_results
 from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
+from omniseg.models.segvit.family import ContinualSettings, SegViTSettings
 from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
 
 
 
-def class_steps(cfg: Mapping, num_classes: int) -> tuple[list[int], int]:
+def class_steps(continual: ContinualSettings, num_classes: int) -> tuple[list[int], int]:
     """(class counts per step, current step) from model.continual; one step of all classes by default."""
-    cont = dict(cfg_get(cfg, "continual", {}) or {})
-    steps = [int(s) for s in (cont.get("steps") or [num_classes])]
+    steps = [int(s) for s in (continual.steps or [num_classes])]
     if sum(steps) != num_classes or any(s < 1 for s in steps):
         raise ValueError(f"model.continual.steps {steps} must be positive and sum to the {num_classes} classes")
-    step = int(cont.get("step") if cont.get("step") is not None else len(steps) - 1)
+    step = int(continual.step if continual.step is not None else len(steps) - 1)
     if not 0 <= step < len(steps):
         raise ValueError(f"model.continual.step {step} outside the {len(steps)} steps {steps}")
     return steps, step
@@ -40,56 +40,51 @@ class SegViT(Segmenter):
     """ViT encoder -> (Shrunk: QU) -> one ATM decoder per learning step -> per-class scores.
 
     Args:
-        cfg: the `model` section (configs/segvit_demo.yaml lists every key).
+        settings: the `model` section (SegViTSettings, or a mapping checked against it).
         num_classes: K over all steps.
-        thing_ids: unused (semantic only).
+        thing_ids: kept for the contract (semantic only).
     """
 
+    settings_class = SegViTSettings
     tasks = ("semantic",)
-    default_task = None
-    training_only = ()
     raw_output_names = ("sem_seg",)
 
-    def __init__(self, cfg: Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
-        super().__init__()
-        self.num_classes = num_classes
+    def __init__(self, settings: SegViTSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
+        super().__init__(settings, num_classes, thing_ids)
+        s = self.settings
         self.ignore_index = 255
-        self.shrink = cfg_get(cfg, "shrink")
-        self.backbone = PlainViT(
-            cfg_get(cfg, "backbone", "vit_b"), out_indices=tuple(cfg_get(cfg, "vit_out_indices", (5, 7, 11))),
-            shrink=self.shrink, qd_index=int(cfg_get(cfg, "qd_index", 4)), tau=float(cfg_get(cfg, "edge_tau", 0.7)),
-            weights=cfg_get(cfg, "backbone_weights"), drop_path_rate=float(cfg_get(cfg, "drop_path_rate", 0.0)),
-            **dict(cfg_get(cfg, "backbone_kwargs", {}) or {}))
+        self.shrink = s.shrink
+        if s.backbone_freeze_at:
+            raise ValueError("model.backbone_freeze_at applies to ResNet backbones; SegViT's continual recipe "
+                             "freezes the ViT itself (model.continual.freeze)")
+        self.backbone = PlainViT(s.backbone, out_indices=tuple(s.vit_out_indices), shrink=self.shrink,
+                                 qd_index=s.qd_index, tau=s.edge_tau, weights=s.backbone_weights,
+                                 drop_path_rate=s.drop_path_rate, **dict(s.backbone_kwargs or {}))
         enc_dim = self.backbone.embed_dim
-        dim = int(cfg_get(cfg, "hidden_dim", enc_dim // 2))
-        heads = int(cfg_get(cfg, "nheads", max(1, dim // 64)))
-        dropout = float(cfg_get(cfg, "dropout", 0.1))
+        dim = s.hidden_dim or enc_dim // 2
+        heads = s.nheads or max(1, dim // 64)
         self.qu = None
         stages = len(self.backbone.out_indices)
         if self.shrink:
-            self.qu = QueryUpsample(enc_dim, dim, heads, int(cfg_get(cfg, "qu_layers", 2)), dropout)
+            self.qu = QueryUpsample(enc_dim, dim, heads, s.qu_layers, s.dropout)
             stages, in_dim = 1, dim
         else:
             in_dim = enc_dim
-        layers = int(cfg_get(cfg, "dec_layers", 3))
-        self.steps, self.step = class_steps(cfg, num_classes)
+        self.steps, self.step = class_steps(s.continual, num_classes)
         self.offsets = [sum(self.steps[:i]) for i in range(len(self.steps))]
         self.decoders = nn.ModuleList(
-            ATMDecoder(in_dim, k, dim=dim, heads=heads, stages=stages, layers_per_stage=layers, dropout=dropout)
+            ATMDecoder(in_dim, k, dim=dim, heads=heads, stages=stages, layers_per_stage=s.dec_layers,
+                       dropout=s.dropout)
             for k in self.steps[: self.step + 1])
-        cont = dict(cfg_get(cfg, "continual", {}) or {})
-        self.freeze_old = bool(cont.get("freeze", True)) and self.step > 0
-        loss = dict(cfg_get(cfg, "loss", {}) or {})
-        self.loss_weights = {"class_weight": float(loss.get("class_weight", 1.0)),
-                             "focal_weight": float(loss.get("focal_weight", 20.0)),
-                             "dice_weight": float(loss.get("dice_weight", 1.0)),
-                             "eos_coef": float(loss.get("eos_coef", 0.1))}
-        self.edge_weight = float(loss.get("edge_weight", 1.0))
-        self.register_pixel_stats(cfg)
+        self.freeze_old = s.continual.freeze and self.step > 0
+        loss = s.loss
+        self.loss_weights = {"class_weight": loss.class_weight, "focal_weight": loss.focal_weight,
+                             "dice_weight": loss.dice_weight, "eos_coef": loss.eos_coef}
+        self.edge_weight = loss.edge_weight
         if self.freeze_old:
             for module in self.frozen_modules():
                 module.requires_grad_(False)
-        if bool(cfg_get(cfg, "activation_checkpointing", False)):
+        if s.activation_checkpointing:
             self.set_activation_checkpointing(True)
 
     @property
@@ -143,6 +138,12 @@ class SegViT(Segmenter):
         """Normalised images [B,3,H,W] -> {"sem_seg": per-class scores [B, seen classes, H, W]}."""
         return {"sem_seg": F.interpolate(self.scores(x), size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
+    def export_refusal(self) -> str | None:
+        if self.shrink == "shrunkpp":
+            return (f"{self.describe()} with Shrunk++ cannot be exported yet: its edge-aware query downsampling "
+                    f"keeps an image-dependent number of tokens, which the exported graph would have to fix")
+        return super().export_refusal()
+
     # -- training ------------------------------------------------------------------------------
     def current_targets(self, targets: Sequence[dict]) -> list[dict]:
         """Only the current step's classes are labelled; other classes' masks are dropped."""
@@ -174,15 +175,9 @@ class SegViT(Segmenter):
         return losses
 
     # -- inference -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
-                output_sizes: Sequence[tuple[int, int]] | None = None,
-                tasks: Sequence[str] = ("semantic",), *, return_raw: bool = False) -> list[dict]:
-        """Padded uint8 images -> [{"semantic": int64 [H,W]}] at `output_sizes` (default: image sizes);
-        labels are global class ids of the steps learnt so far."""
-        unsupported = [t for t in tasks if t not in self.tasks]
-        if unsupported:
-            raise ValueError(f"SegViT predicts {list(self.tasks)} only, not {unsupported}")
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+        """Labels are global class ids of the steps learnt so far."""
         scores = self.scores(self.normalize(images))
         scores = F.interpolate(scores, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
         return semantic_results(scores, image_sizes, output_sizes, tasks, return_raw)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from omniseg.models.layers.features import FEATURE_NAMES, FeatureSpec
+
 VIT_NAMES = {
     "vit_t": "vit_tiny_patch16_224",
     "vit_s": "vit_small_patch16_224",
@@ -61,6 +63,11 @@ def grid_mask(h: int, w: int, device=None) -> torch.Tensor:
     m = torch.zeros(h, w, dtype=torch.bool, device=device)
     m[::2, ::2] = True
     return m.flatten()
+
+
+def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
+    """int64 [h*w/4]: the raster indices of `grid_mask`'s tokens, in raster order."""
+    return (torch.arange(0, h, 2, device=device)[:, None] * w + torch.arange(0, w, 2, device=device)[None]).flatten()
 
 
 def eqd_selection(edge_prob: torch.Tensor, h: int, w: int, tau: float) -> torch.Tensor:
@@ -237,17 +244,18 @@ class PlainViT(nn.Module):
         for i, block in enumerate(self.body.blocks):
             if self.shrink and i == self.qd_index:
                 out.hi_res = t
-                if self.edge_head is not None:
+                if self.edge_head is not None:  # EQD: an image-dependent number of queries
                     out.edge_logits = self.edge_head(t)
                     kept = eqd_selection(out.edge_logits.detach().softmax(-1)[..., 1], h, w, self.tau)
-                else:
-                    kept = grid_mask(h, w, t.device)[None].expand(t.shape[0], -1)
-                out.kept = kept if self.edge_head is not None else None
-                positions = torch.arange(h * w, device=t.device)[None].expand(t.shape[0], -1)
-                queries, padding = gather_kept(positions[..., None], kept)
-                t = qd_block(block, t, queries[..., 0])
-                if not bool(padding.any()):
-                    padding = None
+                    out.kept = kept
+                    positions = torch.arange(h * w, device=t.device)[None].expand(t.shape[0], -1)
+                    queries, padding = gather_kept(positions[..., None], kept)
+                    queries = queries[..., 0]
+                    if not bool(padding.any()):
+                        padding = None
+                else:  # QD: the top-left token of every 2x2 cell, in raster order (static shape: exportable)
+                    queries = grid_positions(h, w, t.device)[None].expand(t.shape[0], -1)
+                t = qd_block(block, t, queries)
             else:
                 t = self._block(block, t, key_padding_bias(padding, t.dtype))
             if not self.shrink and i in self.out_indices:
@@ -267,8 +275,6 @@ class ViTFeaturePyramid(nn.Module):
     def __init__(self, name: str = "vit_b", *, out_indices: Sequence[int] = (2, 5, 8, 11), norm: str = "bn",
                  weights: str | None = None, drop_path_rate: float = 0.0, **timm_kwargs):
         super().__init__()
-        from omniseg.models.backbones import FEATURE_NAMES, FeatureSpec
-
         if len(out_indices) != 4:
             raise ValueError(f"a ViT feature pyramid taps 4 blocks, got out_indices={list(out_indices)}")
         self.vit = PlainViT(name, out_indices=out_indices, weights=weights, drop_path_rate=drop_path_rate,
@@ -290,8 +296,6 @@ class ViTFeaturePyramid(nn.Module):
         return 2 * self.vit.patch_size
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from omniseg.models.backbones import FEATURE_NAMES
-
         enc = self.vit(x)
         h, w = enc.grid
         feats = {}

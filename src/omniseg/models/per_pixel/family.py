@@ -1,0 +1,50 @@
+"""The per-pixel classification family's settings (FCN, PSPNet, DANet, DeepLabV3, Gated-SCNN, UPerNet;
+FastFCN's JPU neck) and its registration. Defaults are the papers' ResNet-50 values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omniseg.models.registry import Family
+from omniseg.models.settings import ModelSettings
+from omniseg.schema import choice
+
+ARCHS = ("fcn", "pspnet", "danet", "deeplabv3", "gscnn", "upernet")
+
+
+@dataclass
+class PerPixelLoss:
+    class_weights: Optional[List[float]] = None  # per-class CE weights (PSSL pre-training: 1.0 objects, 0.1 background)
+    aux_weight: Optional[float] = None  # FCN head on res4; null: 0.4 for fcn/pspnet/deeplabv3/upernet, 0 otherwise
+    branch_weight: float = 1.0         # DANet: CE on each attention branch's own classifier
+    edge_weight: float = 20.0          # Gated-SCNN: balanced boundary BCE
+    edge_attention_weight: float = 1.0  # Gated-SCNN: CE where the predicted boundary > 0.8
+    dual_task_weight: float = 1.0      # Gated-SCNN: segmentation-boundary consistency
+    edge_radius: int = 2               # Gated-SCNN: boundary ground truth within this many px of another class
+
+
+@dataclass
+class PerPixelSettings(ModelSettings):
+    arch: str = choice("pspnet", ARCHS)
+    backbone_norm: str = choice("bn", ("frozen_bn", "bn"))
+    output_stride: int = choice(8, (8, 16, 32))  # dilated backbone (neck: jpu always reads a stride-32 one)
+    neck: Optional[str] = choice(None, (None, "jpu"))  # jpu: FastFCN's Joint Pyramid Upsampling, no dilation
+    jpu_width: int = 512               # JPU output = 4 x jpu_width channels
+    head_width: int = 512
+    psp_bins: List[int] = field(default_factory=lambda: [1, 2, 3, 6])  # PSPNet / UPerNet pyramid pooling
+    aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])  # DeepLabV3 / Gated-SCNN at stride 8
+    shape_width: int = 64              # Gated-SCNN shape stream width at res2 (halved after each gate)
+    canny_thresholds: List[float] = field(default_factory=lambda: [10.0, 100.0])
+    dropout: float = 0.1
+    loss: PerPixelLoss = field(default_factory=PerPixelLoss)
+
+
+def describe(s: PerPixelSettings) -> tuple[str, str]:
+    if s.arch == "upernet":
+        return s.arch, "UPerNet on a ViT feature pyramid" if str(s.backbone).startswith("vit") else "UPerNet"
+    return s.arch, "JPU neck" if s.neck == "jpu" else f"dilated, output stride {s.output_stride}"
+
+
+FAMILY = Family(name="per_pixel", archs=ARCHS, settings=PerPixelSettings,
+                model="omniseg.models.per_pixel.model:PerPixelSegmenter", describe=describe)

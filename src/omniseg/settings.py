@@ -1,0 +1,109 @@
+"""The settings of a run outside the model: data, training, and the top level that holds them.
+
+Each dataclass is the one declaration of its section: every key a config may set, its type and its
+default. Presets (YAML) only state what differs. The `model` section is declared by the model family
+that `model.arch` names (models/<family>/family.py); `omniseg config PRESET` prints a whole resolved
+config. A key that is not declared here or there is refused before anything runs (omniseg/schema.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omniseg.schema import choice
+from omniseg.tasks import TASKS
+
+DATA_FORMATS = ("coco_panoptic", "coco_instance", "semantic_folder", "synthetic")
+
+
+@dataclass
+class DatasetSettings:
+    """One split (`data.train`, `data.val`, `data.test`): which reader and where its files are. Paths are
+    relative to `root`; null paths take the format's usual layout (data/build.py); `{split}` in a path is
+    replaced by the split name."""
+
+    format: str = choice("synthetic", DATA_FORMATS)
+    root: Optional[str] = None
+    split: Optional[str] = None        # the split's name in the dataset (default: the section name)
+    split_name: Optional[str] = None   # the name used in `{split}` paths when it differs (ADE20K "training")
+    name: Optional[str] = None         # dataset name shown in reports
+    image_dir: Optional[str] = None
+    json: Optional[str] = None         # COCO formats: annotation file
+    png_dir: Optional[str] = None      # COCO panoptic: segment PNGs
+    label_dir: Optional[str] = None    # semantic_folder: label PNGs
+    preset: Optional[str] = None       # semantic_folder: camvid | ade20k | cityscapes (classes, layout)
+    classes: Optional[List[str]] = None
+    label_map: Optional[Dict[Any, Any]] = None  # semantic_folder: raw label value -> class id (255: ignore)
+    class_info: Optional[str] = None   # semantic_folder: ADE20K-style objectInfo150.csv
+    image_suffix: Optional[str] = None
+    label_suffix: Optional[str] = None
+    ignore_index: int = 255
+    view: Optional[str] = None         # synthetic: panoptic | instance | semantic reader of the same files
+
+
+@dataclass
+class SyntheticSettings:
+    """The built-in synthetic set, generated into the split's root when that folder is missing."""
+
+    num_train: int = 600
+    num_val: int = 100
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataSettings:
+    root: Optional[str] = None         # free for the splits to share: root: ${data.root}
+    train: DatasetSettings = field(default_factory=lambda: DatasetSettings(root="runs/data/synthetic", split="train"))
+    val: DatasetSettings = field(default_factory=lambda: DatasetSettings(root="runs/data/synthetic", split="val"))
+    test: Optional[DatasetSettings] = None
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+    crop_size: int = 512               # training crop after scale jitter
+    scale_range: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    hflip: bool = True
+    photometric: bool = True
+    min_size_test: Optional[int] = None  # resize the shorter side for inference (null: keep)
+    size_divisibility: int = 32
+    batch_size: int = 16
+    num_workers: int = 2
+    skip_bad_samples: bool = False     # report and skip unreadable samples instead of stopping
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = "runs/train"
+    max_iters: int = 90000
+    lr: float = 1.0e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    backbone_multiplier: float = 0.1
+    warmup_iters: int = 10
+    warmup_factor: float = 1.0
+    poly_power: float = 0.9
+    clip_grad: float = 0.01            # full-model L2 norm (Mask2Former); 0: no clipping
+    accumulate: int = 1                # gradient accumulation steps per iteration
+    amp: str = choice("none", ("none", "bf16", "fp16"))  # fp16 needs CUDA
+    eval_period: int = 5000            # evaluate every N iterations; 0: only after the last iteration
+    checkpoint_period: int = 5000      # checkpoint every N iterations; 0: only after the last iteration
+    log_period: int = 20               # log every N iterations; 0: only after the last iteration
+    seed: int = 0
+    deterministic: bool = False
+    tensorboard: bool = False
+    stop_at_iter: Optional[int] = None  # end this invocation after that iteration (checkpointed); --resume continues
+    weights: Optional[str] = None      # initialise the model from these weights (fine-tuning); iteration 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    sync_bn: bool = False              # DDP on CUDA: BatchNorm statistics over all ranks
+
+
+@dataclass
+class RunSettings:
+    """A whole config. `model` is the dataclass of the family `model.arch` names."""
+
+    model: Any = None
+    task: str = choice("panoptic", (*TASKS, "sampled"))  # training targets; sampled: one task per image (OneFormer)
+    eval_tasks: List[str] = field(default_factory=lambda: ["panoptic", "semantic", "instance"])
+    eval_boundary_f: bool = False      # also the Gated-SCNN boundary F-score with semantic results
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)

@@ -1,0 +1,195 @@
+"""The model contract (models/base.py), checked on every preset `omniseg models` lists, shrunk to a tiny
+size: a training step, `predict` for every declared task (and a clear refusal of the others), save and
+reload, and export (parity with eager, or a clear refusal). A new preset is covered without a new test;
+a new family only needs its tiny sizes in TINY below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from omniseg.api import Predictor, load_model
+from omniseg.cli import app
+from omniseg.config import list_presets, load_config, to_yaml
+from omniseg.data.build import build_datasets
+from omniseg.data.loader import PadCollate
+from omniseg.data.training import build_training_data, pad_targets
+from omniseg.engine.checkpoint import save_weights
+from omniseg.export import InferenceGraph, export_model, load_exported
+from omniseg.models.base import Segmenter
+from omniseg.models.registry import build_model_from_config, families, family_of
+from omniseg.tasks import TASKS
+
+# Per family: overrides that shrink any of its presets to seconds on 64 px images. Keys the family does
+# not declare would fail loudly (checked configs), so a renamed setting shows up here.
+TINY = {
+    "maskformer": ["model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32", "model.nheads=2",
+                   "model.dim_feedforward=64", "model.enc_layers=1", "model.enc_dim_feedforward=64",
+                   "model.num_queries=8", "model.dec_layers=2", "model.loss.train_num_points=256",
+                   "model.test.object_mask_threshold=0.2"],
+    "per_pixel": ["model.head_width=32", "model.jpu_width=16", "model.shape_width=16", "model.aspp_rates=[1,2,3]"],
+    "segvit": ["model.hidden_dim=32", "model.nheads=2", "model.dec_layers=1", "model.qu_layers=1"],
+    "rcnn": ["model.fpn_dim=32", "model.rpn.anchor_sizes=[8,16,32,64,128]", "model.rpn.batch_size_per_image=64",
+             "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=200",
+             "model.rpn.post_nms_topk_test=50", "model.roi.batch_size_per_image=64", "model.roi.box_head_dim=64",
+             "model.roi.mask_head_dim=32", "model.test.score_thresh=0.0"],
+    "blendmask": ["model.fpn_channels=32", "model.blendmask.basis_channels=16", "model.blendmask.bottom_resolution=16",
+                  "model.blendmask.test.score_threshold=0.0"],
+}
+TINY["oneformer"] = TINY["maskformer"] + [
+    "model.oneformer.n_ctx=2", "model.oneformer.text_width=32", "model.oneformer.text_layers=1",
+    "model.oneformer.text_vocab_size=32", "model.oneformer.text_context_length=8"]
+
+
+def _tiny_backbone(cfg) -> list[str]:
+    """The preset's kind of backbone (ResNet, Swin or ViT), at a few channels and blocks."""
+    name = str(cfg.model.backbone)
+    if name.startswith("vit"):
+        if cfg.model.arch == "segvit":
+            return ["model.backbone=vit_tiny_patch16_224", "model.vit_out_indices=[1,2,3]", "model.qd_index=1",
+                    "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}"]
+        return ["model.backbone=vit_tiny_patch16_224",
+                "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, out_indices: [0,1,2,3]}"]
+    if "swin" in name:
+        return ["model.backbone=swin_t", "model.backbone_norm=bn",
+                "model.backbone_kwargs={embed_dim: 16, depths: [2, 2, 2, 2], num_heads: [1, 1, 2, 2]}"]
+    return ["model.backbone=resnet18", "model.backbone_norm=bn",
+            "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [16, 32, 64, 64]}"]
+
+
+def tiny_config(preset: str, synth_root, out_dir):
+    cfg = load_config(preset)
+    family = family_of(cfg.model.arch).name
+    assert family in TINY, f"family {family}: add its tiny sizes to TINY in {__file__}"
+    data = [f"data.root={synth_root}", "data.crop_size=64", "data.scale_range=[0.8,1.2]", "data.batch_size=2",
+            "data.num_workers=0", "data.min_size_test=null", f"train.output_dir={out_dir}"]
+    for split in ("train", "val"):
+        data += [f"data.{split}.format=synthetic", f"data.{split}.root={synth_root}", f"data.{split}.preset=null"]
+    return load_config(preset, [*_tiny_backbone(cfg), *TINY[family], *data])
+
+
+def test_every_family_has_tiny_sizes():
+    assert {f.name for f in families()} <= set(TINY)
+
+
+def _training_batch(cfg, dataset):
+    train_set, sampler = build_training_data(cfg, dataset)
+    batch = PadCollate(cfg.data.size_divisibility)([train_set[i] for i in next(iter(sampler))])
+    targets = pad_targets([s["targets"] for s in batch.samples], tuple(batch.images.shape[-2:]))
+    return batch.images, targets
+
+
+def _check_prediction(pred: dict, task: str, size: tuple[int, int], num_classes: int) -> None:
+    h, w = size
+    if task == "semantic":
+        sem = pred["semantic"]
+        assert sem.dtype == torch.int64 and tuple(sem.shape) == (h, w)
+        assert int(sem.min()) >= 0 and int(sem.max()) < num_classes
+    elif task == "panoptic":
+        pan = pred["panoptic"]
+        seg = pan["segment_map"]
+        assert seg.dtype == torch.int64 and tuple(seg.shape) == (h, w)
+        ids = {int(s["id"]) for s in pan["segments_info"]}
+        assert set(torch.unique(seg).tolist()) - {0} <= ids
+        for s in pan["segments_info"]:
+            assert {"id", "category", "isthing", "score"} <= set(s) and 0 <= int(s["category"]) < num_classes
+    else:
+        inst = pred["instances"]
+        n = inst["masks"].shape[0]
+        assert inst["masks"].dtype == torch.bool and tuple(inst["masks"].shape) == (n, h, w)
+        assert inst["labels"].dtype == torch.int64 and tuple(inst["labels"].shape) == (n,)
+        assert inst["scores"].dtype == torch.float32 and tuple(inst["scores"].shape) == (n,)
+        assert inst["boxes"].dtype == torch.float32 and tuple(inst["boxes"].shape) == (n, 4)
+        if n:
+            assert int(inst["labels"].min()) >= 0 and int(inst["labels"].max()) < num_classes
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_preset_honours_the_model_contract(preset, synth_root, tmp_path):
+    cfg = tiny_config(preset, synth_root, tmp_path / "run")
+    datasets, meta = build_datasets(cfg)
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, meta)
+    assert isinstance(model, Segmenter)
+    assert set(model.tasks) <= set(TASKS) and model.tasks
+    assert model.default_task is None or model.default_task in model.tasks
+    assert all(hasattr(model, name) for name in model.training_only), model.training_only  # (may be None)
+    assert 0 < model.seen_classes <= model.num_classes == meta.num_classes
+
+    # A training step: finite losses and gradients, some of them non-zero.
+    images, targets = _training_batch(cfg, datasets["train"])
+    model.train()
+    losses = model(images, targets)
+    assert losses and all(v.dim() == 0 and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+    # predict: the documented keys, dtypes and shapes for each declared task, at the output size asked.
+    model.eval()
+    images = images[:1]
+    sizes, out_sizes = [(64, 48)], [(40, 36)]
+    for task in model.tasks:
+        pred = model.predict(images, sizes, out_sizes, tasks=[task])[0]
+        _check_prediction(pred, task, out_sizes[0], meta.num_classes)
+    every = model.predict(images, sizes, out_sizes)[0]
+    for task in model.tasks:
+        _check_prediction(every, task, out_sizes[0], meta.num_classes)
+    for task in set(TASKS) - set(model.tasks):
+        with pytest.raises(ValueError, match=f"predicts .*not {task}"):
+            model.predict(images, sizes, tasks=[task])
+    with pytest.raises(ValueError, match="unknown task"):
+        model.predict(images, sizes, tasks=["depth"])
+
+    # post-processing modes: the declared ones are accepted, anything else is refused with the reason.
+    for mode in (*model.postprocess_modes, *model.postprocess_modes[:1]):  # ends on the first (the default)
+        model.set_postprocess_mode(mode)
+    with pytest.raises(ValueError, match="post-processing mode 'sloppy'"):
+        model.set_postprocess_mode("sloppy")
+
+    # save -> load_model: the same configuration and the same predictions.
+    path = tmp_path / "model.safetensors"
+    save_weights(path, model, config_yaml=to_yaml(cfg), meta=meta.to_dict())
+    loaded, loaded_cfg, loaded_meta = load_model(path)
+    assert OmegaConf.to_container(loaded_cfg.model) == OmegaConf.to_container(cfg.model)
+    assert loaded_meta.classes == meta.classes
+    assert _same(loaded.predict(images, sizes, out_sizes), model.predict(images, sizes, out_sizes))
+    if not model.postprocess_modes:  # a Predictor asked for `fast` post-processing says there is none
+        with pytest.raises(ValueError, match=f"{path}: post-processing mode 'fast'.*one fixed post-processing"):
+            Predictor(path, postprocess="fast")
+
+    # export: parity with the eager network, or a refusal that says why.
+    reason = model.export_refusal()
+    if reason is not None:
+        assert model.describe() in reason and "export" in reason
+        with pytest.raises(ValueError) as refused:
+            export_model(model, tmp_path / "model.pt2", height=64, width=64, meta=meta)
+        assert str(refused.value) == reason and not (tmp_path / "model.pt2").exists()
+        result = CliRunner().invoke(app, ["export", "-w", str(path), "-o", str(tmp_path / "x.onnx"),
+                                          "--height", "64", "--width", "64"])
+        assert result.exit_code == 2 and result.output == f"error: {reason}\n", result.output
+        return
+    graph = InferenceGraph(model).eval()
+    out = tmp_path / "model.pt2"
+    export_model(model, out, fmt="torch-export", height=64, width=64, meta=meta)
+    probe = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = graph(probe)
+    exported = load_exported(out)(probe)
+    assert len(exported) == len(eager) == len(model.raw_output_names)
+    for a, b in zip(exported, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
