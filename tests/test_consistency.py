@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omniseg.evaluation.consistency import LayerConsistencyEvaluator, prediction_sets
+from omniseg.evaluation.consistency import LayerConsistencyEvaluator
 
 
 def _set(masks: dict[int, tuple[slice, slice]], classes: dict[int, int], num_queries=3, num_classes=3):
@@ -55,8 +55,3 @@ def test_images_without_segments_and_layer_count_checks():
     assert ev.evaluate()["images"] == 1 and ev.evaluate()["objects"] == 0
     with pytest.raises(ValueError, match="prediction sets"):
         ev.process([empty] * 3, torch.empty(0, dtype=torch.int64), torch.zeros((0, 64, 64), dtype=torch.bool))
-
-
-def test_prediction_sets_order():
-    raw = {"pred_logits": 2, "pred_masks": 3, "aux_outputs": [{"pred_logits": 0, "pred_masks": 1}]}
-    assert prediction_sets(raw) == [{"pred_logits": 0, "pred_masks": 1}, {"pred_logits": 2, "pred_masks": 3}]

@@ -419,6 +419,37 @@ def test_hf_folder_loads_as_full_model_through_the_api(tmp_path):
     assert pred["semantic"].shape == (50, 70) and pred["panoptic"]["segment_map"].shape == (50, 70)
 
 
+def test_hf_folder_is_served_like_any_weights_file(tmp_path):
+    """`omniseg serve -w HF_FOLDER`: the API answers with the HF classes and the Predictor's results."""
+    pytest.importorskip("fastapi", reason="omniseg[serve] is not installed")
+    import base64
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from omniseg.api import Predictor
+    from omniseg.outputs import semantic_to_dataset_ids
+    from omniseg.serve.app import create_app
+
+    config = _small_config(ResNetConfig(out_features=STAGES, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
+                                        layer_type="basic"),
+                           id2label={i: f"c{i}" for i in range(5)}, label2id={f"c{i}": i for i in range(5)})
+    _build_random_hf(config, seed=4).save_pretrained(tmp_path)
+    predictor = Predictor(tmp_path, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    with TestClient(create_app(predictor, name=tmp_path.name)) as client:
+        assert [c["name"] for c in client.get("/v1/model").json()["classes"]] == [f"c{i}" for i in range(5)]
+        answer = client.post("/v1/predict?tasks=semantic,panoptic", content=buffer.getvalue()).json()
+    expected = predictor(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+    served = np.array(Image.open(io.BytesIO(base64.b64decode(answer["semantic"]["png"]))))
+    assert np.array_equal(served, semantic_to_dataset_ids(expected["semantic"], predictor.meta))
+    assert "panoptic" in answer and "instances" not in answer
+
+
 def test_hf_folder_with_missing_weights_names_them(tmp_path):
     """A truncated or mismatched foreign checkpoint is refused with the keys that do not fit, never half-loaded."""
     from safetensors.torch import load_file, save_file

@@ -1,7 +1,7 @@
 """The model contract (models/base.py), checked on every preset `omniseg models` lists, shrunk to a tiny
 size: a training step, `predict` for every declared task (and a clear refusal of the others), save and
 reload, and export (parity with eager, or a clear refusal). A new preset is covered without a new test;
-a new family only needs its tiny sizes in TINY below."""
+a new family only needs its tiny sizes in TINY (tests/tiny_presets.py)."""
 
 from __future__ import annotations
 
@@ -12,62 +12,16 @@ from typer.testing import CliRunner
 
 from omniseg.api import Predictor, load_model
 from omniseg.cli import app
-from omniseg.config import list_presets, load_config, to_yaml
+from omniseg.config import list_presets, to_yaml
 from omniseg.data.build import build_datasets
 from omniseg.data.loader import PadCollate
 from omniseg.data.training import build_training_data, pad_targets
 from omniseg.engine.checkpoint import save_weights
 from omniseg.export import InferenceGraph, export_model, load_exported
 from omniseg.models.base import Segmenter
-from omniseg.models.registry import build_model_from_config, families, family_of
+from omniseg.models.registry import build_model_from_config, families
 from omniseg.tasks import TASKS
-
-# Per family: overrides that shrink any of its presets to seconds on 64 px images. Keys the family does
-# not declare would fail loudly (checked configs), so a renamed setting shows up here.
-TINY = {
-    "maskformer": ["model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32", "model.nheads=2",
-                   "model.dim_feedforward=64", "model.enc_layers=1", "model.enc_dim_feedforward=64",
-                   "model.num_queries=8", "model.dec_layers=2", "model.loss.train_num_points=256",
-                   "model.test.object_mask_threshold=0.2"],
-    "per_pixel": ["model.head_width=32", "model.jpu_width=16", "model.shape_width=16", "model.aspp_rates=[1,2,3]"],
-    "segvit": ["model.hidden_dim=32", "model.nheads=2", "model.dec_layers=1", "model.qu_layers=1"],
-    "rcnn": ["model.fpn_dim=32", "model.rpn.anchor_sizes=[8,16,32,64,128]", "model.rpn.batch_size_per_image=64",
-             "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=200",
-             "model.rpn.post_nms_topk_test=50", "model.roi.batch_size_per_image=64", "model.roi.box_head_dim=64",
-             "model.roi.mask_head_dim=32", "model.test.score_thresh=0.0"],
-    "blendmask": ["model.fpn_channels=32", "model.blendmask.basis_channels=16", "model.blendmask.bottom_resolution=16",
-                  "model.blendmask.test.score_threshold=0.0"],
-}
-TINY["oneformer"] = TINY["maskformer"] + [
-    "model.oneformer.n_ctx=2", "model.oneformer.text_width=32", "model.oneformer.text_layers=1",
-    "model.oneformer.text_vocab_size=32", "model.oneformer.text_context_length=8"]
-
-
-def _tiny_backbone(cfg) -> list[str]:
-    """The preset's kind of backbone (ResNet, Swin or ViT), at a few channels and blocks."""
-    name = str(cfg.model.backbone)
-    if name.startswith("vit"):
-        if cfg.model.arch == "segvit":
-            return ["model.backbone=vit_tiny_patch16_224", "model.vit_out_indices=[1,2,3]", "model.qd_index=1",
-                    "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2}"]
-        return ["model.backbone=vit_tiny_patch16_224",
-                "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, out_indices: [0,1,2,3]}"]
-    if "swin" in name:
-        return ["model.backbone=swin_t", "model.backbone_norm=bn",
-                "model.backbone_kwargs={embed_dim: 16, depths: [2, 2, 2, 2], num_heads: [1, 1, 2, 2]}"]
-    return ["model.backbone=resnet18", "model.backbone_norm=bn",
-            "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [16, 32, 64, 64]}"]
-
-
-def tiny_config(preset: str, synth_root, out_dir):
-    cfg = load_config(preset)
-    family = family_of(cfg.model.arch).name
-    assert family in TINY, f"family {family}: add its tiny sizes to TINY in {__file__}"
-    data = [f"data.root={synth_root}", "data.crop_size=64", "data.scale_range=[0.8,1.2]", "data.batch_size=2",
-            "data.num_workers=0", "data.min_size_test=null", f"train.output_dir={out_dir}"]
-    for split in ("train", "val"):
-        data += [f"data.{split}.format=synthetic", f"data.{split}.root={synth_root}", f"data.{split}.preset=null"]
-    return load_config(preset, [*_tiny_backbone(cfg), *TINY[family], *data])
+from tiny_presets import TINY, tiny_config
 
 
 def test_every_family_has_tiny_sizes():
@@ -154,6 +108,15 @@ def test_preset_honours_the_model_contract(preset, synth_root, tmp_path):
             model.predict(images, sizes, tasks=[task])
     with pytest.raises(ValueError, match="unknown task"):
         model.predict(images, sizes, tasks=["depth"])
+
+    # query decoders: every prediction set, the last one the exported output
+    with torch.no_grad():
+        layers = model.query_layers(model.normalize(images))
+        if layers is not None:
+            raw = model.forward_raw(model.normalize(images), **model.raw_forward_options())
+            assert len(layers) in (model.settings.dec_layers, model.settings.dec_layers + 1)  # + the initial queries
+            for name in model.raw_output_names:
+                torch.testing.assert_close(layers[-1][name], raw[name], rtol=1e-4, atol=1e-4)
 
     # post-processing modes: the declared ones are accepted, anything else is refused with the reason.
     for mode in (*model.postprocess_modes, *model.postprocess_modes[:1]):  # ends on the first (the default)

@@ -117,14 +117,23 @@ class Predictor:
                 raise ValueError("images must be file paths, HxWx3 uint8 arrays / PIL images, or uint8 [3,H,W] tensors")
         return {"image": image, "file_name": name, "height": int(image.shape[1]), "width": int(image.shape[2])}
 
-    @torch.no_grad()
-    def predict_batch(self, images: Sequence) -> list[dict]:
+    def prepare(self, images: Sequence):
+        """Images as the model reads them: (padded batch, the transformed samples with their original sizes)."""
         from omniseg.data.loader import collate
 
         samples = [self.transforms(self._to_sample(im)) for im in images]
-        batch = collate(samples, size_divisibility=self.size_divisibility)
+        return collate(samples, size_divisibility=self.size_divisibility), samples
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence, tasks: Sequence[str] | None = None) -> list[dict]:
+        """Predictions for several images at once (padded to one batch), for `tasks` (default: the
+        Predictor's)."""
+        from omniseg.tasks import check_tasks
+
+        tasks = self.tasks if tasks is None else check_tasks(tasks, self.model.tasks, what=self.model.describe())
+        batch, samples = self.prepare(images)
         preds = self.model.predict(batch.images.to(self.device), batch.image_sizes,
-                                   [(s["height"], s["width"]) for s in samples], tasks=self.tasks)
+                                   [(s["height"], s["width"]) for s in samples], tasks=tasks)
         for pred, s in zip(preds, samples):
             pred.update(height=s["height"], width=s["width"])
         return preds

@@ -262,6 +262,37 @@ def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_s
 
 
 @app.command()
+def serve(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .safetensors or HF checkpoint folder"),
+          host: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0: every interface)"),
+          port: int = typer.Option(8000),
+          device: str = typer.Option("auto", help="auto | cpu | cuda"),
+          max_batch: int = typer.Option(8, "--max-batch", help="requests of the same size batched together"),
+          max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="largest accepted upload"),
+          max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a request waits for others "
+                                            "to share its batch")):
+    """Serve a web page (/) and a JSON API (/v1/predict, /v1/model) for a trained model."""
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        _fail("omniseg serve needs its extra: pip install 'omniseg[serve]' (fastapi, uvicorn, python-multipart)")
+    import uvicorn
+
+    from omniseg.api import Predictor
+    from omniseg.serve.app import create_app
+
+    from omniseg.hub import CheckpointError
+
+    if max_batch < 1:
+        _fail("--max-batch must be at least 1")
+    try:
+        predictor = Predictor(weights, device=device)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        _fail(str(e))
+    app_ = create_app(predictor, name=Path(weights).name, max_batch=max_batch, max_wait_s=max_wait_ms / 1000,
+                      max_upload_bytes=int(max_upload_mb * (1 << 20)))
+    typer.echo(f"omniseg serve: {predictor.model.describe()} from {weights} on http://{host}:{port}/", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o"),
          preset: str = typer.Option("mp_former_demo", help="the preset to train"),
          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):

@@ -6,6 +6,7 @@ truncated PNG or JSON behind.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,13 @@ def _save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return Path(path)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """The PNG encoding of a uint8 / uint16 [H,W] or uint8 [H,W,3] array, in memory (the server's answers)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # --- panoptic id <-> colour (panopticapi convention) --------------------------------------------
@@ -110,6 +118,19 @@ def panoptic_segments(segment_map: torch.Tensor, segments_info: Sequence[dict], 
     return segments
 
 
+def panoptic_png_array(segment_map: torch.Tensor, segments_info: Sequence[dict],
+                       meta: DatasetMeta) -> tuple[np.ndarray, list[dict]]:
+    """(the COCO panoptic PNG's uint8 [H,W,3] id colours, its COCO `segments_info`). Pixels whose id has
+    no entry in `segments_info` become 0 (void), so the PNG and the JSON always agree."""
+    if segment_map.ndim != 2:
+        raise ValueError(f"segment_map must be [H,W], got shape {tuple(segment_map.shape)}")
+    segments = panoptic_segments(segment_map, segments_info, meta)
+    ids = segment_map.detach().cpu().long()
+    described = torch.tensor([s["id"] for s in segments], dtype=torch.int64)
+    ids = torch.where(torch.isin(ids, described), ids, torch.zeros_like(ids))
+    return id_to_rgb(ids), segments
+
+
 def write_panoptic(
     png_path: str | os.PathLike,
     segment_map: torch.Tensor,
@@ -122,13 +143,8 @@ def write_panoptic(
     Pixels whose id has no entry in `segments_info` are written as 0 (void), so the PNG and the
     JSON always agree, as panopticapi requires.
     """
-    if segment_map.ndim != 2:
-        raise ValueError(f"segment_map must be [H,W], got shape {tuple(segment_map.shape)}")
-    segments = panoptic_segments(segment_map, segments_info, meta)
-    ids = segment_map.detach().cpu().long()
-    described = torch.tensor([s["id"] for s in segments], dtype=torch.int64)
-    ids = torch.where(torch.isin(ids, described), ids, torch.zeros_like(ids))
-    _save_png(png_path, id_to_rgb(ids))
+    rgb, segments = panoptic_png_array(segment_map, segments_info, meta)
+    _save_png(png_path, rgb)
     annotation = {"file_name": Path(png_path).name, "segments_info": segments}
     if image_id is not None:
         annotation["image_id"] = image_id

@@ -25,12 +25,7 @@ from torch.nn import functional as F
 
 from omniseg.models.maskformer.matcher import HungarianMatcher
 
-__all__ = ["LayerConsistencyEvaluator", "prediction_sets", "evaluate_consistency"]
-
-
-def prediction_sets(raw: dict) -> list[dict]:
-    """Raw decoder outputs {"pred_logits", "pred_masks", "aux_outputs"} -> every set in layer order."""
-    return [*raw.get("aux_outputs", []), {"pred_logits": raw["pred_logits"], "pred_masks": raw["pred_masks"]}]
+__all__ = ["LayerConsistencyEvaluator", "evaluate_consistency"]
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,8 +122,10 @@ def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, 
         target = mask_targets(sample, task)
         batch = collate([sample], size_divisibility=cfg.data.size_divisibility)
         images = batch.images.to(device)
-        raw = model.forward_raw(model.normalize(images))
-        sets = [{k: v[0].float() for k, v in s.items()} for s in prediction_sets(raw)]
+        layers = model.query_layers(model.normalize(images))
+        if layers is None:
+            raise ValueError(f"layer consistency needs a query decoder; {model.describe()} has none")
+        sets = [{k: v[0].float() for k, v in s.items()} for s in layers]
         hp, wp = images.shape[-2:]
         masks = target["masks"].to(device)
         masks = F.pad(masks, (0, wp - masks.shape[-1], 0, hp - masks.shape[-2]))

@@ -16,6 +16,7 @@ when its network exports). `tests/test_model_contract.py` checks every preset ag
     forward_raw(x, **raw_forward_options(task))          the exportable network (normalised input)
     export_refusal() -> None | reason                    why the network cannot be exported, if so
     export_metadata() -> dict                            post-processing parameters for exported outputs
+    query_layers(x) -> None | per-layer predictions      query decoders: every prediction set, in order
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class Segmenter(nn.Module, abc.ABC):
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
               tasks: list[str], *, return_raw: bool = False) -> list[dict]:
         """`predict` after its checks: the tasks are supported, one size per image."""
+
+    def query_layers(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]] | None:
+        """Query-based models: normalised images -> the predictions {"pred_logits" [B,Q,K+1], "pred_masks"
+        [B,Q,h,w]} of every prediction set in decoder order (Mask2Former's starts with its initial queries),
+        the last being the output; for layer consistency and the layer-by-layer view. None for models
+        without a query decoder."""
+        return None
 
     def set_postprocess_mode(self, mode: str) -> None:
         """Choose among `postprocess_modes` (e.g. "official" | "fast")."""

@@ -4,8 +4,8 @@ file readers they share are in `files`."""
 from omniseg.data.formats.coco_instance import CocoInstanceDataset
 from omniseg.data.formats.coco_panoptic import CocoPanopticDataset
 from omniseg.data.formats.files import (
-    IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MAX_JSON_BYTES, check_pixel_count, load_json, load_png_array, load_rgb_image,
-    malformed_entries, require_path,
+    IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, MAX_JSON_BYTES, check_pixel_count, decode_rgb_image, load_json, load_png_array,
+    load_rgb_image, malformed_entries, require_path,
 )
 from omniseg.data.formats.semantic_folder import PRESETS, SemanticFolderDataset
 
@@ -16,6 +16,7 @@ __all__ = [
     "PRESETS",
     "IMAGE_EXTENSIONS",
     "load_rgb_image",
+    "decode_rgb_image",
     "load_png_array",
     "load_json",
     "require_path",

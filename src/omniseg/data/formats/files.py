@@ -3,6 +3,7 @@ DataError naming that file, whatever format it belongs to."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -83,11 +84,11 @@ def check_pixel_count(path: str | os.PathLike, width: int, height: int, what: st
                               f"OMNISEG_MAX_IMAGE_PIXELS to allow it")
 
 
-def _open_checked(p: Path, what: str) -> Image.Image:
+def _open_checked(p: Path | io.BytesIO, what: str, name: str | os.PathLike | None = None) -> Image.Image:
     with warnings.catch_warnings():  # PIL's bomb warning is superseded by the DataError below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(p)  # reads the header only
-    check_pixel_count(p, im.width, im.height, what)
+    check_pixel_count(name if name is not None else p, im.width, im.height, what)
     return im
 
 
@@ -115,14 +116,27 @@ def load_rgb_image(path: str | os.PathLike) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "image file does not exist")
+    return _decode_rgb(p, p)
+
+
+def decode_rgb_image(data: bytes, name: str) -> torch.Tensor:
+    """`load_rgb_image` for encoded bytes (an upload): the same conversions and limits; errors name `name`."""
+    if not data:
+        raise DataError(name, "empty: no image bytes")
+    return _decode_rgb(io.BytesIO(data), name)
+
+
+def _decode_rgb(source: Path | io.BytesIO, name: str | os.PathLike) -> torch.Tensor:
     try:
-        with _open_checked(p, "image") as im:
+        with _open_checked(source, "image", name) as im:
             im = ImageOps.exif_transpose(im)
             arr = _to_uint8_rgb(im)
     except DataError:
         raise
+    except UnidentifiedImageError:
+        raise DataError(name, "cannot read image: not an image in a format PIL knows") from None
     except _READ_ERRORS as e:
-        raise DataError(p, f"cannot read image (corrupt, truncated or not an image): {e}") from None
+        raise DataError(name, f"cannot read image (corrupt, truncated or not an image): {e}") from None
     # numpy transposes small images far faster than a multi-threaded torch copy.
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 

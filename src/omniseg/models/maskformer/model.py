@@ -198,6 +198,12 @@ class MaskFormer(Segmenter):
                         results[i].setdefault("raw", {})[pass_tasks[0]] = raw
         return results
 
+    def query_layers(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Every prediction set of the decoder (Mask2Former: the initial queries, then after each layer;
+        MaskFormer: after each layer); a task-conditioned model's for its default task."""
+        raw = self.forward_raw(x)
+        return [*raw.get("aux_outputs", []), {k: raw[k] for k in self.raw_output_names}]
+
     # -- export --------------------------------------------------------------------------------
     def raw_forward_options(self, task: str | None = None) -> dict:
         """The last prediction set only, computed the cheaper way inference allows."""
