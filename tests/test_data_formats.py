@@ -327,3 +327,31 @@ def test_build_dataset_from_omegaconf_with_split_overrides():
     assert wall.split() == ["0", "1", "stuff", "wall", "3"]  # wall occurs in all three images
     with pytest.raises(DataError, match=r"images/training.*does not exist"):
         build_dataset(cfg, "train")  # ADE20K's own split folder name
+
+
+def test_binary_masks_preset_and_the_0_255_warning(tmp_path):
+    """0/255 (or 0/1) masks: the binary preset reads 255 and 1 as foreground; without it, a label PNG of only
+    0 and 255 would have its foreground ignored, which is warned about once."""
+    import warnings
+
+    from omniseg.data.formats import SemanticFolderDataset
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    mask = np.zeros((8, 10), np.uint8)
+    mask[2:6, 3:8] = 255
+    for i, values in enumerate((mask, (mask > 0).astype(np.uint8))):
+        Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(values).save(labels / f"{i}.png")
+    binary = SemanticFolderDataset(images, labels, preset="binary")
+    assert binary.meta.classes == ["background", "foreground"]
+    for i in range(2):
+        assert binary[i]["sem_seg"].tolist() == (mask > 0).astype(np.int64).tolist()
+    assert SemanticFolderDataset(images, labels, ["sea", "ship"], preset="binary").meta.classes == ["sea", "ship"]
+    plain = SemanticFolderDataset(images, labels, ["background", "foreground"])
+    with pytest.warns(UserWarning, match=r"0\.png: this label PNG holds only 0 and 255.*preset: binary"):
+        assert int((plain[0]["sem_seg"] == 255).sum()) == 20  # the foreground is ignored, as warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain[0]  # once per dataset

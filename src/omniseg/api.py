@@ -81,6 +81,21 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return load_image(path)
 
 
+def image_sample(image) -> dict:
+    """A file path, an HxWx3 uint8 array / PIL image or a uint8 [3,H,W] tensor -> the raw sample the
+    transforms take ({"image", "file_name", "height", "width"})."""
+    if isinstance(image, (str, os.PathLike)):
+        name = str(image)
+        image = read_image(image)
+    else:
+        name = "<array>"
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError("images must be file paths, HxWx3 uint8 arrays / PIL images, or uint8 [3,H,W] tensors")
+    return {"image": image, "file_name": name, "height": int(image.shape[1]), "width": int(image.shape[2])}
+
+
 class Predictor:
     """Image(s) in, prediction dicts out (original resolution), as in docs/design.md."""
 
@@ -106,16 +121,7 @@ class Predictor:
         self.size_divisibility = self.cfg.data.size_divisibility
 
     def _to_sample(self, image) -> dict:
-        if isinstance(image, (str, os.PathLike)):
-            name = str(image)
-            image = read_image(image)
-        else:
-            name = "<array>"
-            if not isinstance(image, torch.Tensor):
-                image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError("images must be file paths, HxWx3 uint8 arrays / PIL images, or uint8 [3,H,W] tensors")
-        return {"image": image, "file_name": name, "height": int(image.shape[1]), "width": int(image.shape[2])}
+        return image_sample(image)
 
     def prepare(self, images: Sequence):
         """Images as the model reads them: (padded batch, the transformed samples with their original sizes)."""
@@ -128,10 +134,15 @@ class Predictor:
     def predict_batch(self, images: Sequence, tasks: Sequence[str] | None = None) -> list[dict]:
         """Predictions for several images at once (padded to one batch), for `tasks` (default: the
         Predictor's)."""
+        batch, samples = self.prepare(images)
+        return self.predict_prepared(batch, samples, tasks)
+
+    @torch.no_grad()
+    def predict_prepared(self, batch, samples: Sequence[dict], tasks: Sequence[str] | None = None) -> list[dict]:
+        """`predict_batch` for a batch already read and collated (`prepare`, or a DataLoader's workers)."""
         from omniseg.tasks import check_tasks
 
         tasks = self.tasks if tasks is None else check_tasks(tasks, self.model.tasks, what=self.model.describe())
-        batch, samples = self.prepare(images)
         preds = self.model.predict(batch.images.to(self.device), batch.image_sizes,
                                    [(s["height"], s["width"]) for s in samples], tasks=tasks)
         for pred, s in zip(preds, samples):

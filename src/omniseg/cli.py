@@ -64,51 +64,72 @@ def train_continual(config: str = typer.Argument(..., help="preset name or YAML 
 
 
 @app.command("eval")
-def eval_cmd(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .safetensors or HF checkpoint folder"),
-             config: Optional[str] = typer.Option(None, "--config", "-c", help="config (default: the one stored in the weights)"),
+def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
+                                                   help="omniseg .safetensors or HF checkpoint folder to evaluate"),
+             predictions: Optional[Path] = typer.Option(None, "--predictions", "-p",
+                                                        help="saved predictions to score instead of a model: a folder "
+                                                             "`omniseg predict` wrote, label PNGs, a COCO panoptic or "
+                                                             "results JSON"),
+             config: Optional[str] = typer.Option(None, "--config", "-c", "--dataset",
+                                                  help="config whose data.val is the ground truth (default with "
+                                                       "--weights: the one stored in the weights)"),
              overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. data.val.root=DIR"),
              tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
-             max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images"),
+             max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images (--weights)"),
+             bbox: bool = typer.Option(False, "--bbox", help="also box AP (bbox_AP, ...) for instances"),
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="write metrics JSON here"),
              consistency: bool = typer.Option(False, "--consistency",
                                               help="also layer consistency (mIoU-Li, Util per decoder layer)"),
              figure: Optional[Path] = typer.Option(None, "--figure",
                                                    help="with --consistency: PNG of the first image's masks layer by layer")):
-    """Evaluate weights on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP (and layer consistency)."""
-    from omniseg.api import load_model
+    """Evaluate weights, or score saved predictions, on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP
+    (and layer consistency)."""
     from omniseg.config import apply_overrides, load_config
     from omniseg.data.build import build_datasets
-    from omniseg.engine.evaluate import evaluate
     from omniseg.runtime import resolve_device
 
-    device = resolve_device("auto")
-    base = load_config(config) if config else None
-    model, cfg, meta = load_model(weights, device=device, config=base)
-    cfg = apply_overrides(cfg, overrides, source=f"the config of {weights}")
+    if (weights is None) == (predictions is None):
+        _fail("give either --weights (evaluate a model) or --predictions (score saved predictions)")
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         _fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
-    datasets, _ = build_datasets(cfg, splits=("val",))
-    try:
-        results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images,
-                           device=device)
-    except ValueError as e:
-        _fail(str(e))
-    if consistency:
-        from omniseg.evaluation.consistency import evaluate_consistency
+    if predictions is not None:
+        from omniseg.evaluation.offline import evaluate_predictions
 
-        results["consistency"] = evaluate_consistency(model, datasets["val"], cfg, max_images=max_images,
-                                                      device=device, figure=str(figure) if figure else None)
-    elif figure:
-        _fail("--figure needs --consistency")
+        if config is None:
+            _fail("--predictions needs --config (or --dataset): the preset or YAML whose data.val is the ground truth")
+        if consistency or figure:
+            _fail("--consistency needs a model (--weights)")
+        cfg = load_config(config, overrides)
+        datasets, meta = build_datasets(cfg, splits=("val",))
+        results = evaluate_predictions(predictions, datasets["val"], meta, tasks=list(tasks) if tasks else None,
+                                       boundary_f=cfg.eval_boundary_f, bbox=bbox)
+    else:
+        from omniseg.api import load_model
+        from omniseg.engine.evaluate import evaluate
+
+        device = resolve_device("auto")
+        base = load_config(config) if config else None
+        model, cfg, meta = load_model(weights, device=device, config=base)
+        cfg = apply_overrides(cfg, overrides, source=f"the config of {weights}")
+        datasets, _ = build_datasets(cfg, splits=("val",))
+        try:
+            results = evaluate(model, datasets["val"], cfg, meta, tasks=tasks or None, max_images=max_images,
+                               device=device, bbox=bbox)
+        except ValueError as e:
+            _fail(str(e))
+        if consistency:
+            from omniseg.evaluation.consistency import evaluate_consistency
+
+            results["consistency"] = evaluate_consistency(model, datasets["val"], cfg, max_images=max_images,
+                                                          device=device, figure=str(figure) if figure else None)
+        elif figure:
+            _fail("--figure needs --consistency")
     text = json.dumps(results, indent=2, default=float)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
     typer.echo(text)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @app.command()
@@ -118,78 +139,46 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
             tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
             overlay: bool = typer.Option(True, help="also write overlay PNGs"),
             score_threshold: float = typer.Option(0.5, help="instance score threshold for overlays"),
-            batch_size: int = typer.Option(1),
+            batch_size: int = typer.Option(1, "--batch-size", help="images per forward pass"),
+            num_workers: int = typer.Option(2, "--num-workers", help="processes reading and resizing images"),
+            skip_existing: bool = typer.Option(False, "--skip-existing", help="leave images whose outputs are "
+                                               "already complete (restart an interrupted run)"),
+            device: str = typer.Option("auto", help="auto | cpu | cuda"),
             fast: bool = typer.Option(False, "--fast", help="fast post-processing: the official decisions "
                                       "without full-resolution mask stacks (see docs/results.md)"),
             image_ids: Optional[Path] = typer.Option(None, "--image-ids",
                                                      help="COCO JSON whose image ids the results should use "
                                                           "(default: 0, 1, ... in file-name order)")):
-    """Predict: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance JSON, overlays."""
-    from omniseg import outputs as out
-    from omniseg import visualize as vis
-    from omniseg.api import Predictor
+    """Predict a folder of any size: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance
+    JSON, overlays, written image by image and restartable with --skip-existing."""
+    from tqdm.auto import tqdm
 
-    if not input.exists():
-        _fail(f"{input}: no such file or folder")
-    files = sorted(p for p in input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input.is_dir() else [input]
-    if not files:
-        _fail(f"{input}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    from omniseg.api import Predictor
+    from omniseg.data.errors import DataError
+    from omniseg.engine.predict import list_images, predict_folder, read_image_ids
+
+    try:
+        files = list_images(input)
+        ids = read_image_ids(image_ids) if image_ids else None
+    except DataError as e:
+        _fail(str(e))
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         _fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
-    ids = _image_ids_from(image_ids) if image_ids else None
+    if batch_size < 1 or num_workers < 0:
+        _fail("--batch-size must be at least 1 and --num-workers at least 0")
     try:  # default tasks: every task the model predicts
-        predictor = Predictor(weights, tasks=list(tasks) if tasks else None, postprocess="fast" if fast else None)
+        predictor = Predictor(weights, device=device, tasks=list(tasks) if tasks else None,
+                              postprocess="fast" if fast else None)
     except ValueError as e:
         _fail(str(e))
-    tasks = predictor.tasks
-    meta = predictor.meta
-    output.mkdir(parents=True, exist_ok=True)
-    panoptic_annotations, instance_results, images_info = [], [], []
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", mininterval=1.0):
-        chunk = files[start:start + batch_size]
-        preds = predictor.predict_batch([str(f) for f in chunk])
-        for image_id, (f, pred) in enumerate(zip(chunk, preds), start=start):
-            stem = f.stem
-            image_id = ids.get(f.name, image_id) if ids else image_id
-            images_info.append({"id": image_id, "file_name": f.name, "height": pred["height"], "width": pred["width"]})
-            if "semantic" in pred:
-                out.write_semantic_png(output / "semantic" / f"{stem}.png", pred["semantic"], meta)
-            if "panoptic" in pred:
-                ann = out.write_panoptic(output / "panoptic" / f"{stem}.png", pred["panoptic"]["segment_map"],
-                                         pred["panoptic"]["segments_info"], meta)
-                ann.update(image_id=image_id, file_name=f"{stem}.png")
-                panoptic_annotations.append(ann)
-            if "instances" in pred:
-                instance_results += out.instances_to_coco_json(image_id, pred["instances"], meta)
-            if overlay:
-                image = predictor._to_sample(str(f))["image"]
-                if "panoptic" in pred:
-                    vis.save_image(output / "overlay" / f"{stem}_panoptic.png",
-                                   vis.overlay_panoptic(image, pred["panoptic"]["segment_map"],
-                                                        pred["panoptic"]["segments_info"], meta))
-                if "semantic" in pred:
-                    vis.save_image(output / "overlay" / f"{stem}_semantic.png",
-                                   vis.overlay_semantic(image, pred["semantic"], meta))
-                if "instances" in pred:
-                    vis.save_image(output / "overlay" / f"{stem}_instances.png",
-                                   vis.overlay_instances(image, pred["instances"], meta, score_threshold=score_threshold))
-    if "panoptic" in tasks:
-        out.write_panoptic_json(output / "panoptic.json", images_info, panoptic_annotations, meta)
-    if "instance" in tasks:
-        out.write_json(output / "instances_results.json", instance_results)
-    typer.echo(f"wrote predictions for {len(files)} image(s) to {output}")
-
-
-def _image_ids_from(path: Path) -> dict[str, int]:
-    """file_name -> image id from a COCO (instance or panoptic) JSON, so results evaluate against it."""
-    try:
-        images = json.loads(path.read_text())["images"]
-        return {Path(im["file_name"]).name: int(im["id"]) for im in images}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        _fail(f"{path}: cannot read image ids from this COCO JSON ({e})")
+    report = predict_folder(predictor, files, output, tasks=predictor.tasks, overlay=overlay,
+                            score_threshold=score_threshold, batch_size=batch_size, num_workers=num_workers,
+                            image_ids=ids, skip_existing=skip_existing,
+                            progress=lambda it: tqdm(it, desc="predict", unit="img", mininterval=1.0))
+    typer.echo(report.summary(output))
+    if report.failed:
+        _fail(f"{len(report.failed)} image(s) could not be read, e.g. {report.failed[0]}")
 
 
 @app.command()

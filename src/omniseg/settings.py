@@ -32,7 +32,7 @@ class DatasetSettings:
     json: Optional[str] = None         # COCO formats: annotation file
     png_dir: Optional[str] = None      # COCO panoptic: segment PNGs
     label_dir: Optional[str] = None    # semantic_folder: label PNGs
-    preset: Optional[str] = None       # semantic_folder: camvid | ade20k | cityscapes (classes, layout)
+    preset: Optional[str] = None       # semantic_folder: camvid | ade20k | cityscapes | binary (classes, ids)
     classes: Optional[List[str]] = None
     label_map: Optional[Dict[Any, Any]] = None  # semantic_folder: raw label value -> class id (255: ignore)
     class_info: Optional[str] = None   # semantic_folder: ADE20K-style objectInfo150.csv
@@ -93,6 +93,8 @@ class TrainSettings:
     tensorboard: bool = False
     stop_at_iter: Optional[int] = None  # end this invocation after that iteration (checkpointed); --resume continues
     weights: Optional[str] = None      # initialise the model from these weights (fine-tuning); iteration 0
+    save_best: Optional[str] = None    # keep model_best.safetensors: the highest value of this evaluation metric
+    early_stop_patience: Optional[int] = None  # with save_best: stop after this many evaluations without a new best
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     sync_bn: bool = False              # DDP on CUDA: BatchNorm statistics over all ranks
 

@@ -33,18 +33,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_weights(path: str | os.PathLike, model: torch.nn.Module, *, config_yaml: str = "", meta: dict | None = None) -> str:
-    """Save weights (+ config and dataset meta as safetensors metadata) atomically; returns SHA-256."""
+def save_weights(path: str | os.PathLike, model: torch.nn.Module, *, config_yaml: str = "", meta: dict | None = None,
+                 info: dict | None = None) -> str:
+    """Save weights (+ config, dataset meta and any JSON `info`, e.g. why these weights were kept, as
+    safetensors metadata) atomically; returns SHA-256."""
     path = Path(path)
     sd = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
     metadata = {"format": "omniseg", "config": config_yaml, "meta": json.dumps(meta or {})}
+    if info:
+        metadata["info"] = json.dumps(info)
     with atomic_path(path, durable=True) as tmp:
         save_file(sd, tmp, metadata=metadata)
     return sha256_file(path)
 
 
 def read_weights_metadata(path: str | os.PathLike) -> dict:
-    """The config YAML and dataset meta stored in an omniseg weights file ({} for foreign files)."""
+    """The config YAML, dataset meta and info stored in an omniseg weights file ({} for foreign files)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
@@ -58,6 +62,8 @@ def read_weights_metadata(path: str | os.PathLike) -> dict:
         out["config"] = md["config"]
     if md.get("meta"):
         out["meta"] = json.loads(md["meta"])
+    if md.get("info"):
+        out["info"] = json.loads(md["info"])
     return out
 
 

@@ -15,14 +15,15 @@ from omniseg.engine.distributed import unwrap
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, max_images: int | None = None,
-             batch_size: int = 1, progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+             batch_size: int = 1, progress: bool = True, rank: int = 0, world_size: int = 1,
+             bbox: bool = False) -> dict:
     """Run the model over a dataset and score it (PQ / mIoU / AP) at the original resolution.
 
     `tasks` default to cfg.eval_tasks; of those, the tasks the dataset has no ground truth for are not
     scored (a semantic folder has no panoptic ground truth), and a task the model does not predict is
     refused by `predict`. Under DDP pass `rank`/`world_size`: each rank scores images rank,
     rank + world_size, ... and every rank must call this (the evaluators gather across ranks); all ranks
-    get the global result.
+    get the global result. `bbox` adds box AP (bbox_AP, ...) to the instance results.
     """
     from tqdm.auto import tqdm
 
@@ -35,7 +36,8 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
         tasks = [t for t in tasks if t in available]
     device = device or next(model.parameters()).device
     transforms = build_transforms(False, min_size_test=cfg.data.min_size_test)
-    evaluator = DatasetEvaluator(meta, tasks, boundary_f=cfg.eval_boundary_f, seen_classes=segmenter.seen_classes)
+    evaluator = DatasetEvaluator(meta, tasks, boundary_f=cfg.eval_boundary_f, seen_classes=segmenter.seen_classes,
+                                 bbox=bbox)
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))

@@ -1,8 +1,9 @@
 """The training loop: one readable function from config to trained, evaluated, checkpointed model.
 
 Features: AdamW + backbone lr multiplier, warmup + poly schedule, full-model gradient clipping,
-gradient accumulation, bf16 autocast, periodic evaluation, atomic checkpoints with exact resume
-(`resume=True`) kept separate from weight initialisation (`train.weights`), DDP under torchrun.
+gradient accumulation, bf16 autocast, periodic evaluation, save-best and early stopping, atomic
+checkpoints with exact resume (`resume=True`) kept separate from weight initialisation (`train.weights`),
+DDP under torchrun.
 Datasets come from omniseg.data.build, the sample order and targets from omniseg.data.training, the
 model from omniseg.models.registry and scoring from omniseg.engine.evaluate.
 """
@@ -10,9 +11,11 @@ model from omniseg.models.registry and scoring from omniseg.engine.evaluate.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from omniseg.config import to_yaml
 from omniseg.data.build import build_datasets
 from omniseg.data.loader import PadCollate
 from omniseg.data.training import build_training_data, pad_targets
-from omniseg.engine.checkpoint import Checkpointer, set_rng_state
+from omniseg.engine.checkpoint import Checkpointer, save_weights, set_rng_state
 from omniseg.engine.distributed import distributed_session
 from omniseg.engine.evaluate import evaluate, flat_metrics
 from omniseg.engine.logger import RunLogger
@@ -31,6 +34,59 @@ from omniseg.engine.optim import WarmupPolyLR, build_optimizer
 from omniseg.files import atomic_path
 from omniseg.models.registry import build_model_from_config
 from omniseg.runtime import resolve_device, seed_everything
+
+
+@dataclass
+class BestModel:
+    """train.save_best / early_stop_patience: the best value of one evaluation metric so far (higher is
+    better: every omniseg metric is), where it was reached, and how many evaluations have passed since."""
+
+    metric: str
+    patience: int | None = None
+    value: float = -math.inf
+    iteration: int = 0
+    stale: int = 0
+
+    def update(self, iteration: int, metrics: dict) -> bool:
+        """Record one evaluation; True when it is a new best (a tie keeps the earlier weights)."""
+        value = metrics.get(self.metric)
+        if value is not None and not math.isnan(value) and value > self.value:
+            self.value, self.iteration, self.stale = float(value), iteration, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "iteration": self.iteration, "stale": self.stale}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.value, self.iteration, self.stale = float(state["value"]), int(state["iteration"]), int(state["stale"])
+
+
+def check_best_settings(cfg: DictConfig, has_val: bool) -> BestModel | None:
+    """The BestModel the config asks for, or ConfigError naming the problem (before anything trains)."""
+    from omniseg.evaluation.evaluator import SCALAR_KEYS
+    from omniseg.schema import ConfigError, suggestion
+
+    name, patience = cfg.train.save_best, cfg.train.early_stop_patience
+    if name is None:
+        if patience is not None:
+            raise ConfigError("train.early_stop_patience needs train.save_best: the metric whose improvement it waits for")
+        return None
+    known = [k for task in cfg.eval_tasks for k in SCALAR_KEYS.get("instance" if task == "instance" else task, ())]
+    if name not in known:
+        raise ConfigError(f"train.save_best: {name!r} is not a metric of eval_tasks {list(cfg.eval_tasks)}"
+                          f"{suggestion(str(name), known)}; choose from {', '.join(known)}")
+    if not has_val:
+        raise ConfigError("train.save_best needs a validation split (data.val) to evaluate on")
+    if patience is not None and patience < 1:
+        raise ConfigError(f"train.early_stop_patience must be at least 1, got {patience}")
+    return BestModel(name, patience)
 
 
 def due(iteration: int, period: int, last: int) -> bool:
@@ -57,6 +113,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    best = check_best_settings(cfg, has_val=cfg.data.get("val") is not None)
     datasets, meta = build_datasets(cfg)
     model = build_model_from_config(cfg, meta).to(device)
     if cfg.train.weights:
@@ -123,6 +180,14 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     last_class_iou: dict | None = None  # per-class IoU of the latest evaluation (final_metrics.json)
     skipped_before = int(saved.get("skipped_samples", 0))  # all ranks, before this invocation
     skipped_total = 0  # this rank, this invocation
+    if best is not None:
+        best.load(saved.get("best"))
+    if saved.get("stopped_early"):
+        logger.write(f"[omniseg] this run stopped early at iteration {start_iter} (train.early_stop_patience): "
+                     f"nothing to resume")
+        logger.close()
+        return last_metrics
+    stopped_early = False
 
     def skipped_so_far() -> int:
         """Bad samples skipped by all ranks since the run began (a collective under DDP)."""
@@ -190,11 +255,23 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
             logger.log(done, {k: last_metrics[k] for k in ("PQ", "SQ", "RQ", "mIoU", "AP", "AP50") if k in last_metrics})
             logger.write(f"[iter {done}] " + " | ".join(f"{k} {last_metrics[k]:.2f}" for k in ("PQ", "mIoU", "AP")
                                                        if k in last_metrics))
-        if due(done, ckpt_period, max_iters) or stopping:
+            if best is not None:
+                if best.update(done, last_metrics) and main_process:
+                    save_weights(out_dir / "model_best.safetensors", model, config_yaml=config_yaml, meta=meta_dict,
+                                 info={"best": best.state()})
+                    logger.write(f"[omniseg] new best {best.metric} {best.value:.2f}: model_best.safetensors")
+                stopped_early = best.exhausted and done < max_iters
+        if due(done, ckpt_period, max_iters) or stopping or stopped_early:
             extra = {"metrics": last_metrics, "skipped_samples": skipped_so_far()}  # every rank joins the sum
+            if best is not None:
+                extra.update(best=best.state(), stopped_early=stopped_early)
             if main_process:
                 checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, extra=extra,
                                   config_yaml=config_yaml, meta=meta_dict)
+        if stopped_early:
+            logger.write(f"[omniseg] stopping early at iteration {done}: {best.metric} has not improved on "
+                         f"{best.value:.2f} (iteration {best.iteration}) for {best.stale} evaluations")
+            break
         if stopping:
             logger.write(f"[omniseg] stopping at iteration {done} as asked (train.stop_at_iter); "
                          f"continue with --resume")
@@ -206,12 +283,13 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         logger.write(f"[omniseg] {skipped_total} bad training samples were skipped (data.skip_bad_samples); "
                      f"each is listed above")
     if main_process:
-        final = {"iteration": max_iters, "seconds": round(time.time() - t0, 1), "metrics": last_metrics,
-                 "class_IoU": last_class_iou,
-                 "skipped_samples": skipped_total}
+        last = checkpointer.last()
+        final = {"iteration": int(last["iteration"]) if last else max_iters, "seconds": round(time.time() - t0, 1),
+                 "metrics": last_metrics, "class_IoU": last_class_iou, "skipped_samples": skipped_total}
+        if best is not None:
+            final.update(best=best.state(), stopped_early=stopped_early)
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         # A stable name for the trained weights, next to the periodic ones.
-        last = checkpointer.last()
         if last:
             with atomic_path(out_dir / "model_final.safetensors", durable=True) as tmp:
                 shutil.copyfile(out_dir / last["weights"], tmp)

@@ -40,7 +40,7 @@ class DatasetEvaluator:
     """
 
     def __init__(self, meta: DatasetMeta, tasks: Iterable[str], boundary_f: bool = False,
-                 seen_classes: int | None = None):
+                 seen_classes: int | None = None, bbox: bool = False):
         tasks = list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -53,7 +53,7 @@ class DatasetEvaluator:
         if "panoptic" in tasks:
             self.evaluators["panoptic"] = PanopticEvaluator(meta)
         if "instance" in tasks:
-            self.evaluators["instance"] = InstanceEvaluator(meta)
+            self.evaluators["instance"] = InstanceEvaluator(meta, bbox=bbox)
         self.boundary: BoundaryFScoreEvaluator | None = None
         if boundary_f and "semantic" in tasks:
             self.boundary = BoundaryFScoreEvaluator(meta.num_classes, meta.ignore_index, class_names=meta.classes)

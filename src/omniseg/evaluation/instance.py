@@ -87,17 +87,21 @@ class InstanceEvaluator:
     last batch) is counted once. Category ids given to COCO are the dataset's own ids.
     """
 
-    def __init__(self, meta: DatasetMeta, verbose: bool = False):
+    def __init__(self, meta: DatasetMeta, verbose: bool = False, bbox: bool = False):
         self.meta = meta
         self.verbose = verbose
+        self.bbox = bbox  # also box AP (bbox_AP, ...); results with boxes only get box AP alone
         self.reset()
 
     def reset(self) -> None:
         self.records: dict[Any, dict] = {}
 
-    def process(self, image_id: Any, height: int, width: int, gt: dict, pred: dict) -> None:
-        """Add one image. gt: {"masks","labels","iscrowd"}; pred: {"masks","labels","scores"}."""
-        for name, masks in (("ground-truth", gt["masks"]), ("predicted", pred["masks"])):
+    def process(self, image_id: Any, height: int, width: int, gt: dict, pred: dict | list[dict]) -> None:
+        """Add one image. gt: {"masks","labels","iscrowd"}; pred: {"masks","labels","scores"}, or the image's
+        COCO result records ({"category_id" (dataset id), "score", "segmentation" RLE and/or "bbox"}), as
+        saved prediction files hold them."""
+        checked = (("ground-truth", gt["masks"]),) + (() if isinstance(pred, list) else (("predicted", pred["masks"]),))
+        for name, masks in checked:
             if masks.ndim != 3 or (masks.shape[0] > 0 and tuple(masks.shape[1:]) != (height, width)):
                 raise ValueError(f"image {image_id}: {name} masks {tuple(masks.shape)} are not [N,{height},{width}]")
         if image_id in self.records:
@@ -106,7 +110,8 @@ class InstanceEvaluator:
             "height": int(height),
             "width": int(width),
             "gt": _ground_truth_records(gt, self.meta),
-            "dt": to_coco_results(image_id, pred, self.meta),
+            "dt": [{**d, "image_id": image_id} for d in pred] if isinstance(pred, list)
+            else to_coco_results(image_id, pred, self.meta),
         }
 
     # --- state for merging / DDP -------------------------------------------------------------
@@ -152,20 +157,32 @@ class InstanceEvaluator:
         if not gt_annotations:
             return nan_result  # AP is undefined without ground truth
         categories = [{"id": self.meta.to_dataset_id(i), "name": n} for i, n in enumerate(self.meta.classes)]
+        # Mask AP needs every result to carry a mask; box-only results get box AP alone (pycocotools would
+        # otherwise score their boxes as polygons under "segm").
+        masks = all("segmentation" in d for d in detections)
+        results = dict(nan_result)
+        if masks:
+            results = self._coco_eval("segm", images, gt_annotations, detections, categories)
+        if self.bbox or not masks:
+            boxes = self._coco_eval("bbox", images, gt_annotations, detections, categories)
+            results.update({f"bbox_{k}": v for k, v in boxes.items()})
+        return results
 
+    def _coco_eval(self, iou_type: str, images, gt_annotations, detections, categories) -> dict:
         quiet = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
             coco_gt = COCO()
-            coco_gt.dataset = {"images": images, "annotations": gt_annotations, "categories": categories}
+            coco_gt.dataset = {"images": images, "annotations": [dict(a) for a in gt_annotations],
+                               "categories": categories}
             coco_gt.createIndex()
             if detections:
-                coco_dt = coco_gt.loadRes(detections)
+                coco_dt = coco_gt.loadRes([dict(d) for d in detections])  # (loadRes writes into the records)
             else:
                 # loadRes cannot take an empty list; an empty result set scores AP 0 wherever GT exists.
                 coco_dt = COCO()
                 coco_dt.dataset = {"images": images, "annotations": [], "categories": categories}
                 coco_dt.createIndex()
-            coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+            coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()

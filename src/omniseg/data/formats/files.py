@@ -44,7 +44,8 @@ MAX_JSON_BYTES = int(os.environ.get("OMNISEG_MAX_JSON_BYTES", 4 << 30))
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def load_json(path: str | os.PathLike, what: str = "annotation file") -> dict:
+def load_json(path: str | os.PathLike, what: str = "annotation file", *, allow_list: bool = False) -> dict | list:
+    """A JSON file's object (or, with `allow_list`, list), within the size limit; DataError names the file."""
     p = require_path(path, what, is_dir=False)
     size = p.stat().st_size
     if size > MAX_JSON_BYTES:
@@ -57,8 +58,9 @@ def load_json(path: str | os.PathLike, what: str = "annotation file") -> dict:
         raise DataError(p, f"{what} is not valid JSON ({e})") from None
     except RecursionError:
         raise DataError(p, f"{what} is nested too deeply to be an annotation file") from None
-    if not isinstance(data, dict):
-        raise DataError(p, f"{what} must hold a JSON object at the top level, got {type(data).__name__}")
+    if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
+        expected = "a JSON object or list" if allow_list else "a JSON object"
+        raise DataError(p, f"{what} must hold {expected} at the top level, got {type(data).__name__}")
     return data
 
 

@@ -1,13 +1,15 @@
 """A folder of images and a folder of single-channel label PNGs paired by file stem.
 
 Presets encode the id conventions of common datasets (CamVid void=11, ADE20K reduce-zero-label,
-Cityscapes labelIds -> trainIds) so users never hand-write a lookup table for them.
+Cityscapes labelIds -> trainIds, binary masks 0 / 255 or 0 / 1) so users never hand-write a lookup table
+for them.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,7 +44,7 @@ CITYSCAPES = [
     (31, "train", (0, 80, 100), True), (32, "motorcycle", (0, 0, 230), True), (33, "bicycle", (119, 11, 32), True),
 ]
 
-PRESETS = ("camvid", "ade20k", "cityscapes")
+PRESETS = ("camvid", "ade20k", "cityscapes", "binary")
 
 
 def read_ade20k_object_info(path: str | os.PathLike) -> tuple[list[str], list[bool]]:
@@ -58,8 +60,14 @@ def read_ade20k_object_info(path: str | os.PathLike) -> tuple[list[str], list[bo
     return names, isthing
 
 
-def _preset(preset: str, class_info: str | os.PathLike | None, ignore: int):
+def _preset(preset: str, class_info: str | os.PathLike | None, ignore: int, classes: Sequence[str] | None = None):
     """(meta, label value -> contiguous id mapping, default label suffix) for a named preset."""
+    if preset == "binary":  # 0 = background; 1 or 255 = foreground (both occur in the wild); no ignore value
+        names = list(classes) if classes else ["background", "foreground"]
+        if len(names) != 2:
+            raise ValueError(f"the binary preset has two classes (background, foreground), got {names}")
+        meta = DatasetMeta(names, isthing=[False, True], dataset_ids=[0, 255], name="binary", ignore_index=ignore)
+        return meta, {0: 0, 1: 1, 255: 1}, ".png"
     if preset == "camvid":
         meta = DatasetMeta(CAMVID_CLASSES, colors=CAMVID_COLORS, name="camvid", ignore_index=ignore)
         mapping = {v: v for v in range(11)} | {11: ignore}
@@ -124,7 +132,7 @@ class SemanticFolderDataset(Dataset):
         self.image_dir = require_path(image_dir, "image directory", is_dir=True)
         self.label_dir = require_path(label_dir, "label directory", is_dir=True)
         if preset is not None:
-            self.meta, mapping, default_label_suffix = _preset(preset, class_info, ignore_index)
+            self.meta, mapping, default_label_suffix = _preset(preset, class_info, ignore_index, classes)
             if preset == "cityscapes" and image_suffix is None:
                 image_suffix = "_leftImg8bit.png"
         else:
@@ -149,6 +157,7 @@ class SemanticFolderDataset(Dataset):
         if name:
             self.meta.name = name
         self.ignore_index = ignore_index
+        self._warned_binary = preset is not None  # presets say what their values mean
         self.label_suffix = label_suffix or default_label_suffix
         self.image_suffix = image_suffix
         self._mapping = mapping
@@ -175,6 +184,12 @@ class SemanticFolderDataset(Dataset):
         if raw.ndim != 2:
             raise DataError(path, f"label PNG must be single-channel class ids, got shape {raw.shape} "
                                   f"(colour-coded labels need converting to ids first)")
+        if not self._warned_binary and raw.dtype == np.uint8 and self.ignore_index == 255 and int(raw.max()) == 255 \
+                and set(np.unique(raw).tolist()) == {0, 255}:
+            self._warned_binary = True  # once per dataset
+            warnings.warn(f"{path}: this label PNG holds only 0 and 255, and 255 is the ignore value here, so "
+                          f"every foreground pixel would be ignored; for binary masks set the split's "
+                          f"preset: binary (0 = background, 255 or 1 = foreground)", stacklevel=2)
         if raw.dtype == np.uint8:
             out = self._lut[raw]
         else:
