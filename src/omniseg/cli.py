@@ -143,6 +143,8 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
             num_workers: int = typer.Option(2, "--num-workers", help="processes reading and resizing images"),
             skip_existing: bool = typer.Option(False, "--skip-existing", help="leave images whose outputs are "
                                                "already complete (restart an interrupted run)"),
+            yolo: bool = typer.Option(False, "--yolo", help="also the instances as YOLO-seg label files (yolo/)"),
+            labelme: bool = typer.Option(False, "--labelme", help="also the instances as LabelMe JSON (labelme/)"),
             device: str = typer.Option("auto", help="auto | cpu | cuda"),
             fast: bool = typer.Option(False, "--fast", help="fast post-processing: the official decisions "
                                       "without full-resolution mask stacks (see docs/results.md)"),
@@ -172,9 +174,12 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
                               postprocess="fast" if fast else None)
     except ValueError as e:
         _fail(str(e))
+    polygon_formats = [name for name, wanted in (("yolo", yolo), ("labelme", labelme)) if wanted]
+    if polygon_formats and "instance" not in predictor.tasks:
+        _fail("--yolo / --labelme write instances: the instance task must be predicted")
     report = predict_folder(predictor, files, output, tasks=predictor.tasks, overlay=overlay,
                             score_threshold=score_threshold, batch_size=batch_size, num_workers=num_workers,
-                            image_ids=ids, skip_existing=skip_existing,
+                            image_ids=ids, skip_existing=skip_existing, polygon_formats=polygon_formats,
                             progress=lambda it: tqdm(it, desc="predict", unit="img", mininterval=1.0))
     typer.echo(report.summary(output))
     if report.failed:

@@ -255,3 +255,38 @@ class InstanceJsonWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+
+
+# --- polygon formats (for correcting predictions in annotation tools) ------------------------------
+def yolo_seg_text(instances: dict, width: int, height: int, *, scores: bool = False) -> str:
+    """One image's instances as a YOLO-seg label file: "class x1 y1 ... xn yn [score]" per object, coordinates
+    normalised; an object in several parts is one polygon joined by zero-area bridges (YOLO-seg holds one
+    polygon per object). Class indices are the contiguous ids, i.e. the order of the data YAML's names."""
+    from omniseg.data.formats.polygons import bridge, trace
+
+    lines = []
+    for mask, label, score in zip(instances["masks"], instances["labels"].tolist(), instances["scores"].tolist()):
+        rings = trace(mask)
+        if not rings:
+            continue
+        xy = (bridge(rings) + 0.5) / np.array([width, height], dtype=np.float64)  # corner units, normalised
+        line = f"{int(label)} " + " ".join(f"{v:.6f}" for v in xy.flatten())
+        lines.append(line + (f" {float(score):.6f}" if scores else ""))
+    return "".join(f"{line}\n" for line in lines)
+
+
+def labelme_json(instances: dict, meta: DatasetMeta, image_name: str, width: int, height: int) -> dict:
+    """One image's instances as a LabelMe file: a polygon per part of each object, the parts of one object
+    sharing its group_id, the score in the description."""
+    from omniseg.data.formats.polygons import trace
+
+    shapes = []
+    for i, (mask, label, score) in enumerate(zip(instances["masks"], instances["labels"].tolist(),
+                                                 instances["scores"].tolist()), start=1):
+        for ring in trace(mask):
+            shapes.append({"label": meta.classes[int(label)], "points": [[round(float(x), 3), round(float(y), 3)]
+                                                                          for x, y in ring],
+                           "group_id": i, "description": f"score {float(score):.4f}", "shape_type": "polygon",
+                           "flags": {}})
+    return {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": image_name, "imageData": None,
+            "imageHeight": int(height), "imageWidth": int(width)}

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from omniseg.schema import choice
 from omniseg.tasks import TASKS
 
-DATA_FORMATS = ("coco_panoptic", "coco_instance", "semantic_folder", "synthetic")
+DATA_FORMATS = ("coco_panoptic", "coco_instance", "semantic_folder", "yolo_seg", "labelme", "synthetic")
 
 
 @dataclass
@@ -28,12 +28,14 @@ class DatasetSettings:
     split: Optional[str] = None        # the split's name in the dataset (default: the section name)
     split_name: Optional[str] = None   # the name used in `{split}` paths when it differs (ADE20K "training")
     name: Optional[str] = None         # dataset name shown in reports
-    image_dir: Optional[str] = None
+    image_dir: Optional[str] = None    # (labelme: the images; label_dir, default the same folder: the JSONs)
     json: Optional[str] = None         # COCO formats: annotation file
     png_dir: Optional[str] = None      # COCO panoptic: segment PNGs
     label_dir: Optional[str] = None    # semantic_folder: label PNGs
     preset: Optional[str] = None       # semantic_folder: camvid | ade20k | cityscapes | binary (classes, ids)
     classes: Optional[List[str]] = None
+    stuff_classes: Optional[List[str]] = None  # yolo_seg / labelme: these classes are stuff (panoptic samples)
+    data_yaml: Optional[str] = None    # yolo_seg: Ultralytics' data YAML (classes and split folders)
     label_map: Optional[Dict[Any, Any]] = None  # semantic_folder: raw label value -> class id (255: ignore)
     class_info: Optional[str] = None   # semantic_folder: ADE20K-style objectInfo150.csv
     image_suffix: Optional[str] = None

@@ -2,10 +2,12 @@
 
 Config keys (plain dict or OmegaConf node)::
 
-    format: coco_panoptic | coco_instance | semantic_folder | synthetic
+    format: coco_panoptic | coco_instance | semantic_folder | yolo_seg | labelme | synthetic
     root: folder the paths below are relative to (itself relative to the working directory)
     image_dir, json, png_dir          # COCO formats
     image_dir, label_dir, preset, classes, label_map, class_info, image_suffix, label_suffix  # folders
+    data_yaml (or image_dir, label_dir, classes), stuff_classes     # yolo_seg
+    image_dir, label_dir, classes, stuff_classes                     # labelme
     num_train, num_val, image_size, seed, view   # synthetic
     train: {...}, val: {...}          # optional per-split overrides of any key above
 
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
 from omniseg.data.formats import CocoInstanceDataset, CocoPanopticDataset, SemanticFolderDataset
+from omniseg.data.formats.labelme import LabelMeDataset
 from omniseg.data.meta import DatasetMeta
 from omniseg.settings import DATA_FORMATS as FORMATS
 
@@ -114,6 +117,11 @@ def build_dataset(data_cfg, split: str) -> Dataset:
         return CocoPanopticDataset(path("image_dir"), path("json"), path("png_dir"), name=name)
     if fmt == "coco_instance":
         return CocoInstanceDataset(path("image_dir"), path("json"), name=name)
+    if fmt == "yolo_seg":
+        return _build_yolo(cfg, root, split_name, name)
+    if fmt == "labelme":
+        return LabelMeDataset(path("image_dir"), path("label_dir", required=False), cfg.get("classes"),
+                              stuff_classes=cfg.get("stuff_classes") or (), name=name)
     class_info = path("class_info", required=False)
     if class_info is not None and not class_info.exists():
         if "class_info" in cfg:
@@ -131,6 +139,25 @@ def build_dataset(data_cfg, split: str) -> Dataset:
         ignore_index=int(cfg.get("ignore_index", 255)),
         name=name,
     )
+
+
+def _build_yolo(cfg: dict, root: Path, split: str, name: str | None) -> Dataset:
+    """YOLO-seg from the data YAML (its split folders and names), or from image_dir / label_dir / classes."""
+    from omniseg.data.formats.yolo import YoloSegDataset, read_data_yaml
+
+    classes, image_dir = cfg.get("classes"), cfg.get("image_dir")
+    if cfg.get("data_yaml"):
+        spec = read_data_yaml(root / cfg["data_yaml"])
+        classes = classes or spec["names"]
+        if image_dir is None:
+            if split not in spec["splits"]:
+                raise DataError(root / cfg["data_yaml"], f"names no '{split}' split (it has {sorted(spec['splits'])})")
+            image_dir = spec["splits"][split]
+    if classes is None or image_dir is None:
+        raise ValueError("data.format yolo_seg needs data_yaml, or image_dir and classes")
+    image_dir = root / str(image_dir).format(split=split)
+    label_dir = root / str(cfg["label_dir"]).format(split=split) if cfg.get("label_dir") else None
+    return YoloSegDataset(image_dir, label_dir, classes, stuff_classes=cfg.get("stuff_classes") or (), name=name)
 
 
 _NOTED_ROOTS: set[str] = set()

@@ -2,7 +2,8 @@
 at once in the formats other tools read, restartable.
 
 Per image (named after the image's stem): semantic/<stem>.png (dataset ids), panoptic/<stem>.png (COCO
-panoptic colours), overlay/<stem>_<task>.png, and records/<stem>.json, written last, holding the image's
+panoptic colours), overlay/<stem>_<task>.png, on request yolo/<stem>.txt and labelme/<stem>.json (the
+instances as polygons, to correct in those tools), and records/<stem>.json, written last, holding the image's
 id and size, its panoptic annotation and its instance results. A record on disk therefore means the
 image is done: `skip_existing` skips those images. At the end the collection files are assembled from
 the records, streamed so that nothing grows with the folder: images.json, panoptic.json (COCO panoptic)
@@ -13,6 +14,7 @@ left out; the others go on.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +96,7 @@ def _record_path(output: Path, stem: str) -> Path:
 def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Sequence[str], overlay: bool = True,
                    score_threshold: float = 0.5, batch_size: int = 1, num_workers: int = 0,
                    image_ids: dict[str, int] | None = None, skip_existing: bool = False,
+                   polygon_formats: Sequence[str] = (),
                    progress: Callable[[Iterable], Iterable] | None = None) -> PredictionReport:
     """Predict every file and write its outputs (see the module docstring); returns what happened."""
     from omniseg import outputs as out
@@ -104,6 +107,13 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
     output.mkdir(parents=True, exist_ok=True)
     meta = predictor.meta
     report = PredictionReport(images=len(files))
+    unknown = sorted(set(polygon_formats) - {"yolo", "labelme"})
+    if unknown or (polygon_formats and "instance" not in tasks):
+        raise ValueError(f"polygon outputs are yolo and labelme, of the instance task; got {list(polygon_formats)} "
+                         f"with tasks {list(tasks)}")
+    if "yolo" in polygon_formats:
+        with atomic_path(output / "yolo" / "data.yaml") as tmp:
+            tmp.write_text("names:\n" + "".join(f"  {i}: {json.dumps(c)}\n" for i, c in enumerate(meta.classes)))
     ids = {f.name: (image_ids or {}).get(f.name, i) for i, f in enumerate(files)}
     todo = [f for f in files if not (skip_existing and _record_path(output, f.stem).is_file())]
     report.skipped_existing = len(files) - len(todo)
@@ -123,7 +133,7 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
             preds = predictor.predict_prepared(batch, good, tasks=tasks)
             for s, pred in zip(good, preds):
                 f = todo[s["index"]]
-                _write_image(out, vis, output, f, ids[f.name], s, pred, meta, overlay, score_threshold)
+                _write_image(out, vis, output, f, ids[f.name], s, pred, meta, overlay, score_threshold, polygon_formats)
                 report.predicted += 1
         if bar is not None:
             bar.update(len(samples))
@@ -138,7 +148,7 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
 
 
 def _write_image(out, vis, output: Path, file: Path, image_id: int, sample: dict, pred: dict, meta, overlay: bool,
-                 score_threshold: float) -> None:
+                 score_threshold: float, polygon_formats: Sequence[str] = ()) -> None:
     """Every output of one image; the record last, so that its presence means the image is complete."""
     stem = file.stem
     record: dict = {"image": {"id": image_id, "file_name": file.name, "height": int(sample["height"]),
@@ -151,6 +161,14 @@ def _write_image(out, vis, output: Path, file: Path, image_id: int, sample: dict
         record["panoptic"] = annotation
     if "instances" in pred:
         record["instances"] = out.instances_to_coco_json(image_id, pred["instances"], meta)
+        width, height = int(sample["width"]), int(sample["height"])
+        if "yolo" in polygon_formats:
+            with atomic_path(output / "yolo" / f"{stem}.txt") as tmp:
+                tmp.write_text(out.yolo_seg_text(pred["instances"], width, height, scores=True))
+        if "labelme" in polygon_formats:
+            relative = os.path.relpath(file.resolve(), (output / "labelme").resolve())
+            with atomic_path(output / "labelme" / f"{stem}.json") as tmp:
+                tmp.write_text(json.dumps(out.labelme_json(pred["instances"], meta, relative, width, height)))
     if overlay:
         image = sample["original"]
         if "panoptic" in pred:
