@@ -70,6 +70,8 @@ class DataSettings:
     batch_size: int = 16
     num_workers: int = 2
     skip_bad_samples: bool = False     # report and skip unreadable samples instead of stopping
+    repeat_factor_threshold: Optional[float] = None  # LVIS repeat-factor sampling: images of classes in fewer
+                                                     # than this fraction of images repeat (e.g. 0.001)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from omniseg.data.errors import DataError
-from omniseg.data.sampling import ResumableBatchSampler
+from omniseg.data.sampling import ResumableBatchSampler, repeat_factors
 from omniseg.data.targets import mask_targets
 from omniseg.data.transforms import build_transforms
 from omniseg.tasks import TASKS
@@ -84,10 +84,36 @@ class TrainingSet(Dataset):
         return sample
 
 
+def image_categories(dataset, index: int) -> set[int]:
+    """The classes present in one training image: from the annotation files where the reader knows them
+    without decoding the image, else from the loaded sample."""
+    reader = getattr(dataset, "image_categories", None)
+    if reader is not None:
+        return set(reader(index))
+    sample = dataset[index]
+    if "segments_info" in sample:
+        return {int(s["category"]) for s in sample["segments_info"]}
+    if "instances" in sample:
+        return set(sample["instances"]["labels"].tolist())
+    if "sem_seg" in sample:
+        return {int(c) for c in torch.unique(sample["sem_seg"]).tolist() if c != dataset.meta.ignore_index}
+    return set()
+
+
 def build_training_data(cfg: DictConfig, dataset, *, start_batch: int = 0, rank: int = 0,
                         world_size: int = 1) -> tuple[TrainingSet, ResumableBatchSampler]:
-    """The augmented training set and the batch sampler that orders it (rank's share under DDP)."""
+    """The augmented training set and the batch sampler that orders it (rank's share under DDP); with
+    data.repeat_factor_threshold, images of rare classes repeat (LVIS's repeat-factor sampling)."""
     data = cfg.data
+    factors = None
+    if data.repeat_factor_threshold is not None:
+        if not data.repeat_factor_threshold > 0:
+            raise ValueError(f"data.repeat_factor_threshold must be positive, got {data.repeat_factor_threshold}")
+        factors = repeat_factors([image_categories(dataset, i) for i in range(len(dataset))],
+                                 data.repeat_factor_threshold)
+        if rank == 0:
+            print(f"[omniseg] repeat-factor sampling (t = {data.repeat_factor_threshold}): an epoch holds "
+                  f"{sum(factors):.0f} images on average instead of {len(factors)}", flush=True)
     train_set = TrainingSet(
         dataset,
         build_transforms(True, size=data.crop_size, scale_range=tuple(data.scale_range), hflip=data.hflip,
@@ -95,7 +121,8 @@ def build_training_data(cfg: DictConfig, dataset, *, start_batch: int = 0, rank:
         str(cfg.task), skip_bad=data.skip_bad_samples,
     )
     sampler = ResumableBatchSampler(len(train_set), data.batch_size, seed=cfg.train.seed,
-                                    start_batch=start_batch, rank=rank, world_size=world_size)
+                                    start_batch=start_batch, rank=rank, world_size=world_size,
+                                    repeat_factors=factors)
     return train_set, sampler
 
 

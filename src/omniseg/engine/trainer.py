@@ -78,7 +78,7 @@ def check_best_settings(cfg: DictConfig, has_val: bool) -> BestModel | None:
         if patience is not None:
             raise ConfigError("train.early_stop_patience needs train.save_best: the metric whose improvement it waits for")
         return None
-    known = [k for task in cfg.eval_tasks for k in SCALAR_KEYS.get("instance" if task == "instance" else task, ())]
+    known = [k for task in cfg.eval_tasks for k in SCALAR_KEYS.get(task, ())]
     if name not in known:
         raise ConfigError(f"train.save_best: {name!r} is not a metric of eval_tasks {list(cfg.eval_tasks)}"
                           f"{suggestion(str(name), known)}; choose from {', '.join(known)}")

@@ -157,6 +157,17 @@ class Segmenter(nn.Module, abc.ABC):
         return {"thing_ids": list(self.thing_ids)}
 
 
+def class_weight_tensor(weights, num_classes: int, key: str = "model.loss.class_weights") -> torch.Tensor | None:
+    """Per-class loss weights from the settings as a float tensor of K entries (None: unweighted)."""
+    if weights is None:
+        return None
+    if len(weights) != num_classes:
+        raise ValueError(f"{key} has {len(weights)} entries for {num_classes} classes")
+    if any(float(w) < 0 for w in weights):
+        raise ValueError(f"{key} must not be negative, got {list(weights)}")
+    return torch.tensor([float(w) for w in weights], dtype=torch.float32)
+
+
 def semantic_results(scores: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                      output_sizes: Sequence[tuple[int, int]] | None, tasks: Sequence[str] = ("semantic",),
                      return_raw: bool = False) -> list[dict]:

@@ -76,6 +76,10 @@ class CocoInstanceDataset(Dataset):
                 counts[self.meta.to_contiguous(a["category_id"])] += 1
         return counts
 
+    def image_categories(self, index: int) -> set[int]:
+        """The contiguous classes present in image `index`, from the JSON (for repeat-factor sampling)."""
+        return {self.meta.to_contiguous(a["category_id"]) for a in self.annotations.get(self.images[index]["id"], [])}
+
     def load_instances(self, index: int) -> dict:
         """Decoded instances of one image, at the size recorded in the JSON."""
         img = self.images[index]

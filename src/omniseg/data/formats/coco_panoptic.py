@@ -106,6 +106,10 @@ class CocoPanopticDataset(Dataset):
                 counts[s["category"]] += 1
         return counts
 
+    def image_categories(self, index: int) -> set[int]:
+        """The contiguous classes present in image `index`, from the JSON (for repeat-factor sampling)."""
+        return {s["category"] for s in self.records[index]["segments_info"]}
+
     def load_panoptic(self, index: int) -> tuple[torch.Tensor, list[dict], Path]:
         """pan_seg int64 [H,W] and its segments_info, checked against each other."""
         rec = self.records[index]

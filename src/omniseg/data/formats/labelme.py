@@ -96,6 +96,10 @@ class LabelMeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_categories(self, index: int) -> set[int]:
+        """The classes of image `index`'s shapes (the image is not decoded)."""
+        return {self.meta.classes.index(str(shape["label"])) for shape in self.records[index][2]["shapes"]}
+
     def __getitem__(self, index: int) -> dict:
         path, image_path, data = self.records[index]
         image = load_rgb_image(image_path)

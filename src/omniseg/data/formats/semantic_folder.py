@@ -205,6 +205,12 @@ class SemanticFolderDataset(Dataset):
                                   f"classes (ignore = {self.ignore_index})")
         return torch.from_numpy(out)
 
+    def image_categories(self, index: int) -> set[int]:
+        """The classes present in image `index`'s label PNG (read; the image itself is not decoded)."""
+        _, _, label_path = self.items[index]
+        sem = self.map_labels(load_png_array(label_path), label_path)
+        return {int(c) for c in torch.unique(sem).tolist() if c != self.ignore_index}
+
     def class_counts(self, max_images: int | None = None) -> list[int]:
         """Images containing each class (scans label files, so optionally limited)."""
         counts = [0] * self.meta.num_classes

@@ -99,6 +99,13 @@ class YoloSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_categories(self, index: int) -> set[int]:
+        """The classes in image `index`'s label file (the image is not decoded)."""
+        label = label_path_for(self.images[index], self.image_dir, self.label_dir)
+        if not label.is_file():
+            return set()
+        return {int(float(line.split()[0])) for line in label.read_text().splitlines() if line.split()}
+
     def __getitem__(self, index: int) -> dict:
         image_path = self.images[index]
         image = load_rgb_image(image_path)

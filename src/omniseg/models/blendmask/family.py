@@ -52,6 +52,7 @@ class BlendMaskOptions:
     basis_num_convs: Optional[int] = None  # convs after the level fusion: 3 (rt: 2)
     aux_semantic_weight: float = 0.3   # auxiliary thing-semantic CE on P3 (training only); 0 removes the head
     stuff_weight: float = 0.5          # panoptic: CE of the stuff branch on the basis features
+    class_weights: Optional[List[float]] = None  # per-class weights (K entries): FCOS focal loss, stuff CE
     test: BlendMaskTest = field(default_factory=BlendMaskTest)
 
     def for_variant(self, variant: str) -> "BlendMaskOptions":

@@ -144,17 +144,22 @@ def _ltrb_boxes(reg: torch.Tensor) -> torch.Tensor:
 
 
 def fcos_losses(logits: torch.Tensor, reg: torch.Tensor, ctr: torch.Tensor, cls_t: torch.Tensor,
-                reg_t: torch.Tensor, num_classes: int, alpha: float = 0.25, gamma: float = 2.0) -> dict:
+                reg_t: torch.Tensor, num_classes: int, alpha: float = 0.25, gamma: float = 2.0,
+                class_weights: torch.Tensor | None = None) -> dict:
     """Flattened over images and locations: logits [N,C], reg [N,4], ctr [N], targets from `fcos_targets`.
 
     Focal loss summed / #positives; GIoU loss weighted by the centerness target / its sum; centerness BCE
     / #positives (AdelaiDet's normalisation, on one process). Returns the losses and the positives' centerness
-    targets (the mask loss weights).
+    targets (the mask loss weights). `class_weights` [C] weigh the focal loss per class column.
     """
     pos = cls_t != num_classes
     num_pos = max(float(pos.sum()), 1.0)
     onehot = F.one_hot(cls_t.clamp(max=num_classes), num_classes + 1)[:, :num_classes].to(logits.dtype)
-    loss_cls = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_pos
+    if class_weights is None:
+        loss_cls = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_pos
+    else:
+        focal = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="none")
+        loss_cls = (focal * class_weights.to(focal.dtype)).sum() / num_pos
     if not bool(pos.any()):
         zero = reg.sum() * 0 + ctr.sum() * 0
         return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": zero, "loss_fcos_ctr": zero}, reg.new_zeros(0), pos

@@ -19,7 +19,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
 from omniseg.masks import boxes_from_masks
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter
+from omniseg.models.base import Segmenter, class_weight_tensor
 from omniseg.models.blendmask.basis import BasisModule, SemanticHead
 from omniseg.models.blendmask.family import BlendMaskSettings
 from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, pool_bases
@@ -79,6 +79,10 @@ class BlendMask(Segmenter):
         self.register_buffer("stuff_of", stuff_of, persistent=False)
         self.register_buffer("thing_table", torch.tensor(self.thing_ids, dtype=torch.int64), persistent=False)
         self.register_buffer("stuff_table", torch.tensor(self.stuff_ids, dtype=torch.int64), persistent=False)
+        weights = class_weight_tensor(opt.class_weights, num_classes, "model.blendmask.class_weights")
+        self.register_buffer("det_weights", None if weights is None else weights[self.thing_ids], persistent=False)
+        self.register_buffer("stuff_weights", None if weights is None or not self.stuff_ids
+                             else torch.cat([weights.new_ones(1), weights[self.stuff_ids]]), persistent=False)
 
         self.num_levels = opt.num_levels
         self.strides = [8, 16, 32, 64, 128][: self.num_levels]
@@ -153,7 +157,7 @@ class BlendMask(Segmenter):
         with torch.autocast(images.device.type, enabled=False):
             losses, ctr_t, pos = fcos_losses(
                 flat["logits"].flatten(0, 1).float(), flat["reg"].flatten(0, 1).float(), flat["ctr"].flatten().float(),
-                torch.cat(cls_t), torch.cat(reg_t), num_det, *self.focal)
+                torch.cat(cls_t), torch.cat(reg_t), num_det, *self.focal, class_weights=self.det_weights)
             losses["loss_mask"] = self._mask_loss(out["bases"].float(), flat["attn"].flatten(0, 1).float(), pos,
                                                   ctr_t, torch.cat(gt_global), torch.cat(gt_boxes),
                                                   torch.cat(gt_image), torch.cat(gt_masks))
@@ -163,7 +167,8 @@ class BlendMask(Segmenter):
                 logits = self.stuff_head(out["basis_feats"]).float()
                 logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
                 losses["loss_stuff"] = self.stuff_weight * F.cross_entropy(
-                    logits, self._stuff_labels(targets, tuple(images.shape[-2:])), ignore_index=255)
+                    logits, self._stuff_labels(targets, tuple(images.shape[-2:])), weight=self.stuff_weights,
+                    ignore_index=255)
         return losses
 
     def mask_proposals(self, pos: torch.Tensor, gt_global: torch.Tensor, gt_boxes: torch.Tensor,

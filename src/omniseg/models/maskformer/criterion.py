@@ -100,6 +100,7 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         mask_loss: str = "bce",
+        class_weights: torch.Tensor | None = None,
     ):
         super().__init__()
         if mask_loss not in ("bce", "focal"):
@@ -113,6 +114,8 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.mask_loss = mask_loss
         empty_weight = torch.ones(num_classes + 1)
+        if class_weights is not None:  # per-class weights; the no-object class keeps eos_coef
+            empty_weight[:-1] = class_weights
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 

@@ -4,6 +4,7 @@ registration. Defaults are Mask2Former's official COCO R-50 values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import List, Optional
 
 from omniseg.models.mp_former.settings import PilotSettings
 from omniseg.models.registry import Family
@@ -17,6 +18,7 @@ class MaskFormerLoss:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
+    class_weights: Optional[List[float]] = None  # per-class weights of the classification CE (K entries)
     mask_loss: str = choice("bce", ("bce", "focal"))  # bce: Mask2Former; focal: MaskFormer
     train_num_points: int = 12544      # points each mask loss is computed on (Mask2Former; 0: whole masks)
     oversample_ratio: float = 3.0

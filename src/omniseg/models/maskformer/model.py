@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter
+from omniseg.models.base import Segmenter, class_weight_tensor
 from omniseg.models.maskformer.criterion import SetCriterion
 from omniseg.models.maskformer.family import MaskFormerSettings
 from omniseg.models.maskformer.matcher import HungarianMatcher
@@ -87,6 +87,7 @@ class MaskFormer(Segmenter):
             num_classes, matcher, weight_dict=weights, eos_coef=loss.no_object_weight,
             num_points=loss.train_num_points, oversample_ratio=loss.oversample_ratio,
             importance_sample_ratio=loss.importance_sample_ratio, mask_loss=loss.mask_loss,
+            class_weights=class_weight_tensor(loss.class_weights, num_classes),
         )
         self.mask_pilot = None  # MP-Former's mask-piloted training (training only)
         if s.mp.enabled:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from omniseg.models.backbones import build_backbone
-from omniseg.models.base import Segmenter, label_map_from_targets, semantic_results
+from omniseg.models.base import Segmenter, class_weight_tensor, label_map_from_targets, semantic_results
 from omniseg.models.layers.conv import ConvNormAct
 from omniseg.models.per_pixel.blocks import (
     ASPP, ASPPHead, Classifier, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
@@ -106,12 +106,7 @@ class PerPixelSegmenter(Segmenter):
         self.edge_att_weight = loss.edge_attention_weight
         self.dual_weight = loss.dual_task_weight
         self.edge_radius = loss.edge_radius
-        class_weights = loss.class_weights
-        if class_weights is not None:
-            if len(class_weights) != num_classes:
-                raise ValueError(f"model.loss.class_weights has {len(class_weights)} entries for {num_classes} classes")
-            class_weights = torch.tensor([float(w) for w in class_weights])
-        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.register_buffer("class_weights", class_weight_tensor(loss.class_weights, num_classes), persistent=False)
         if s.activation_checkpointing:
             self.set_activation_checkpointing(True)
 

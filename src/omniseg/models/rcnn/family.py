@@ -4,7 +4,7 @@ registration. Defaults are detectron2's / torchvision's R-50-FPN values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omniseg.models.registry import Family
 from omniseg.models.settings import ModelSettings
@@ -53,6 +53,11 @@ class PANetSettings:
 
 
 @dataclass
+class RCNNLoss:
+    class_weights: Optional[List[float]] = None  # per-class weights of the box classifier's CE (K entries)
+
+
+@dataclass
 class RCNNTest:
     score_thresh: float = 0.05         # box score threshold before NMS
     nms_thresh: float = 0.5            # per-class NMS
@@ -68,6 +73,7 @@ class RCNNSettings(ModelSettings):
     rpn: RPNSettings = field(default_factory=RPNSettings)
     roi: RoISettings = field(default_factory=RoISettings)
     panet: PANetSettings = field(default_factory=PANetSettings)
+    loss: RCNNLoss = field(default_factory=RCNNLoss)
     test: RCNNTest = field(default_factory=RCNNTest)
 
 

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -30,7 +32,7 @@ from torchvision.ops.poolers import LevelMapper
 
 from omniseg.masks import boxes_from_masks
 from omniseg.models.backbones import FEATURE_NAMES, build_backbone
-from omniseg.models.base import Segmenter
+from omniseg.models.base import Segmenter, class_weight_tensor
 from omniseg.models.rcnn.family import RCNNSettings
 from omniseg.models.rcnn.panet import (
     AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, FusedMaskHead, rois_from_boxes,
@@ -181,6 +183,15 @@ class RCNNSegmenter(Segmenter):
             mask_roi_pool=mask_pool, mask_head=mask_head, mask_predictor=mask_predictor,
         )
         self.detector.transform = BatchOnlyTransform(32)
+        weights = class_weight_tensor(s.loss.class_weights, num_classes)
+        self.register_buffer("classifier_weights", None if weights is None else torch.cat([weights.new_ones(1), weights]),
+                             persistent=False)  # background (torchvision's class 0) keeps weight 1
+        if weights is not None:  # keep what the weighted classifier loss needs; parameter names unchanged
+            self.detector.roi_heads.__class__ = TappedRoIHeads
+            self.detector.roi_heads.box_predictor.register_forward_hook(self._keep_class_logits)
+
+    def _keep_class_logits(self, module, inputs, outputs) -> None:
+        self._class_logits = outputs[0]
 
     @property
     def backbone(self) -> nn.Module:
@@ -210,6 +221,10 @@ class RCNNSegmenter(Segmenter):
         features = self.detector.backbone(x)
         proposals, rpn_losses = self.detector.rpn(image_list, features, det_targets)
         _, roi_losses = self.detector.roi_heads(features, proposals, image_list.image_sizes, det_targets)
+        if self.classifier_weights is not None:  # torchvision's classifier CE, with the class weights
+            heads = self.detector.roi_heads
+            roi_losses["loss_classifier"] = F.cross_entropy(self._class_logits, torch.cat(heads.labels),
+                                                            weight=self.classifier_weights)
         return {**rpn_losses, **roi_losses}
 
     # -- inference -----------------------------------------------------------------------------
@@ -259,6 +274,16 @@ class RCNNSegmenter(Segmenter):
     def export_refusal(self) -> str:
         return (f"{self.describe()} cannot be exported yet: torchvision's RPN and RoI heads keep a data-dependent "
                 f"number of boxes (NMS, top-k), which the exported graph would have to fix in advance")
+
+
+class TappedRoIHeads(RoIHeads):
+    """torchvision's RoIHeads, keeping the sampled proposals' labels of the last training forward, so the
+    classifier loss can be recomputed with class weights (torchvision's is unweighted)."""
+
+    def select_training_samples(self, proposals, targets):
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        self.labels = labels
+        return proposals, matched_idxs, labels, regression_targets
 
 
 class _OneLevel(nn.Module):

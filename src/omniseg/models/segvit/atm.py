@@ -127,7 +127,7 @@ def semantic_scores(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torc
 
 def atm_losses(outputs: Sequence[dict], targets: Sequence[dict], num_classes: int, *, eos_coef: float = 0.1,
                class_weight: float = 1.0, focal_weight: float = 20.0, dice_weight: float = 1.0,
-               label_offset: int = 0) -> dict[str, torch.Tensor]:
+               label_offset: int = 0, class_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """SegViT's loss on every output (deep supervision), fixed token-class assignment.
 
     targets: the engine's semantic targets ({"labels": [N] class ids, "masks": bool [N, H, W]}). Token k
@@ -136,7 +136,7 @@ def atm_losses(outputs: Sequence[dict], targets: Sequence[dict], num_classes: in
     the class is present else absent (weight `eos_coef`). Mask terms, present classes only: sigmoid focal
     (alpha 0.25, gamma 2) and dice on masks upsampled to the target size, divided by the number of
     (image, present class) pairs (averaged over DDP ranks). Pixels in no mask (void, padding) are
-    negatives, as in the official code.
+    negatives, as in the official code. `class_weights` [K] weigh the class term per token's class.
     """
     from omniseg.models.maskformer.criterion import count_num_masks
 
@@ -148,6 +148,8 @@ def atm_losses(outputs: Sequence[dict], targets: Sequence[dict], num_classes: in
         local.append({"labels": labels[keep], "masks": t["masks"][keep]})
     num_masks = count_num_masks(local, device)
     weight = torch.ones(num_classes + 1, device=device)
+    if class_weights is not None:
+        weight[:-1] = class_weights.to(device)
     weight[-1] = eos_coef
     cls_targets = torch.full((len(targets), num_classes), num_classes, dtype=torch.long, device=device)
     for i, t in enumerate(local):

@@ -26,6 +26,7 @@ class SegViTLoss:
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     eos_coef: float = 0.1
+    class_weights: Optional[List[float]] = None  # per-class weights of the class-token CE (K entries, all steps)
     edge_weight: float = 1.0           # Shrunk++ edge head CE
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from omniseg.models.base import Segmenter, label_map_from_targets, semantic_results
+from omniseg.models.base import Segmenter, class_weight_tensor, label_map_from_targets, semantic_results
 from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
 from omniseg.models.segvit.family import ContinualSettings, SegViTSettings
 from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
@@ -81,6 +81,7 @@ class SegViT(Segmenter):
         self.loss_weights = {"class_weight": loss.class_weight, "focal_weight": loss.focal_weight,
                              "dice_weight": loss.dice_weight, "eos_coef": loss.eos_coef}
         self.edge_weight = loss.edge_weight
+        self.register_buffer("class_weights", class_weight_tensor(loss.class_weights, num_classes), persistent=False)
         if self.freeze_old:
             for module in self.frozen_modules():
                 module.requires_grad_(False)
@@ -164,8 +165,10 @@ class SegViT(Segmenter):
                 if self.freeze_old and t != self.step:
                     continue
                 prefix = "" if len(outs) == 1 else f"step{t}_"
+                step_weights = None if self.class_weights is None else \
+                    self.class_weights[self.offsets[t]:self.offsets[t] + self.steps[t]]
                 for k, v in atm_losses(out, current, self.steps[t], label_offset=self.offsets[t],
-                                       **self.loss_weights).items():
+                                       class_weights=step_weights, **self.loss_weights).items():
                     losses[prefix + k] = v
             if enc.edge_logits is not None and not self.freeze_old:
                 labels = label_map_from_targets(targets, tuple(images.shape[-2:]), self.ignore_index)
