@@ -14,7 +14,7 @@ from omniseg.masks import boxes_from_masks
 from omniseg.models.blendmask import BlendMask
 from omniseg.models.blendmask import model as bm_model
 from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, pool_bases
-from omniseg.models.blendmask.panoptic import combine_panoptic
+from omniseg.masks import combine_panoptic
 
 THINGS = [0, 1, 2, 3]  # the synthetic set's layout: 4 thing classes, then stuff 4 and 5
 

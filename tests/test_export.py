@@ -132,3 +132,95 @@ def test_swin_export_after_eager_calls_filled_the_caches(tmp_path):
     for exported, eager, cached in zip(load_exported(path)(images), _eager(model, images), before):
         torch.testing.assert_close(eager, cached)
         torch.testing.assert_close(exported, eager, atol=1e-5, rtol=0)
+
+
+# One preset per exportable family, plus the parts with their own dynamic-size code: the MSDeformAttn pixel
+# decoder (mask2former_demo), Swin's windows and shift mask (mask2former_swin_t), the ViT and its Shrunk
+# query downsampling (segvit_shrunk_demo), and each per-pixel head.
+DYNAMIC_PRESETS = ["mask2former_demo", "maskformer_r50", "mask2former_swin_t", "oneformer_demo", "pspnet_demo",
+                   "danet_demo", "fastfcn_jpu_demo", "gscnn_demo", "segvit_shrunk_demo", "upernet_vit_demo"]
+
+
+@pytest.mark.parametrize("preset", DYNAMIC_PRESETS)
+def test_dynamic_size_export_serves_two_sizes_from_one_file(preset, synth_root, tmp_path):
+    from omniseg.export import InferenceGraph
+    from tiny_presets import tiny_config
+
+    cfg = tiny_config(preset, synth_root, tmp_path / "run")
+    _, meta = build_datasets(cfg, splits=("val",))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, meta).eval()
+    path = export_model(model, tmp_path / "m.pt2", meta=meta, dynamic=True)
+    sidecar = json.loads((tmp_path / "m.pt2.json").read_text())
+    sizes = sidecar["input"]["dynamic"]
+    assert sidecar["input"]["shape"] == [1, 3, "H", "W"] and sizes["multiple"] == 32 and sizes["max"] == [8192, 8192]
+    low_h, low_w = sizes["min"]
+    assert 32 <= low_h <= 256 and 32 <= low_w <= 256
+    run, graph = load_exported(path), InferenceGraph(model).eval()
+    for size in [(low_h, low_w + 64), (low_h + 96, low_w + 32)]:
+        images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            eager = graph(images)
+        exported = run(images)
+        assert len(exported) == len(eager)
+        for a, b in zip(exported, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if low_h > 32:  # below the recorded minimum the graph refuses, rather than computing something else
+        with pytest.raises(Exception, match="(?i)guard|range|constraint"):
+            run(torch.zeros((1, 3, low_h - 32, low_w), dtype=torch.uint8))
+
+
+def test_dynamic_onnx_export_and_postprocessing_match_predict(synth_root, tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is a test extra")
+    pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (pip install 'omniseg[export]')")
+    model, meta, val = _model(synth_root)
+    path = export_model(model, tmp_path / "m.onnx", fmt="onnx", meta=meta, dynamic=True)
+    sidecar = json.loads((tmp_path / "m.onnx.json").read_text())
+    run = load_exported(path)
+    for size in [(64, 96), (128, 64)]:
+        images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+        for a, b in zip(run(images), _eager(model, images)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    image = val[0]["image"][None]  # 64x64: post-processing takes the padded size from the mask logits
+    ours = postprocess_exported(*run(image), sidecar, [(64, 64)])[0]
+    ref = model.predict(image, [(64, 64)])[0]
+    assert torch.equal(ours["panoptic"]["segment_map"], ref["panoptic"]["segment_map"])
+    assert torch.equal(ours["semantic"], ref["semantic"])
+
+
+def test_swin_window_layout_and_shift_mask_in_graph_form_equal_the_cached_ones():
+    """The dynamic-size export computes Swin's window layout and shift mask with torch operations; on
+    concrete sizes they equal the numpy layout and timm's mask the eager path uses."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from omniseg.models.backbones import _traced_shift_mask, _traced_window_layout, _window_indices
+
+    for h, w, win, shift in [(5, 3, 7, 0), (8, 12, 7, 3), (14, 16, 7, 3), (16, 7, 4, 2), (28, 21, 7, 3)]:
+        gather, padding, scatter, num_windows, padded = _window_indices(h, w, (win, win), (shift, shift))
+        traced = _traced_window_layout(h, w, (win, win), (shift, shift), "cpu")
+        padding_mask = torch.zeros(gather.size, dtype=torch.bool)
+        padding_mask[torch.as_tensor(padding)] = True
+        assert torch.equal(traced.gather, torch.as_tensor(gather)) and torch.equal(traced.scatter, torch.as_tensor(scatter))
+        assert torch.equal(traced.padding, padding_mask)
+        assert (traced.num_windows, traced.padded) == (num_windows, padded)
+        if shift:
+            block = SwinTransformerBlock(dim=8, input_resolution=padded, num_heads=2, window_size=win, shift_size=shift)
+            block.window_size, block.shift_size, block.window_area = (win, win), (shift, shift), win * win
+            expected = block.get_attn_mask(torch.empty((1, *padded, 1)))
+            assert torch.equal(_traced_shift_mask(padded, (win, win), (shift, shift), "cpu", torch.float32), expected)
+
+
+def test_export_cli_dynamic(synth_root, tmp_path):
+    model, meta, _ = _model(synth_root)
+    from omniseg.config import to_yaml
+    from omniseg.engine.checkpoint import save_weights
+
+    cfg = load_config("mask2former_demo", [*TINY_MODEL, f"data.train.root={synth_root}", f"data.val.root={synth_root}"])
+    weights = tmp_path / "m.safetensors"
+    save_weights(weights, model, config_yaml=to_yaml(cfg), meta=meta.to_dict())
+    result = CliRunner().invoke(app, ["export", "-w", str(weights), "-o", str(tmp_path / "m.pt2"), "--dynamic"])
+    assert result.exit_code == 0, result.output
+    assert "H, W multiples of 32, H >= 64, W >= 64, up to 8192" in result.output
+    images = torch.randint(0, 256, (1, 3, 96, 160), dtype=torch.uint8)
+    for a, b in zip(load_exported(tmp_path / "m.pt2")(images), _eager(model, images)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -14,13 +14,14 @@ from omniseg.api import Predictor, load_model
 from omniseg.cli import app
 from omniseg.config import list_presets, to_yaml
 from omniseg.data.build import build_datasets
-from omniseg.data.loader import PadCollate
+from omniseg.data.loader import PadCollate, collate
 from omniseg.data.training import build_training_data, pad_targets
 from omniseg.engine.checkpoint import save_weights
 from omniseg.export import InferenceGraph, export_model, load_exported
 from omniseg.models.base import Segmenter
 from omniseg.models.registry import build_model_from_config, families
 from omniseg.tasks import TASKS
+from omniseg.tiling import TileSettings, predict_tiled
 from tiny_presets import TINY, tiny_config
 
 
@@ -123,6 +124,34 @@ def test_preset_honours_the_model_contract(preset, synth_root, tmp_path):
         model.set_postprocess_mode(mode)
     with pytest.raises(ValueError, match="post-processing mode 'sloppy'"):
         model.set_postprocess_mode("sloppy")
+
+    # semantic_scores: per-class scores whose argmax is the semantic prediction, where the family has them.
+    if "semantic" in model.tasks:
+        scored = model.predict(images, sizes, out_sizes, tasks=["semantic"], semantic_scores=True)[0]
+        if "semantic_scores" in scored:
+            assert tuple(scored["semantic_scores"].shape) == (model.seen_classes, *out_sizes[0])
+            assert torch.equal(scored["semantic_scores"].argmax(0), scored["semantic"])
+
+    # tiled: one tile covering the image predicts what the whole image does (instances above the tiles'
+    # least score); overlapping tiles give the documented outputs, with instance masks as crops.
+    crop = images[0, :, :64, :48]
+    whole = model.predict(collate([{"image": crop}], cfg.data.size_divisibility).images, sizes, tasks=model.tasks)[0]
+    one_tile = predict_tiled(model, crop, model.tasks, TileSettings(size=64))
+    for task in model.tasks:
+        _check_prediction(one_tile, task, (64, 48), meta.num_classes)
+    if "semantic" in model.tasks:
+        assert torch.equal(one_tile["semantic"], whole["semantic"])
+    if "instance" in model.tasks:  # (instance alone: next to panoptic, instances are things only)
+        whole = model.predict(collate([{"image": crop}], cfg.data.size_divisibility).images, sizes,
+                              tasks=["instance"])[0]["instances"]
+        one_tile = predict_tiled(model, crop, ["instance"], TileSettings(size=64))["instances"]
+        kept = (whole["scores"] >= 0.05) & whole["masks"].flatten(1).any(1)
+        order = whole["scores"][kept].argsort(descending=True, stable=True)
+        assert torch.equal(one_tile["masks"].dense(), whole["masks"][kept][order])
+        assert torch.equal(one_tile["labels"], whole["labels"][kept][order])
+    tiles = predict_tiled(model, crop, model.tasks, TileSettings(size=32, overlap=8, batch=2))
+    for task in model.tasks:
+        _check_prediction(tiles, task, (64, 48), meta.num_classes)
 
     # save -> load_model: the same configuration and the same predictions.
     path = tmp_path / "model.safetensors"

@@ -97,11 +97,13 @@ def image_sample(image) -> dict:
 
 
 class Predictor:
-    """Image(s) in, prediction dicts out (original resolution), as in docs/design.md."""
+    """Image(s) in, prediction dicts out (original resolution), as in docs/design.md. With `tile` (px), every
+    image is predicted tile by tile at its own resolution instead of resized whole (`predict_tiled`)."""
 
     def __init__(self, weights: str | os.PathLike, *, device: str = "auto",
                  tasks: Sequence[str] | None = None, min_size_test: int | None = None,
-                 config: DictConfig | None = None, postprocess: str | None = None):
+                 config: DictConfig | None = None, postprocess: str | None = None,
+                 tile: int | None = None, overlap: int | None = None):
         from omniseg.data.transforms import build_transforms
         from omniseg.runtime import resolve_device
         from omniseg.tasks import check_tasks
@@ -119,6 +121,11 @@ class Predictor:
             min_size_test = self.cfg.data.min_size_test
         self.transforms = build_transforms(False, min_size_test=min_size_test)
         self.size_divisibility = self.cfg.data.size_divisibility
+        self.tiling = None
+        if tile is not None:
+            from omniseg.tiling import TileSettings
+
+            self.tiling = TileSettings(size=tile, overlap=overlap)
 
     def _to_sample(self, image) -> dict:
         return image_sample(image)
@@ -133,7 +140,9 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence, tasks: Sequence[str] | None = None) -> list[dict]:
         """Predictions for several images at once (padded to one batch), for `tasks` (default: the
-        Predictor's)."""
+        Predictor's); with tiling, image by image (`predict_tiled`)."""
+        if self.tiling is not None:
+            return [self.predict_tiled(image, tasks) for image in images]
         batch, samples = self.prepare(images)
         return self.predict_prepared(batch, samples, tasks)
 
@@ -148,6 +157,20 @@ class Predictor:
         for pred, s in zip(preds, samples):
             pred.update(height=s["height"], width=s["width"])
         return preds
+
+    def predict_tiled(self, image, tasks: Sequence[str] | None = None, settings=None) -> dict:
+        """One image of any size, tile by tile at its own resolution (`omniseg.tiling`; `settings`: a
+        TileSettings, default the Predictor's `tile` / `overlap`). Instance masks come as CroppedMasks."""
+        from omniseg.tasks import check_tasks
+        from omniseg.tiling import TileSettings, predict_tiled
+
+        settings = settings or self.tiling or TileSettings()
+        tasks = self.tasks if tasks is None else check_tasks(tasks, self.model.tasks, what=self.model.describe())
+        sample = self._to_sample(image)
+        pred = predict_tiled(self.model, sample["image"], tasks, settings, size_divisibility=self.size_divisibility,
+                             device=self.device)
+        pred.update(height=sample["height"], width=sample["width"])
+        return pred
 
     def __call__(self, image) -> dict:
         return self.predict_batch([image])[0]

@@ -148,11 +148,16 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
             device: str = typer.Option("auto", help="auto | cpu | cuda"),
             fast: bool = typer.Option(False, "--fast", help="fast post-processing: the official decisions "
                                       "without full-resolution mask stacks (see docs/results.md)"),
+            tile: Optional[int] = typer.Option(None, "--tile", help="predict tile by tile, tiles of this many px "
+                                               "at the image's own resolution (images of any size)"),
+            overlap: Optional[int] = typer.Option(None, "--overlap", help="least overlap of neighbouring tiles, px "
+                                                  "(default: a quarter of --tile)"),
             image_ids: Optional[Path] = typer.Option(None, "--image-ids",
                                                      help="COCO JSON whose image ids the results should use "
                                                           "(default: 0, 1, ... in file-name order)")):
     """Predict a folder of any size: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance
-    JSON, overlays, written image by image and restartable with --skip-existing."""
+    JSON, overlays, written image by image and restartable with --skip-existing. --tile predicts huge images
+    (aerial, microscopy) tile by tile, joining objects cut by tile borders."""
     from tqdm.auto import tqdm
 
     from omniseg.api import Predictor
@@ -169,9 +174,11 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
         _fail(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
     if batch_size < 1 or num_workers < 0:
         _fail("--batch-size must be at least 1 and --num-workers at least 0")
+    if overlap is not None and tile is None:
+        _fail("--overlap applies to tiled prediction: give --tile too")
     try:  # default tasks: every task the model predicts
         predictor = Predictor(weights, device=device, tasks=list(tasks) if tasks else None,
-                              postprocess="fast" if fast else None)
+                              postprocess="fast" if fast else None, tile=tile, overlap=overlap)
     except ValueError as e:
         _fail(str(e))
     polygon_formats = [name for name, wanted in (("yolo", yolo), ("labelme", labelme)) if wanted]
@@ -194,7 +201,9 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
            width: int = typer.Option(512, help="input width (multiple of 32)"),
            batch: int = typer.Option(1, help="batch size of the exported graph"),
            task: Optional[str] = typer.Option(None, "--task", help="OneFormer: the task the graph predicts "
-                                              "(semantic / instance / panoptic; default model.test.task)")):
+                                              "(semantic / instance / panoptic; default model.test.task)"),
+           dynamic: bool = typer.Option(False, "--dynamic", help="any height and width (multiples of 32, from "
+                                        "the minimum the sidecar records up to 8192) instead of --height/--width")):
     """Export the inference network (uint8 images -> class and mask logits) for deployment."""
     from omniseg.api import load_model
     from omniseg.export import check_export_request, export_model
@@ -207,10 +216,17 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
         _fail(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model, _, meta = load_model(weights)
     try:
-        path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta, task=task)
+        path = export_model(model, output, fmt=fmt, height=height, width=width, batch=batch, meta=meta, task=task,
+                            dynamic=dynamic)
     except ValueError as e:
         _fail(str(e))
-    typer.echo(f"wrote {path} and {path}.json (input uint8 [{batch}, 3, {height}, {width}])")
+    if dynamic:
+        sizes = json.loads(Path(f"{path}.json").read_text())["input"]["dynamic"]
+        shape = (f"{batch}, 3, H, W] for H, W multiples of {sizes['multiple']}, H >= {sizes['min'][0]}, "
+                 f"W >= {sizes['min'][1]}, up to {sizes['max'][0]}")
+    else:
+        shape = f"{batch}, 3, {height}, {width}]"
+    typer.echo(f"wrote {path} and {path}.json (input uint8 [{shape})")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Export the inference network of an omniseg model (torch.export or ONNX).
 
-The exported graph is the network only: uint8 RGB images [B, 3, H, W] (H, W fixed at export time;
-pad or resize to them) -> class logits [B, Q, K+1] and mask logits [B, Q, H/4, W/4]. Normalisation
+The exported graph is the network only: uint8 RGB images [B, 3, H, W] (H, W fixed at export time, or
+with `dynamic` any multiple of 32 from the sidecar's `dynamic.min` up; pad or resize to them) -> class
+logits [B, Q, K+1] and mask logits [B, Q, H/4, W/4]. Normalisation
 is inside the graph. Post-processing (which keeps a data-dependent number of segments) stays in
 Python: `omniseg.export.postprocess_exported` turns the two outputs into the usual prediction dict,
 so a deployment needs no omniseg model code. MP-Former exports exactly as Mask2Former: mask piloting
@@ -9,6 +10,12 @@ exists only in training. OneFormer exports one graph per task (the task token is
 graph); its text mapper, training-only, is left out.
 
 A JSON sidecar (`<output>.json`) records the input size, output names, class names and thing ids.
+
+Dynamic sizes: the graph is traced at `DYNAMIC_TRACE_SIZE` (or the size asked, if larger) with symbolic
+height and width. Tracing fixes whatever the example size decides (a feature map of one pixel, one row
+of Swin windows), which a large example keeps to facts that hold for every larger size; the smallest
+size the graph accepts is then found by running it (`_smallest_accepted`) and recorded, so a deployment
+knows the range instead of meeting a guard failure (torch.export) or a silently wrong graph (ONNX).
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ class InferenceGraph(nn.Module):
         return tuple(outputs[name] for name in self.output_names)
 
 
+DYNAMIC_TRACE_SIZE = 512
+DYNAMIC_MAX_SIZE = 8192
+SIZE_MULTIPLE = 32
+
+
 def check_export_request(fmt: str, height: int, width: int) -> None:
     """ValueError unless `fmt` is known and the size is a multiple of the backbone's stride (32)."""
     if fmt not in FORMATS:
@@ -68,33 +80,66 @@ def check_export_request(fmt: str, height: int, width: int) -> None:
 
 
 def export_model(model: Segmenter, output: str | os.PathLike, *, fmt: str = "torch-export",
-                 height: int = 512, width: int = 512, batch: int = 1, meta=None, task: str | None = None) -> Path:
+                 height: int = 512, width: int = 512, batch: int = 1, meta=None, task: str | None = None,
+                 dynamic: bool = False) -> Path:
     """Write the model's inference graph for [batch, 3, height, width] uint8 inputs; returns the file.
-    `task` (OneFormer only) picks the task token baked into the graph."""
+    `task` (OneFormer only) picks the task token baked into the graph. `dynamic`: any height and width
+    that are multiples of 32 from the recorded minimum up (traced at DYNAMIC_TRACE_SIZE or larger)."""
     check_export_request(fmt, height, width)
     graph = InferenceGraph(model, task).eval()
+    if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:  # the ONNX exporter needs it
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if dynamic:
+        height, width = max(height, DYNAMIC_TRACE_SIZE), max(width, DYNAMIC_TRACE_SIZE)
     example = torch.zeros((batch, 3, height, width), dtype=torch.uint8)
+    dynamic_shapes = None
+    if dynamic:
+        top = DYNAMIC_MAX_SIZE // SIZE_MULTIPLE
+        dynamic_shapes = {"images": {2: SIZE_MULTIPLE * torch.export.Dim("height_blocks", min=1, max=top),
+                                     3: SIZE_MULTIPLE * torch.export.Dim("width_blocks", min=1, max=top)}}
     with torch.no_grad():
+        program = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes)
+        smallest = _smallest_accepted(program, batch) if dynamic else None
         if fmt == "torch-export":
-            program = torch.export.export(graph, (example,))
             torch.export.save(program, output)
         else:
-            if importlib.util.find_spec("onnxscript") is None:  # the ONNX exporter needs it
-                raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'")
-            torch.onnx.export(graph, (example,), str(output), dynamo=True, input_names=["images"],
+            torch.onnx.export(program, (example,), str(output), dynamo=True, input_names=["images"],
                               output_names=list(graph.output_names), verbose=False)
+    shape = [batch, 3, "H", "W"] if dynamic else [batch, 3, height, width]
     sidecar = {
         "format": fmt,
-        "input": {"name": "images", "shape": [batch, 3, height, width], "dtype": "uint8", "layout": "RGB"},
+        "input": {"name": "images", "shape": shape, "dtype": "uint8", "layout": "RGB"},
         "outputs": {name: OUTPUT_DOCS.get(name, name) for name in graph.output_names},
         "task": graph.options.get("task"),
         "classes": list(meta.classes) if meta is not None else None,
         **model.export_metadata(),
     }
+    if dynamic:
+        sidecar["input"]["dynamic"] = {"multiple": SIZE_MULTIPLE, "min": list(smallest),
+                                       "max": [DYNAMIC_MAX_SIZE, DYNAMIC_MAX_SIZE], "traced_at": [height, width]}
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=2))
     return output
+
+
+def _smallest_accepted(program, batch: int) -> tuple[int, int]:
+    """The smallest height and width (multiples of 32) that the exported program's guards accept, each side
+    probed upwards from 32 with the other at the trace size (a refused size fails at a guard, cheaply)."""
+    module = program.module()
+    found = []
+    for side in (0, 1):
+        size = SIZE_MULTIPLE
+        while size < DYNAMIC_TRACE_SIZE:
+            probe = [DYNAMIC_TRACE_SIZE, DYNAMIC_TRACE_SIZE]
+            probe[side] = size
+            try:
+                module(torch.zeros((batch, 3, *probe), dtype=torch.uint8))
+                break
+            except (AssertionError, RuntimeError, ValueError):  # a guard of the graph refused the size
+                size += SIZE_MULTIPLE
+        found.append(size)
+    return found[0], found[1]
 
 
 def load_exported(path: str | os.PathLike):
@@ -126,10 +171,14 @@ def postprocess_exported(pred_logits: torch.Tensor, pred_masks: torch.Tensor, si
     """The exported outputs -> omniseg prediction dicts (same as `model.predict`), per image.
 
     `image_sizes[i]` is the (h, w) of image i's content inside the padded input; `mode` as in `postprocess`.
+    The padded input's size is the sidecar's, or for a dynamic-size graph four times the mask logits' size.
     """
     from omniseg.models.maskformer.postprocess import postprocess
 
-    padded = tuple(sidecar["input"]["shape"][-2:])
+    if "dynamic" in sidecar["input"]:
+        padded = (4 * pred_masks.shape[-2], 4 * pred_masks.shape[-1])
+    else:
+        padded = tuple(sidecar["input"]["shape"][-2:])
     return [
         postprocess({"pred_logits": pred_logits[i].float(), "pred_masks": pred_masks[i].float()},
                     image_size=tuple(size), output_size=tuple(size), tasks=list(tasks),

@@ -262,11 +262,11 @@ def yolo_seg_text(instances: dict, width: int, height: int, *, scores: bool = Fa
     """One image's instances as a YOLO-seg label file: "class x1 y1 ... xn yn [score]" per object, coordinates
     normalised; an object in several parts is one polygon joined by zero-area bridges (YOLO-seg holds one
     polygon per object). Class indices are the contiguous ids, i.e. the order of the data YAML's names."""
-    from omniseg.data.formats.polygons import bridge, trace
+    from omniseg.data.formats.polygons import bridge
 
     lines = []
-    for mask, label, score in zip(instances["masks"], instances["labels"].tolist(), instances["scores"].tolist()):
-        rings = trace(mask)
+    for rings, label, score in zip(_instance_rings(instances), instances["labels"].tolist(),
+                                   instances["scores"].tolist()):
         if not rings:
             continue
         xy = (bridge(rings) + 0.5) / np.array([width, height], dtype=np.float64)  # corner units, normalised
@@ -275,15 +275,23 @@ def yolo_seg_text(instances: dict, width: int, height: int, *, scores: bool = Fa
     return "".join(f"{line}\n" for line in lines)
 
 
+def _instance_rings(instances: dict):
+    """Each instance's outer boundaries (`polygons.trace`) in image coordinates, traced on its tight crop
+    (dense masks and the CroppedMasks of tiled inference alike)."""
+    from omniseg.data.formats.polygons import trace
+    from omniseg.masks import mask_crops
+
+    for crop, y, x in mask_crops(instances["masks"]):
+        yield [ring + np.array([x, y], dtype=np.float64) for ring in trace(crop)]
+
+
 def labelme_json(instances: dict, meta: DatasetMeta, image_name: str, width: int, height: int) -> dict:
     """One image's instances as a LabelMe file: a polygon per part of each object, the parts of one object
     sharing its group_id, the score in the description."""
-    from omniseg.data.formats.polygons import trace
-
     shapes = []
-    for i, (mask, label, score) in enumerate(zip(instances["masks"], instances["labels"].tolist(),
-                                                 instances["scores"].tolist()), start=1):
-        for ring in trace(mask):
+    for i, (rings, label, score) in enumerate(zip(_instance_rings(instances), instances["labels"].tolist(),
+                                                  instances["scores"].tolist()), start=1):
+        for ring in rings:
             shapes.append({"label": meta.classes[int(label)], "points": [[round(float(x), 3), round(float(y), 3)]
                                                                           for x, y in ring],
                            "group_id": i, "description": f"score {float(score):.4f}", "shape_type": "polygon",

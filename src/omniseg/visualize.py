@@ -17,6 +17,7 @@ from omniseg.data.errors import DataError
 from omniseg.data.meta import DatasetMeta
 from omniseg.engine.logger import read_metrics
 from omniseg.files import atomic_path
+from omniseg.masks import CroppedMasks, mask_crops
 
 # Keys of evaluation lines in metrics.jsonl that get their own subplot, in this order.
 EVAL_METRICS = ("PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mIoU", "fwIoU", "mAcc", "pAcc", "AP", "AP50", "AP75")
@@ -122,7 +123,8 @@ def overlay_instances(
 ) -> torch.Tensor:
     """Masks (torchvision `draw_segmentation_masks`) and labelled boxes for instances scoring >= threshold."""
     _check_image(image)
-    masks = instances["masks"].bool().to(image.device)
+    masks = instances["masks"].bool()
+    cropped = isinstance(masks, CroppedMasks)
     labels = instances["labels"].long().cpu()
     scores = instances.get("scores")
     keep = torch.ones(len(labels), dtype=torch.bool) if scores is None else scores.cpu() >= score_threshold
@@ -131,16 +133,21 @@ def overlay_instances(
     keep_index = keep.nonzero().flatten()
     if len(keep_index) == 0:
         return image.clone()
-    masks = masks[keep_index.to(masks.device)]
+    masks = masks[keep_index] if cropped else masks.to(image.device)[keep_index.to(image.device)]
     labels = labels[keep_index]
     colors = [jitter_color(meta.colors[int(label)], i) for i, label in enumerate(labels.tolist())]
-    out = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
-    # torchvision truncates the float blend, which can shift untouched pixels by one level.
-    out = torch.where(masks.any(dim=0)[None], out, image)
+    if cropped:
+        out = _paint_crops(image, masks, colors, alpha)
+    else:
+        out = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
+        # torchvision truncates the float blend, which can shift untouched pixels by one level.
+        out = torch.where(masks.any(dim=0)[None], out, image)
     if draw_boxes:
-        has_pixels = masks.flatten(1).any(dim=1).cpu()
+        has_pixels = (masks.areas() > 0) if cropped else masks.flatten(1).any(dim=1).cpu()
         if instances.get("boxes") is not None:
             boxes = instances["boxes"].float().cpu()[keep_index]
+        elif cropped:
+            boxes = masks.boxes() - torch.tensor([0.0, 0.0, 1.0, 1.0])  # masks_to_boxes' far edges
         else:
             boxes = torch.zeros(len(masks), 4)
             if bool(has_pixels.any()):
@@ -159,6 +166,28 @@ def overlay_instances(
                 colors=[c for c, s in zip(colors, shown.tolist()) if s],
                 width=2,
             ).to(image.device)
+    return out
+
+
+def _paint_crops(image: torch.Tensor, masks: CroppedMasks, colors: Sequence, alpha: float,
+                 band_rows: int = 1024) -> torch.Tensor:
+    """torchvision's draw_segmentation_masks (later masks on top, overlaps black, the float blend truncated),
+    for CroppedMasks, leaving pixels under no mask untouched; painted crop by crop and blended `band_rows`
+    rows at a time, so a huge image needs no float copy or full-size mask stack."""
+    painted = image.clone()
+    coverage = torch.zeros(image.shape[1:], dtype=torch.uint8, device=image.device)  # 0, 1, or 2 = overlapped
+    for (crop, y, x), color in zip(mask_crops(masks), colors):
+        crop = crop.to(image.device)
+        h, w = crop.shape
+        painted[:, y:y + h, x:x + w][:, crop] = torch.tensor(color, dtype=image.dtype, device=image.device)[:, None]
+        region = coverage[y:y + h, x:x + w]
+        region[crop] = (region[crop] + 1).clamp(max=2)
+    out = image.clone()
+    for r in range(0, image.shape[1], band_rows):
+        band = coverage[r:r + band_rows]
+        drawn = painted[:, r:r + band_rows].masked_fill((band > 1)[None], 0)
+        blend = (image[:, r:r + band_rows] * (1 - alpha) + drawn * alpha).to(image.dtype)
+        out[:, r:r + band_rows] = torch.where((band > 0)[None], blend, image[:, r:r + band_rows])
     return out
 
 

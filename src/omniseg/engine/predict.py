@@ -8,7 +8,8 @@ id and size, its panoptic annotation and its instance results. A record on disk 
 image is done: `skip_existing` skips those images. At the end the collection files are assembled from
 the records, streamed so that nothing grows with the folder: images.json, panoptic.json (COCO panoptic)
 and instances_results.json (COCO results). An unreadable image is reported, listed in failed.txt and
-left out; the others go on.
+left out; the others go on. With a tiling Predictor (`--tile`), each image is predicted tile by tile at its
+own resolution (omniseg.tiling), one image at a time, whatever `batch_size` says.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class _Images(Dataset):
         except (DataError, ValueError) as e:
             return {"index": i, "error": str(e)}
         original = sample["image"] if self.keep_original else None
-        sample = self.transforms(sample)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
         sample.update(index=i, original=original)
         return sample
 
@@ -117,7 +119,9 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
     ids = {f.name: (image_ids or {}).get(f.name, i) for i, f in enumerate(files)}
     todo = [f for f in files if not (skip_existing and _record_path(output, f.stem).is_file())]
     report.skipped_existing = len(files) - len(todo)
-    loader = DataLoader(_Images(todo, predictor.transforms, overlay), batch_size=batch_size, num_workers=num_workers,
+    tiled = predictor.tiling is not None  # tiles are cut from the image as read, at its own resolution
+    loader = DataLoader(_Images(todo, None if tiled else predictor.transforms, overlay),
+                        batch_size=1 if tiled else batch_size, num_workers=num_workers,
                         collate_fn=_batch, prefetch_factor=2 if num_workers > 0 else None)
     bar = progress(range(len(todo))) if progress else None
     for samples in loader:
@@ -129,8 +133,11 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
             else:
                 good.append(s)
         if good:
-            batch = collate(good, size_divisibility=predictor.size_divisibility)
-            preds = predictor.predict_prepared(batch, good, tasks=tasks)
+            if tiled:
+                preds = [predictor.predict_tiled(s["image"], tasks) for s in good]
+            else:
+                batch = collate(good, size_divisibility=predictor.size_divisibility)
+                preds = predictor.predict_prepared(batch, good, tasks=tasks)
             for s, pred in zip(good, preds):
                 f = todo[s["index"]]
                 _write_image(out, vis, output, f, ids[f.name], s, pred, meta, overlay, score_threshold, polygon_formats)

@@ -15,12 +15,15 @@ from pycocotools.cocoeval import COCOeval
 
 from omniseg.data.meta import DatasetMeta
 from omniseg.evaluation.state import distributed_ready
+from omniseg.masks import CroppedMasks
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def encode_masks(masks: torch.Tensor) -> list[dict]:
-    """bool [N,H,W] -> COCO RLEs with `counts` as str (JSON-ready)."""
+    """bool [N,H,W] (or CroppedMasks) -> COCO RLEs with `counts` as str (JSON-ready)."""
+    if isinstance(masks, CroppedMasks):
+        return masks.rles()
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N,H,W], got shape {tuple(masks.shape)}")
     if masks.shape[0] == 0:

@@ -1,7 +1,8 @@
 """Loading weights from local files, safely, in several published layouts.
 
-Only safetensors and `torch.load(weights_only=True)` are used: a pickle that would execute code is
-refused. Nothing is ever downloaded.
+Only safetensors and allow-listed unpicklers (`omniseg.hub.pickled`: torch.load(weights_only=True), and a
+restricted unpickler for detectron2 `.pkl` files) are used: a pickle that names anything but tensors,
+numpy arrays and plain containers is refused before anything in it runs. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omniseg.hub.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A weights file that cannot be read or does not fit the model; the message names the file."""
+__all__ = ["CheckpointError", "load_state_dict_file", "report_load", "feature_wrapper_keys", "load_backbone_weights"]
+
+
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a flat tensor dict from .safetensors, or a weights-only torch file (.pt/.pth/.bin).
+    """Read a flat tensor dict from .safetensors, a torch file (.pt/.pth/.bin) or a detectron2-style
+    pickle of numpy arrays (.pkl), the last two through `omniseg.hub.pickled.read_pickled`.
 
     Nested checkpoints (`{"model": ...}`, `{"state_dict": ...}`) are unwrapped.
     """
@@ -33,13 +37,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # corrupt header, truncated file
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: refused to load (only safetensors or plain tensor dicts loadable with "
-            f"torch.load(weights_only=True) are accepted; pickled code is never executed): {e}"
-        ) from e
+    from omniseg.hub.pickled import read_pickled
+
+    obj = read_pickled(path)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -134,7 +134,8 @@ class _WindowLayout:
 
     Window order: windows row-major, tokens row-major inside a window, on the padded, cyclically shifted
     map. `gather` [num_windows * N] is each slot's token index in the row-major (h, w) map (0 for a
-    padding slot, which `padding` [P] lists); `scatter` [h * w] is each token's slot."""
+    padding slot, which `padding` [P] lists, or flags as a bool mask [num_windows * N] in the traced layout);
+    `scatter` [h * w] is each token's slot."""
 
     gather: torch.Tensor
     padding: torch.Tensor
@@ -149,13 +150,36 @@ _LAYOUTS: dict[tuple, _WindowLayout] = {}  # index tensors per (size, window, sh
 def _window_layout(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], x: torch.Tensor) -> _WindowLayout:
     """The layout's index tensors on x's device, made from cached numpy arrays (so never traced). They
     are kept for later calls only when `x` is a plain eager tensor: nothing made while tracing (fake
-    tensors) is kept, and eager calls on a GPU do not copy the indices to the device again."""
+    tensors) is kept, and eager calls on a GPU do not copy the indices to the device again. Symbolic
+    sizes (an export with dynamic sizes) get the same layout computed in the graph (`_traced_window_layout`)."""
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+        return _traced_window_layout(h, w, window, shift, x.device)
+
     def make() -> _WindowLayout:
         gather, padding, scatter, num_windows, padded = _window_indices(h, w, window, shift)
         return _WindowLayout(*(torch.as_tensor(a, device=x.device) for a in (gather, padding, scatter)),
                              num_windows, padded)
 
     return eager_cached(_LAYOUTS, lambda: (h, w, window, shift, str(x.device)), x, make, limit=64)
+
+
+def _traced_window_layout(h, w, window: tuple[int, int], shift: tuple[int, int], device) -> _WindowLayout:
+    """`_window_indices` in torch operations on (possibly symbolic) sizes, with no data-dependent shapes:
+    `padding` is a bool mask over the slots (True = padding) instead of their indices, and each token's
+    slot is computed in closed form: the slot of map row r is (r - shift) mod padded height."""
+    (win_h, win_w), (shift_h, shift_w) = window, shift
+    hp, wp = h + (win_h - h % win_h) % win_h, w + (win_w - w % win_w) % win_w
+    windows_w = wp // win_w
+    on_shifted = lambda count, win: torch.arange(count, device=device).view(-1, 1) * win + torch.arange(win, device=device)
+    rows = ((on_shifted(hp // win_h, win_h) + shift_h) % hp)[:, None, :, None]  # [wi, 1, ti, 1]
+    cols = ((on_shifted(windows_w, win_w) + shift_w) % wp)[None, :, None, :]  # [1, wj, 1, tj]
+    real = (rows < h) & (cols < w)
+    gather = torch.where(real, rows * w + cols, 0).reshape(-1)
+    r = (torch.arange(h, device=device) - shift_h) % hp
+    c = (torch.arange(w, device=device) - shift_w) % wp
+    scatter = (((r // win_h)[:, None] * windows_w + (c // win_w)[None, :]) * (win_h * win_w)
+               + (r % win_h)[:, None] * win_w + (c % win_w)[None, :]).reshape(-1)
+    return _WindowLayout(gather, ~real.reshape(-1), scatter, (hp // win_h) * windows_w, (hp, wp))
 
 
 def _batched(index: torch.Tensor, batch: int, stride: int) -> torch.Tensor:
@@ -199,7 +223,10 @@ def _original_swin_attn(self, x: torch.Tensor) -> torch.Tensor:
     slots = layout.gather.numel()
     qkv = F.linear(x.reshape(b * h * w, c), attn.qkv.weight, attn.qkv.bias)
     windows = qkv.index_select(0, _batched(layout.gather, b, h * w))
-    if len(layout.padding):
+    if layout.padding.dtype == torch.bool:  # traced layout: a padding mask over the slots
+        bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(3 * c)
+        windows = torch.where(layout.padding.repeat(b)[:, None], bias.to(windows.dtype), windows)
+    elif len(layout.padding):
         padding = _batched(layout.padding, b, slots)
         bias = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(3 * c)
         windows.index_copy_(0, padding, bias.to(windows.dtype).expand(padding.numel(), -1))
@@ -221,8 +248,13 @@ def _attention_bias(block, layout: _WindowLayout, batch: int) -> torch.Tensor:
     def make() -> torch.Tensor:
         bias = block.attn._get_rel_pos_bias()  # [1, heads, N, N]
         if any(block.shift_size):  # the shift mask (0 / -100) of the padded map, per window
-            shape = (1, *layout.padded, 1)
-            bias = bias + block.get_attn_mask(torch.empty(shape, device=table.device, dtype=table.dtype))[:, None]
+            if isinstance(layout.padded[0], torch.SymInt) or isinstance(layout.padded[1], torch.SymInt):
+                mask = _traced_shift_mask(layout.padded, tuple(block.window_size), tuple(block.shift_size),
+                                          table.device, table.dtype)
+            else:
+                shape = (1, *layout.padded, 1)
+                mask = block.get_attn_mask(torch.empty(shape, device=table.device, dtype=table.dtype))
+            bias = bias + mask[:, None]
             if batch > 1:
                 bias = bias.repeat(batch, 1, 1, 1)
         return bias.contiguous()
@@ -233,6 +265,21 @@ def _attention_bias(block, layout: _WindowLayout, batch: int) -> torch.Tensor:
         return layout.padded, batch, table.data_ptr(), table._version, table.dtype, str(table.device)
 
     return eager_cached(block.__dict__.setdefault("_attention_bias_cache", {}), key, table, make, limit=1)
+
+
+def _traced_shift_mask(padded, window: tuple[int, int], shift: tuple[int, int], device, dtype) -> torch.Tensor:
+    """timm's `get_attn_mask` for (symbolic) padded sizes, without its negative-index slices (which a saved
+    dynamic-size program cannot load): each position of the padded, shifted map is in one of 3 x 3 regions
+    (before the last window, in it before the shift, in the shift), and two tokens of a window whose
+    regions differ get -100. [num_windows, N, N]."""
+    def regions(size, win, step):
+        i = torch.arange(size // win, device=device).view(-1, 1) * win + torch.arange(win, device=device)
+        return (i >= size - win).long() + (i >= size - step).long()  # [windows along the axis, win]
+
+    rows, cols = regions(padded[0], window[0], shift[0]), regions(padded[1], window[1], shift[1])
+    label = (rows[:, None, :, None] * 3 + cols[None, :, None, :]).reshape(-1, window[0] * window[1])
+    differs = label[:, None, :] != label[:, :, None]
+    return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill(differs, -100.0)
 
 
 class OriginalWindowSwinBlock(SwinTransformerBlock):

@@ -93,7 +93,7 @@ class Segmenter(nn.Module, abc.ABC):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                 output_sizes: Sequence[tuple[int, int]] | None = None, tasks: Sequence[str] | None = None, *,
-                return_raw: bool = False) -> list[dict]:
+                return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """Padded uint8 images [B,3,Hp,Wp] -> one dict per image, at `output_sizes` (default: `image_sizes`,
         the (h, w) of each image inside the padding):
             "semantic":  int64 [H,W] class ids
@@ -101,17 +101,20 @@ class Segmenter(nn.Module, abc.ABC):
                          "isthing", "score"}]}
             "instances": {"masks": bool [n,H,W], "labels": int64 [n], "scores": float [n], "boxes": float [n,4]}
         for the `tasks` asked (default: every task in `self.tasks`; others are refused). `return_raw` adds
-        "raw": the image's raw network outputs."""
+        "raw": the image's raw network outputs. `semantic_scores` adds "semantic_scores": float [K,H,W], the
+        per-class scores whose argmax is "semantic", from the families whose semantic output is such an argmax
+        (per-pixel, SegViT, mask classification; BlendMask's is a merge of instances and stuff and has none);
+        tiled inference averages them where tiles overlap."""
         tasks = check_tasks(self.tasks if tasks is None else tasks, self.tasks, what=self.describe())
         sizes = [(int(h), int(w)) for h, w in image_sizes]
         outs = [(int(h), int(w)) for h, w in (output_sizes or sizes)]
         if len(sizes) != images.shape[0] or len(outs) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(sizes)} image sizes and {len(outs)} output sizes")
-        return self.infer(images, sizes, outs, tasks, return_raw=return_raw)
+        return self.infer(images, sizes, outs, tasks, return_raw=return_raw, semantic_scores=semantic_scores)
 
     @abc.abstractmethod
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """`predict` after its checks: the tasks are supported, one size per image."""
 
     def query_layers(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]] | None:
@@ -170,9 +173,10 @@ def class_weight_tensor(weights, num_classes: int, key: str = "model.loss.class_
 
 def semantic_results(scores: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                      output_sizes: Sequence[tuple[int, int]] | None, tasks: Sequence[str] = ("semantic",),
-                     return_raw: bool = False) -> list[dict]:
+                     return_raw: bool = False, with_scores: bool = False) -> list[dict]:
     """Per-class scores at the padded batch size [B,K,Hp,Wp] -> [{"semantic": int64 [H,W]}] per image:
-    cropped to its size inside the padding, resized to its output size (default: image size), argmax.
+    cropped to its size inside the padding, resized to its output size (default: image size), argmax
+    (`with_scores`: the resized scores too, as "semantic_scores").
     Used by the per-pixel families' `predict` and for their exported outputs alike."""
     results = []
     for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes or image_sizes)):
@@ -180,6 +184,8 @@ def semantic_results(scores: torch.Tensor, image_sizes: Sequence[tuple[int, int]
         if tuple(out_size) != (h, w):
             s = F.interpolate(s, size=tuple(out_size), mode="bilinear", align_corners=False)
         result = {"semantic": s[0].argmax(0)} if "semantic" in tasks else {}
+        if with_scores and "semantic" in tasks:
+            result["semantic_scores"] = s[0]
         if return_raw:
             result["raw"] = {"sem_seg": scores[i]}
         results.append(result)

@@ -26,7 +26,7 @@ from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, poo
 from omniseg.models.blendmask.fcos import (
     FCOSHead, fcos_detect, fcos_losses, fcos_targets, flatten_levels, locations, size_ranges,
 )
-from omniseg.models.blendmask.panoptic import combine_panoptic
+from omniseg.masks import combine_panoptic
 
 BASIS_STRIDE = 4
 
@@ -213,7 +213,7 @@ class BlendMask(Segmenter):
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """FCOS detections, blended masks pasted at the output size; the panoptic variant merges them with
         the stuff branch (Panoptic-FPN) for "panoptic" and "semantic"."""
         out = self.network(self.normalize(images))

@@ -19,7 +19,7 @@ class PixelEmbeddings:
     def __init__(self, mask_features: torch.Tensor):
         self.features = mask_features
         self.shape = tuple(mask_features.shape)
-        self._resized: dict[tuple[int, int], torch.Tensor] = {}
+        self._resized: dict[tuple[str, str], torch.Tensor] = {}
         flat = mask_features.flatten(2)
         device = mask_features.device.type
         if torch.is_autocast_enabled(device):
@@ -39,10 +39,11 @@ class PixelEmbeddings:
         float rounding, for a fraction of the work: what the masked-attention decoder's intermediate
         predictions need at inference, where only their attention masks are used.
         """
-        flat = self._resized.get(tuple(size))
+        key = tuple(str(s) for s in size)  # sizes are symbolic when exported with dynamic shapes (unhashable)
+        flat = self._resized.get(key)
         if flat is None:
             resized = F.interpolate(self.features, size=tuple(size), mode="bilinear", align_corners=False)
-            flat = self._resized[tuple(size)] = _matrix_operand(resized.flatten(2).to(self.flat.dtype))
+            flat = self._resized[key] = _matrix_operand(resized.flatten(2).to(self.flat.dtype))
         return torch.bmm(mask_embed.to(flat.dtype), flat)
 
 

@@ -20,15 +20,39 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _size(v) -> int:
+    """A level's height or width as an int, left symbolic (a SymInt) in graphs exported with dynamic sizes."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def _shapes_as_list(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     if isinstance(spatial_shapes, torch.Tensor):
         return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    return [(_size(h), _size(w)) for h, w in spatial_shapes]
+
+
+def size_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.tensor(values)` for (nested lists of) sizes; symbolic sizes (dynamic-size export) become graph
+    values instead of being fixed to the sizes seen while exporting."""
+    if not any(isinstance(v, torch.SymInt) for v in _flat(values)):
+        return torch.tensor(values, dtype=dtype, device=device)
+    if isinstance(values[0], (list, tuple)):
+        return torch.stack([size_tensor(list(row), dtype, device) for row in values])
+    # made as int64 (a symbolic size's own type; ONNX refuses to stack it with int32) and then converted
+    return torch.stack([torch.full((), v, dtype=torch.int64, device=device) for v in values]).to(dtype)
+
+
+def _flat(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
 
 
 def _level_sizes(shapes: list[tuple[int, int]], dtype: torch.dtype, device) -> torch.Tensor:
     """[levels, 2] (w, h) per level: the (x, y) extent of each level in pixels."""
-    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
+    return size_tensor([[w, h] for h, w in shapes], dtype, device)
 
 
 def to_pixels(sampling_locations: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
@@ -138,10 +162,10 @@ def _bilinear_layout(shapes: list[tuple[int, int]], per_head: int, b: int, heads
     rows = b * num_queries * heads
     # per-column constants: columns are (level, point)
     upper = _column_upper(shapes, num_points, pixel_locations.dtype, device)
-    row_length = torch.tensor([w + 3 for _, w in shapes], dtype=torch.int32, device=device).repeat_interleave(num_points)
+    row_length = size_tensor([w + 3 for _, w in shapes], torch.int32, device).repeat_interleave(num_points)
     sizes = _padded_level_sizes(shapes)
-    level_start = torch.tensor([sum(sizes[:i]) for i in range(num_levels)],
-                               dtype=torch.int32, device=device).repeat_interleave(num_points)
+    level_start = size_tensor([sum(sizes[:i]) for i in range(num_levels)], torch.int32,
+                              device).repeat_interleave(num_points)
     corners = torch.stack([torch.zeros_like(row_length), torch.ones_like(row_length), row_length, row_length + 1], -1)
     bag_start = (torch.arange(b * heads, dtype=torch.int32, device=device) * per_head).view(b, 1, heads, 1)
     column_base = (bag_start + level_start + row_length + 1).expand(b, num_queries, heads, columns).reshape(rows, columns)
@@ -172,7 +196,10 @@ def _gather_with_layout(value, shapes, pixel_locations, attention_weights) -> tu
     table, per_head = _padded_table(value, shapes)
     layout = _bilinear_layout(shapes, per_head, b, heads, pixel_locations, attention_weights)
     weights = layout.weights().view(layout.top_left.shape[0], -1).to(table.dtype)
-    out = F.embedding_bag(layout.indices(), table, per_sample_weights=weights, mode="sum")
+    indices = layout.indices()
+    if torch.compiler.is_exporting():  # ONNX's embedding_bag with dynamic sizes mixes int32 and int64
+        indices = indices.long()
+    out = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
     return out.view(b, -1, heads * head_dim), layout
 
 

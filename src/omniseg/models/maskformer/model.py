@@ -177,7 +177,7 @@ class MaskFormer(Segmenter):
         return [(list(tasks), self.forward_raw(self.normalize(images), aux_outputs=False))]
 
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """Post-processing of each decoder pass's last prediction set (see `Segmenter.predict`). With
         `return_raw`, "raw" holds the image's raw outputs (keyed by task when each task had its own pass)."""
         passes = self.decoder_passes(images, tasks)
@@ -189,7 +189,8 @@ class MaskFormer(Segmenter):
                     image_size=tuple(image_size), output_size=tuple(out_size), tasks=pass_tasks,
                     thing_ids=self.thing_ids, padded_size=tuple(images.shape[-2:]),
                     object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold,
-                    topk=self.topk, mode=self.postprocess_mode,
+                    topk=self.topk, return_semantic_scores=semantic_scores and "semantic" in pass_tasks,
+                    mode="official" if semantic_scores else self.postprocess_mode,  # fast never forms [K,H,W]
                 ))
                 if return_raw:
                     raw = {k: v[i] for k, v in outputs.items() if k in self.raw_output_names}

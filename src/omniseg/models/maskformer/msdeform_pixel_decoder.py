@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from omniseg.models.backbones import FeatureSpec
 from omniseg.models.layers.conv import ConvNormAct
 from omniseg.models.layers.checkpointing import run_block
-from omniseg.models.layers.ms_deform_attn import MSDeformAttn
+from omniseg.models.layers.ms_deform_attn import MSDeformAttn, size_tensor
 from omniseg.models.layers.position_encoding import PositionEmbeddingSine
 
 
@@ -74,8 +74,9 @@ class MSDeformAttnEncoder(nn.Module):
         """Pixel centres ((i + 0.5) / size) of every level, repeated for every level: [B, L, levels, 2] (x, y)."""
         points = []
         for h, w in shapes:
-            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device) / h,
-                                          torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device) / w,
+            # (arange + 0.5) is linspace(0.5, size - 0.5, size) exactly, and stays symbolic in dynamic-size export
+            ref_y, ref_x = torch.meshgrid((torch.arange(h, dtype=dtype, device=device) + 0.5) / h,
+                                          (torch.arange(w, dtype=dtype, device=device) + 0.5) / w,
                                           indexing="ij")
             points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
         ref = torch.cat(points, 0)
@@ -87,7 +88,7 @@ class MSDeformAttnEncoder(nn.Module):
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                               for lvl, p in enumerate(pos_embeds)], 1)
-        sizes = torch.tensor([h * w for h, w in shapes], device=src_flat.device)
+        sizes = size_tensor([h * w for h, w in shapes], torch.int64, src_flat.device)
         level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
         reference_points = self.reference_points(shapes, src_flat.shape[0], src_flat.device, src_flat.dtype)
         # the same in pixels, laid out for every layer's sampling-offset GEMM (computed once)

@@ -190,9 +190,9 @@ class PerPixelSegmenter(Segmenter):
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """Logits upsampled to the padded input, then per image cropped, resized and argmaxed."""
         logits = self.network(self.normalize(images))["sem_seg"]
         padded = tuple(images.shape[-2:])
         logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
-        return semantic_results(logits, image_sizes, output_sizes, tasks, return_raw)
+        return semantic_results(logits, image_sizes, output_sizes, tasks, return_raw, semantic_scores)

@@ -242,7 +242,7 @@ class RCNNSegmenter(Segmenter):
                 p.training = m
 
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """Boxes are scaled from the image size to the output size and the 28x28 mask probabilities pasted into
         them at the output size (torchvision's postprocess), then thresholded at `model.test.mask_threshold`.
         `return_raw` adds "raw": the detections at the input resolution with the unpasted mask probabilities.

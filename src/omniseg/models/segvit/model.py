@@ -179,8 +179,8 @@ class SegViT(Segmenter):
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False) -> list[dict]:
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
         """Labels are global class ids of the steps learnt so far."""
         scores = self.scores(self.normalize(images))
         scores = F.interpolate(scores, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-        return semantic_results(scores, image_sizes, output_sizes, tasks, return_raw)
+        return semantic_results(scores, image_sizes, output_sizes, tasks, return_raw, semantic_scores)

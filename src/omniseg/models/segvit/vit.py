@@ -219,7 +219,7 @@ class PlainViT(nn.Module):
         """Normalised images -> patch tokens [B, h*w, C] with position embedding (class token dropped)."""
         body = self.body
         t = body.patch_embed(x)  # [B, h, w, C] with dynamic_img_size
-        grid = (int(t.shape[1]), int(t.shape[2]))
+        grid = (t.shape[1], t.shape[2])  # (ints, or symbolic sizes in a dynamic-size export)
         t = body.norm_pre(body.patch_drop(body._pos_embed(t)))
         return t[:, body.num_prefix_tokens:], grid
 
