@@ -224,3 +224,74 @@ def test_export_cli_dynamic(synth_root, tmp_path):
     images = torch.randint(0, 256, (1, 3, 96, 160), dtype=torch.uint8)
     for a, b in zip(load_exported(tmp_path / "m.pt2")(images), _eager(model, images)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def _detector(preset, synth_root, tmp_path):
+    """A tiny detector whose score threshold is set so that the probe images give some, not all, detections:
+    the exported graphs must then return an image-dependent number of them."""
+    from tiny_presets import tiny_config
+
+    cfg = tiny_config(preset, synth_root, tmp_path / "run")
+    _, meta = build_datasets(cfg, splits=("val",))
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, meta).eval()
+    probe = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        scores = model.forward_raw(model.normalize(probe))["scores"]
+    threshold = float(scores.median())
+    if preset.startswith("blendmask"):
+        model.test_cfg.score_threshold = threshold ** 2  # FCOS thresholds cls * ctr; the score is its sqrt
+    else:
+        model.detector.roi_heads.score_thresh = threshold
+    return model, meta
+
+
+DETECTORS = ["maskrcnn_demo", "panet_demo", "blendmask_panoptic_demo"]
+
+
+@pytest.mark.parametrize("preset", DETECTORS)
+def test_detectors_export_with_image_dependent_detection_counts(preset, synth_root, tmp_path):
+    from omniseg.export import InferenceGraph, instances_from_exported
+
+    model, meta = _detector(preset, synth_root, tmp_path)
+    path = export_model(model, tmp_path / "det.pt2", meta=meta, dynamic=True)
+    sidecar = json.loads((tmp_path / "det.pt2.json").read_text())
+    run, graph = load_exported(path), InferenceGraph(model).eval()
+    low_h, low_w = sidecar["input"]["dynamic"]["min"]
+    low_h, low_w = max(low_h, 128), max(low_w, 128)
+    counts = set()
+    for size, seed in [((low_h, low_w), 9), ((low_h + 32, low_w + 64), 10), ((low_h, low_w), 11)]:
+        image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            eager = graph(image)
+        exported = run(image)
+        for a, b in zip(exported, eager):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        counts.add(exported[0].shape[0])
+        # post-processing the exported outputs gives predict's instances (the image fills the input)
+        ours = instances_from_exported(dict(zip(sidecar["outputs"], exported)), sidecar, size, (size[0] + 8, size[1] - 8))
+        ref = model.predict(image, [size], [(size[0] + 8, size[1] - 8)], tasks=["instance"])[0]["instances"]
+        assert torch.equal(ours["masks"], ref["masks"]) and torch.equal(ours["labels"], ref["labels"])
+        torch.testing.assert_close(ours["boxes"], ref["boxes"], rtol=1e-4, atol=1e-4)
+    assert len(counts) > 1 and 0 < min(counts) < 100, counts  # the number of detections follows the image
+    with pytest.raises(ValueError, match="one image per call"):
+        export_model(model, tmp_path / "b2.pt2", batch=2, meta=meta)
+
+
+@pytest.mark.parametrize("preset", DETECTORS)
+def test_detectors_export_to_onnx(preset, synth_root, tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is a test extra")
+    pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (pip install 'omniseg[export]')")
+    from omniseg.export import InferenceGraph
+
+    model, meta = _detector(preset, synth_root, tmp_path)
+    path = export_model(model, tmp_path / "det.onnx", fmt="onnx", height=128, width=128, meta=meta)
+    image = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        eager = InferenceGraph(model).eval()(image)
+    exported = load_exported(path)(image)
+    assert 0 < exported[0].shape[0] < 100
+    for a, b in zip(exported, eager):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, check_dtype=False)

@@ -37,6 +37,12 @@ OUTPUT_DOCS = {
     "pred_logits": "[B, Q, K+1] class logits (last = no object)",
     "pred_masks": "[B, Q, H/4, W/4] mask logits",
     "sem_seg": "[B, K, H, W] per-pixel class logits",
+    "boxes": "[N, 4] detections' boxes, xyxy in input pixels (N varies with the image)",
+    "labels": "[N] detections' class ids",
+    "scores": "[N] detections' scores, decreasing",
+    "mask_probs": "[N, 28, 28] mask probabilities inside each box (to paste: instances_from_exported)",
+    "mask_logits": "[N, R, R] mask logits inside each box (to paste: instances_from_exported)",
+    "stuff_logits": "[1 + S, H/4, W/4] stuff logits (channel 0: things), S = len(stuff_ids)",
 }
 
 
@@ -86,6 +92,9 @@ def export_model(model: Segmenter, output: str | os.PathLike, *, fmt: str = "tor
     `task` (OneFormer only) picks the task token baked into the graph. `dynamic`: any height and width
     that are multiples of 32 from the recorded minimum up (traced at DYNAMIC_TRACE_SIZE or larger)."""
     check_export_request(fmt, height, width)
+    if model.single_image_export and batch != 1:
+        raise ValueError(f"{model.describe()} exports one image per call (its number of detections varies "
+                         f"with the image): use --batch 1")
     graph = InferenceGraph(model, task).eval()
     if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:  # the ONNX exporter needs it
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'omniseg[export]'")
@@ -194,3 +203,27 @@ def semantic_from_exported(sem_seg: torch.Tensor, image_sizes: Sequence[tuple[in
     """A per-pixel model's exported logits [B, K, Hp, Wp] -> [{"semantic": int64 [H, W]}] per image, as
     `model.predict` gives them (the same code: crop image i's (h, w) content, resize, argmax)."""
     return semantic_results(sem_seg, image_sizes, output_sizes)
+
+
+def instances_from_exported(outputs: dict, sidecar: dict, image_size: tuple[int, int],
+                            output_size: tuple[int, int] | None = None) -> dict:
+    """A detector's exported outputs for one image ({name: tensor} as the sidecar lists them) -> the
+    "instances" of `model.predict` at `output_size` (default: `image_size`, the image's (h, w) inside the
+    input): boxes scaled, the masks in their boxes pasted and thresholded as the family does (Mask R-CNN /
+    PANet: torchvision's paste; BlendMask: its bilinear paste), the same code as eager prediction."""
+    (h, w), (oh, ow) = image_size, output_size or image_size
+    threshold = sidecar["mask_threshold"]
+    if sidecar.get("instance_masks") == "rcnn":
+        from torchvision.models.detection.transform import paste_masks_in_image, resize_boxes
+
+        boxes = resize_boxes(outputs["boxes"], (h, w), (oh, ow))
+        masks = paste_masks_in_image(outputs["mask_probs"][:, None], boxes, (int(oh), int(ow)))[:, 0] > threshold
+    elif sidecar.get("instance_masks") == "blendmask":
+        from omniseg.models.blendmask.blender import paste_masks
+
+        boxes = outputs["boxes"] * outputs["boxes"].new_tensor([ow / w, oh / h, ow / w, oh / h])
+        masks = paste_masks(outputs["mask_logits"].sigmoid(), boxes, (int(oh), int(ow)), threshold)
+    else:
+        raise ValueError("the sidecar describes no detector outputs (instance_masks: rcnn | blendmask)")
+    return {"masks": masks, "labels": outputs["labels"].to(torch.int64), "scores": outputs["scores"].float(),
+            "boxes": boxes.float()}

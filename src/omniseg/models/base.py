@@ -10,6 +10,7 @@ when its network exports). `tests/test_model_contract.py` checks every preset ag
     training_only      child modules / parameters that inference never uses (left out of exports)
     postprocess_modes  post-processing modes `set_postprocess_mode` accepts; () for one fixed way
     raw_output_names   what `forward_raw` returns, in export order; () when the family does not export
+    single_image_export  True when an exported graph takes one image at a time (detectors)
     settings, arch, num_classes, thing_ids, seen_classes, backbone
     losses(images, targets) -> {name: scalar}            training
     predict(images, image_sizes, output_sizes, tasks)    inference, one dict per image (docs/design.md)
@@ -42,6 +43,7 @@ class Segmenter(nn.Module, abc.ABC):
     training_only: tuple[str, ...] = ()
     postprocess_modes: tuple[str, ...] = ()
     raw_output_names: tuple[str, ...] = ()
+    single_image_export = False  # detectors: an exported graph takes one image (detections per image vary in number)
     num_classes: int
     thing_ids: list[int] = []
     backbone: nn.Module

@@ -3,7 +3,8 @@ size ranges, focal / GIoU / centerness losses, and the per-level top-k + class-w
 
 The head also runs BlendMask's top layer (K*M*M attentions per location) on the box tower, which is why
 it is written here rather than reused from torchvision's FCOSHead (whose towers are not exposed).
-Losses and NMS are torchvision's (sigmoid_focal_loss, generalized_box_iou_loss, batched_nms).
+Losses and NMS are torchvision's (sigmoid_focal_loss, generalized_box_iou_loss, batched_nms; an
+exportable equivalent of the last while exporting).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from omniseg.models.layers.conv import norm_layer
+from omniseg.models.layers.nms import class_nms
 
 INF = 1e8
 
@@ -188,7 +190,9 @@ def fcos_detect(logits: torch.Tensor, reg: torch.Tensor, ctr: torch.Tensor, xy: 
         idx = torch.nonzero(levels == level).flatten()
         p = probs[idx]
         keep = torch.nonzero(p > score_threshold)
-        if keep.shape[0] > pre_nms_topk:
+        if torch.compiler.is_exporting():  # the candidate count is symbolic: take min(count, top-k) always
+            keep = keep[p[keep[:, 0], keep[:, 1]].topk(torch.sym_min(keep.shape[0], pre_nms_topk)).indices]
+        elif keep.shape[0] > pre_nms_topk:
             top = p[keep[:, 0], keep[:, 1]].topk(pre_nms_topk).indices
             keep = keep[top]
         cand_loc.append(idx[keep[:, 0]])
@@ -200,5 +204,5 @@ def fcos_detect(logits: torch.Tensor, reg: torch.Tensor, ctr: torch.Tensor, xy: 
     h, w = image_size
     boxes = torch.stack([(x - d[:, 0]).clamp(0, w), (y - d[:, 1]).clamp(0, h),
                          (x + d[:, 2]).clamp(0, w), (y + d[:, 3]).clamp(0, h)], 1)
-    keep = batched_nms(boxes, score, cls, nms_threshold)[:max_detections]  # sorted by decreasing score
+    keep = class_nms(boxes, score, cls, nms_threshold)[:max_detections]  # sorted by decreasing score
     return boxes[keep], score[keep], cls[keep], loc[keep]

@@ -55,7 +55,8 @@ class BlendMask(Segmenter):
     """
 
     settings_class = BlendMaskSettings
-    training_only = ("aux_semantic",)  # the auxiliary thing-semantic head only shapes the bases in training
+    training_only = ("aux_semantic",)
+    single_image_export = True  # the auxiliary thing-semantic head only shapes the bases in training
 
     def __init__(self, settings: BlendMaskSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__(settings, num_classes, thing_ids)
@@ -69,6 +70,7 @@ class BlendMask(Segmenter):
         if self.panoptic and not self.stuff_ids:
             raise ValueError("the panoptic BlendMask needs stuff classes (classes not in thing_ids)")
         self.tasks = ("panoptic", "instance", "semantic") if self.panoptic else ("instance",)
+        self.raw_output_names = ("boxes", "labels", "scores", "mask_logits") + (("stuff_logits",) if self.panoptic else ())
         # contiguous id -> detector class (-1: stuff); -> stuff-branch class (0 = "things", j = stuff_ids[j-1]).
         det_of = torch.full((num_classes,), -1, dtype=torch.int64)
         det_of[self.thing_ids] = torch.arange(len(self.thing_ids))
@@ -253,9 +255,31 @@ class BlendMask(Segmenter):
             results.append(result)
         return results
 
-    def export_refusal(self) -> str:
-        return (f"{self.describe()} cannot be exported yet: its detections (FCOS top-k, NMS, blending) keep a "
-                f"data-dependent number of objects, which the exported graph would have to fix in advance")
+    def forward_raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One normalised image [1,3,H,W] -> its detections at the input resolution: boxes [N,4], labels [N]
+        (dataset ids), scores [N], the blended R x R mask logits in each box [N,R,R] (unpasted), N varying;
+        the panoptic variant adds stuff_logits [1 + stuff classes, H/4, W/4] (index 0: "thing")."""
+        if x.shape[0] != 1:
+            raise ValueError(f"{self.describe()}: forward_raw takes one image, got {x.shape[0]}")
+        out = self.network(x)
+        flat = self._flat(out, x.device)
+        tc = self.test_cfg
+        boxes, scores, cls, loc = fcos_detect(
+            flat["logits"][0], flat["reg"][0], flat["ctr"][0], flat["xy"], flat["strides"], flat["levels"],
+            self.num_levels, (x.shape[-2], x.shape[-1]), score_threshold=tc.score_threshold,
+            pre_nms_topk=tc.pre_nms_topk, nms_threshold=tc.nms_threshold, max_detections=tc.detections_per_image)
+        image_idx = torch.zeros(boxes.shape[0], dtype=torch.int64, device=x.device)
+        mask_logits = blend(pool_bases(out["bases"].float(), boxes, image_idx, self.resolution, BASIS_STRIDE),
+                            flat["attn"][0, loc].float())
+        raw = {"boxes": boxes, "labels": self.thing_table[cls], "scores": scores, "mask_logits": mask_logits}
+        if self.panoptic:
+            raw["stuff_logits"] = self.stuff_head(out["basis_feats"]).float()[0]
+        return raw
+
+    def export_metadata(self) -> dict:
+        tc = self.test_cfg
+        return {**super().export_metadata(), "instance_masks": "blendmask", "mask_threshold": tc.mask_threshold,
+                "stuff_ids": list(self.stuff_ids)}
 
     def _panoptic(self, instances: dict, stuff_logits: torch.Tensor, padded: tuple[int, int],
                   image_size: tuple[int, int], output_size: tuple[int, int], tasks: Sequence[str]) -> dict:

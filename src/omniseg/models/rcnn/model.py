@@ -33,6 +33,7 @@ from torchvision.ops.poolers import LevelMapper
 from omniseg.masks import boxes_from_masks
 from omniseg.models.backbones import FEATURE_NAMES, build_backbone
 from omniseg.models.base import Segmenter, class_weight_tensor
+from omniseg.models.layers.nms import exportable_torchvision_nms
 from omniseg.models.rcnn.family import RCNNSettings
 from omniseg.models.rcnn.panet import (
     AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, FusedMaskHead, rois_from_boxes,
@@ -105,12 +106,13 @@ class LevelRoIAlign(MultiScaleRoIAlign):
         rois = rois_from_boxes(boxes)
         first = x[self.featmap_names[0]]
         out = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        if rois.shape[0] == 0:
+        exporting = torch.compiler.is_exporting()  # box counts are symbolic: no branching on them
+        if not exporting and rois.shape[0] == 0:
             return out
         target = self.mapper(boxes)
         for level, (name, stride) in enumerate(zip(self.featmap_names, self.strides)):
             idx = torch.where(target == level)[0]
-            if idx.numel():
+            if exporting or idx.numel():
                 pooled = roi_align(x[name], rois[idx].to(x[name].dtype), self.output_size, spatial_scale=1.0 / stride,
                                    sampling_ratio=self.sampling_ratio, aligned=self.aligned)
                 out = out.index_put((idx,), pooled.to(out.dtype))
@@ -128,6 +130,8 @@ class RCNNSegmenter(Segmenter):
 
     settings_class = RCNNSettings
     tasks = ("instance",)
+    raw_output_names = ("boxes", "labels", "scores", "mask_probs")
+    single_image_export = True
 
     def __init__(self, settings: RCNNSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__(settings, num_classes, thing_ids)
@@ -271,9 +275,21 @@ class RCNNSegmenter(Segmenter):
             results.append(result)
         return results
 
-    def export_refusal(self) -> str:
-        return (f"{self.describe()} cannot be exported yet: torchvision's RPN and RoI heads keep a data-dependent "
-                f"number of boxes (NMS, top-k), which the exported graph would have to fix in advance")
+    def forward_raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One normalised image [1,3,H,W] -> its detections at the input resolution: boxes [N,4], labels [N]
+        (0..K-1), scores [N] and the 28x28 mask probabilities in each box [N,28,28] (unpasted), N varying."""
+        if x.shape[0] != 1:
+            raise ValueError(f"{self.describe()}: forward_raw takes one image, got {x.shape[0]}")
+        sizes = [(x.shape[-2], x.shape[-1])]
+        with self._inference_mode(), exportable_torchvision_nms():
+            features = self.detector.backbone(x)
+            proposals, _ = self.detector.rpn(ImageList(x, sizes), features)
+            detections, _ = self.detector.roi_heads(features, proposals, sizes)
+        d = detections[0]
+        return {"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"], "mask_probs": d["masks"][:, 0]}
+
+    def export_metadata(self) -> dict:
+        return {**super().export_metadata(), "instance_masks": "rcnn", "mask_threshold": self.mask_threshold}
 
 
 class TappedRoIHeads(RoIHeads):
