@@ -230,6 +230,31 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
 
 
 @app.command()
+def convert(source: Path = typer.Argument(..., help="the released checkpoint (.pth / .pkl / .safetensors)"),
+            fmt: str = typer.Option(..., "--from", help="its layout: torchvision (Mask R-CNN)"),
+            preset: str = typer.Option(..., "--preset", help="the omniseg preset it becomes (e.g. maskrcnn_r50)"),
+            output: Path = typer.Option(..., "--output", "-o", help="omniseg weights file to write (.safetensors)"),
+            classes: Optional[str] = typer.Option(None, "--classes", help="coco (torchvision's label order) or a file "
+                                                  "with one class name per line"),
+            allow_missing: bool = typer.Option(False, "--allow-missing", help="write even with unmapped checkpoint "
+                                               "tensors or uninitialised model tensors")):
+    """Convert a released checkpoint into an omniseg weights file (config and classes inside)."""
+    from omniseg.hub.convert import convert as run_conversion
+    from omniseg.hub.errors import CheckpointError
+
+    try:
+        report = run_conversion(source, fmt, preset, output, classes=classes, allow_missing=allow_missing)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"mapped {report['mapped']} tensors; config follows the checkpoint: {' '.join(report['overrides'])}")
+    if report["ignored"]:
+        typer.echo(f"ignored {len(report['ignored'])}: {sorted(set(report['ignored'].values()))}")
+    if report["unmapped"] or report["missing"]:
+        typer.echo(f"unmapped {report['unmapped'][:8]}, missing {report['missing'][:8]} (--allow-missing)")
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
 def bench(preset: str = typer.Argument("mask2former_swin_t", help="mask2former_swin_t | mask2former_r50 (and mp_former_*)"),
           size: int = typer.Option(512, help="square input size"),
           batch: int = typer.Option(1, help="inference batch"),
