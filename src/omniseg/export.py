@@ -211,19 +211,11 @@ def instances_from_exported(outputs: dict, sidecar: dict, image_size: tuple[int,
     "instances" of `model.predict` at `output_size` (default: `image_size`, the image's (h, w) inside the
     input): boxes scaled, the masks in their boxes pasted and thresholded as the family does (Mask R-CNN /
     PANet: torchvision's paste; BlendMask: its bilinear paste), the same code as eager prediction."""
-    (h, w), (oh, ow) = image_size, output_size or image_size
-    threshold = sidecar["mask_threshold"]
+    output_size = output_size or image_size
     if sidecar.get("instance_masks") == "rcnn":
-        from torchvision.models.detection.transform import paste_masks_in_image, resize_boxes
-
-        boxes = resize_boxes(outputs["boxes"], (h, w), (oh, ow))
-        masks = paste_masks_in_image(outputs["mask_probs"][:, None], boxes, (int(oh), int(ow)))[:, 0] > threshold
+        from omniseg.models.rcnn.model import paste_detections as paste
     elif sidecar.get("instance_masks") == "blendmask":
-        from omniseg.models.blendmask.blender import paste_masks
-
-        boxes = outputs["boxes"] * outputs["boxes"].new_tensor([ow / w, oh / h, ow / w, oh / h])
-        masks = paste_masks(outputs["mask_logits"].sigmoid(), boxes, (int(oh), int(ow)), threshold)
+        from omniseg.models.blendmask.model import paste_instances as paste
     else:
         raise ValueError("the sidecar describes no detector outputs (instance_masks: rcnn | blendmask)")
-    return {"masks": masks, "labels": outputs["labels"].to(torch.int64), "scores": outputs["scores"].float(),
-            "boxes": boxes.float()}
+    return paste(outputs, tuple(image_size), tuple(output_size), sidecar["mask_threshold"])

@@ -142,7 +142,7 @@ class Segmenter(nn.Module, abc.ABC):
     # -- export --------------------------------------------------------------------------------
     def forward_raw(self, x: torch.Tensor, **options) -> dict[str, torch.Tensor]:
         """Normalised images [B,3,H,W] (H, W multiples of 32) -> the raw outputs named `raw_output_names`."""
-        raise NotImplementedError(self.export_refusal() or f"{type(self).__name__} defines no forward_raw")
+        raise ValueError(self.export_refusal() or f"{self.describe()} has no exportable network")
 
     def export_refusal(self) -> str | None:
         """None when `forward_raw` can be exported; otherwise the reason it cannot, for the user."""

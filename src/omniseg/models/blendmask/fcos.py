@@ -3,8 +3,8 @@ size ranges, focal / GIoU / centerness losses, and the per-level top-k + class-w
 
 The head also runs BlendMask's top layer (K*M*M attentions per location) on the box tower, which is why
 it is written here rather than reused from torchvision's FCOSHead (whose towers are not exposed).
-Losses and NMS are torchvision's (sigmoid_focal_loss, generalized_box_iou_loss, batched_nms; an
-exportable equivalent of the last while exporting).
+Losses and NMS are torchvision's (sigmoid_focal_loss, generalized_box_iou_loss, batched_nms; while
+exporting, the last is swapped for its exportable form by `layers.nms.exportable_torchvision_nms`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+import torchvision.ops.boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from omniseg.models.layers.conv import norm_layer
-from omniseg.models.layers.nms import class_nms
 
 INF = 1e8
 
@@ -204,5 +204,6 @@ def fcos_detect(logits: torch.Tensor, reg: torch.Tensor, ctr: torch.Tensor, xy: 
     h, w = image_size
     boxes = torch.stack([(x - d[:, 0]).clamp(0, w), (y - d[:, 1]).clamp(0, h),
                          (x + d[:, 2]).clamp(0, w), (y + d[:, 3]).clamp(0, h)], 1)
-    keep = class_nms(boxes, score, cls, nms_threshold)[:max_detections]  # sorted by decreasing score
+    # looked up at call time, so that an export swaps in its exportable form (layers.nms)
+    keep = box_ops.batched_nms(boxes, score, cls, nms_threshold)[:max_detections]  # sorted by decreasing score
     return boxes[keep], score[keep], cls[keep], loc[keep]

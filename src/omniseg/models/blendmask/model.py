@@ -27,6 +27,7 @@ from omniseg.models.blendmask.fcos import (
     FCOSHead, fcos_detect, fcos_losses, fcos_targets, flatten_levels, locations, size_ranges,
 )
 from omniseg.masks import combine_panoptic
+from omniseg.models.layers.nms import exportable_torchvision_nms
 
 BASIS_STRIDE = 4
 
@@ -42,6 +43,17 @@ class LastLevelP6(ExtraFPNBlock):
 
     def forward(self, p, c, names):
         return [*p, self.p6(p[-1])], [*names, "p6"]
+
+
+def paste_instances(raw: dict[str, torch.Tensor], image_size: tuple[int, int], output_size: tuple[int, int],
+                    mask_threshold: float) -> dict[str, torch.Tensor]:
+    """Detections at the image size (`BlendMask.detections`, or an exported graph's outputs) -> instances at the
+    output size: boxes rescaled, mask logits pasted bilinearly into them and thresholded."""
+    (h, w), (oh, ow) = image_size, output_size
+    boxes = raw["boxes"] * raw["boxes"].new_tensor([ow / w, oh / h, ow / w, oh / h])
+    masks = paste_masks(raw["mask_logits"].sigmoid(), boxes, (int(oh), int(ow)), mask_threshold)
+    return {"masks": masks, "labels": raw["labels"].to(torch.int64), "scores": raw["scores"].float(),
+            "boxes": boxes.float()}
 
 
 class BlendMask(Segmenter):
@@ -214,64 +226,54 @@ class BlendMask(Segmenter):
         return out
 
     # -- inference -----------------------------------------------------------------------------
-    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
-        """FCOS detections, blended masks pasted at the output size; the panoptic variant merges them with
-        the stuff branch (Panoptic-FPN) for "panoptic" and "semantic"."""
-        out = self.network(self.normalize(images))
-        flat = self._flat(out, images.device)
+    def detections(self, out: dict, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """`network` outputs -> per image its detections at the input resolution, boxes clipped to its (h, w):
+        boxes [N,4], labels [N] (dataset-contiguous ids), scores [N], mask_logits [N,R,R] (unpasted). What
+        `infer` pastes and what an exported graph returns. One RoIAlign and one blend for the whole batch."""
+        flat = self._flat(out, out["bases"].device)
         tc = self.test_cfg
-        dets = [fcos_detect(flat["logits"][i], flat["reg"][i], flat["ctr"][i], flat["xy"], flat["strides"],
-                            flat["levels"], self.num_levels, tuple(image_sizes[i]),
-                            score_threshold=tc.score_threshold, pre_nms_topk=tc.pre_nms_topk,
-                            nms_threshold=tc.nms_threshold, max_detections=tc.detections_per_image)
-                for i in range(images.shape[0])]
-        # One RoIAlign and one blend for every detection of the batch.
+        with exportable_torchvision_nms():
+            dets = [fcos_detect(flat["logits"][i], flat["reg"][i], flat["ctr"][i], flat["xy"], flat["strides"],
+                                flat["levels"], self.num_levels, tuple(size),
+                                score_threshold=tc.score_threshold, pre_nms_topk=tc.pre_nms_topk,
+                                nms_threshold=tc.nms_threshold, max_detections=tc.detections_per_image)
+                    for i, size in enumerate(image_sizes)]
         boxes = torch.cat([d[0] for d in dets])
-        image_idx = torch.cat([torch.full((d[0].shape[0],), i, dtype=torch.int64, device=images.device)
+        image_idx = torch.cat([torch.full((d[0].shape[0],), i, dtype=torch.int64, device=boxes.device)
                                for i, d in enumerate(dets)])
         attn = torch.cat([flat["attn"][i, d[3]] for i, d in enumerate(dets)]).float()
         mask_logits = blend(pool_bases(out["bases"].float(), boxes, image_idx, self.resolution, BASIS_STRIDE), attn)
-        mask_logits = mask_logits.split([d[0].shape[0] for d in dets])
+        return [{"boxes": det_boxes, "labels": self.thing_table[cls], "scores": scores, "mask_logits": logits}
+                for (det_boxes, scores, cls, _), logits in zip(dets, mask_logits.split([d[0].shape[0] for d in dets]))]
+
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
+        """FCOS detections, blended masks pasted at the output size (`paste_instances`); the panoptic variant
+        merges them with the stuff branch (Panoptic-FPN) for "panoptic" and "semantic"."""
+        out = self.network(self.normalize(images))
         want_stuff = self.panoptic and ("panoptic" in tasks or "semantic" in tasks)
         stuff_logits = self.stuff_head(out["basis_feats"]).float() if want_stuff else None
         results = []
-        for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
-            det_boxes, scores, cls, _ = dets[i]
-            scale = det_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
-            out_boxes = det_boxes * scale
-            masks = paste_masks(mask_logits[i].sigmoid(), out_boxes, (int(oh), int(ow)), tc.mask_threshold)
-            instances = {"masks": masks, "labels": self.thing_table[cls],
-                         "scores": scores.float(), "boxes": out_boxes.float()}
+        for i, (raw, size, out_size) in enumerate(zip(self.detections(out, image_sizes), image_sizes, output_sizes)):
+            instances = paste_instances(raw, size, out_size, self.test_cfg.mask_threshold)
             result = {"instances": instances} if "instance" in tasks else {}
             if stuff_logits is not None:
-                result.update(self._panoptic(instances, stuff_logits[i], tuple(images.shape[-2:]), (h, w), (oh, ow),
+                result.update(self._panoptic(instances, stuff_logits[i], tuple(images.shape[-2:]), size, out_size,
                                              tasks))
             if return_raw:
-                result["raw"] = {"boxes": det_boxes, "scores": scores, "labels": self.thing_table[cls],
-                                 "mask_logits": mask_logits[i], "bases": out["bases"][i]}
+                result["raw"] = {**raw, "bases": out["bases"][i]}
                 if stuff_logits is not None:
                     result["raw"]["stuff_logits"] = stuff_logits[i]
             results.append(result)
         return results
 
     def forward_raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One normalised image [1,3,H,W] -> its detections at the input resolution: boxes [N,4], labels [N]
-        (dataset ids), scores [N], the blended R x R mask logits in each box [N,R,R] (unpasted), N varying;
-        the panoptic variant adds stuff_logits [1 + stuff classes, H/4, W/4] (index 0: "thing")."""
+        """One normalised image [1,3,H,W] -> its `detections`, N varying; the panoptic variant adds
+        stuff_logits [1 + stuff classes, H/4, W/4] (index 0: "thing")."""
         if x.shape[0] != 1:
             raise ValueError(f"{self.describe()}: forward_raw takes one image, got {x.shape[0]}")
         out = self.network(x)
-        flat = self._flat(out, x.device)
-        tc = self.test_cfg
-        boxes, scores, cls, loc = fcos_detect(
-            flat["logits"][0], flat["reg"][0], flat["ctr"][0], flat["xy"], flat["strides"], flat["levels"],
-            self.num_levels, (x.shape[-2], x.shape[-1]), score_threshold=tc.score_threshold,
-            pre_nms_topk=tc.pre_nms_topk, nms_threshold=tc.nms_threshold, max_detections=tc.detections_per_image)
-        image_idx = torch.zeros(boxes.shape[0], dtype=torch.int64, device=x.device)
-        mask_logits = blend(pool_bases(out["bases"].float(), boxes, image_idx, self.resolution, BASIS_STRIDE),
-                            flat["attn"][0, loc].float())
-        raw = {"boxes": boxes, "labels": self.thing_table[cls], "scores": scores, "mask_logits": mask_logits}
+        raw = self.detections(out, [(x.shape[-2], x.shape[-1])])[0]
         if self.panoptic:
             raw["stuff_logits"] = self.stuff_head(out["basis_feats"]).float()[0]
         return raw

@@ -18,17 +18,10 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-def class_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """torchvision's `batched_nms` in eager calls, `batched_nms` above while exporting."""
-    if torch.compiler.is_exporting():
-        return batched_nms(boxes, scores, idxs, iou_threshold)
-    return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)
-
-
 @contextmanager
 def exportable_torchvision_nms():
-    """While exporting, torchvision's RPN and RoI heads (which call `torchvision.ops.boxes.batched_nms`) use
-    `batched_nms` above; outside an export nothing changes."""
+    """While exporting, callers of `torchvision.ops.boxes.batched_nms` (torchvision's RPN and RoI heads,
+    omniseg's FCOS) get `batched_nms` above; outside an export nothing changes."""
     if not torch.compiler.is_exporting():
         yield
         return

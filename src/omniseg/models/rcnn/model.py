@@ -25,7 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, paste_masks_in_image, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
@@ -44,8 +44,8 @@ from omniseg.models.rcnn.panet import (
 
 class BatchOnlyTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform that neither resizes nor normalises: inputs arrive normalised at their final
-    size. It still batches (zero-padding to `size_divisible`) for callers of `MaskRCNN.forward`, and its
-    `postprocess` (box rescaling, mask pasting at the output size) is the one omniseg's `predict` uses."""
+    size. It still batches (zero-padding to `size_divisible`) for callers of `MaskRCNN.forward`; omniseg's
+    `predict` pastes with the same torchvision functions as its `postprocess` (`paste_detections`)."""
 
     def __init__(self, size_divisible: int = 32):
         super().__init__(min_size=1, max_size=1, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
@@ -106,16 +106,13 @@ class LevelRoIAlign(MultiScaleRoIAlign):
         rois = rois_from_boxes(boxes)
         first = x[self.featmap_names[0]]
         out = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        exporting = torch.compiler.is_exporting()  # box counts are symbolic: no branching on them
-        if not exporting and rois.shape[0] == 0:
-            return out
         target = self.mapper(boxes)
+        # no branch on box counts (symbolic in an exported graph): an empty level pools nothing
         for level, (name, stride) in enumerate(zip(self.featmap_names, self.strides)):
             idx = torch.where(target == level)[0]
-            if exporting or idx.numel():
-                pooled = roi_align(x[name], rois[idx].to(x[name].dtype), self.output_size, spatial_scale=1.0 / stride,
-                                   sampling_ratio=self.sampling_ratio, aligned=self.aligned)
-                out = out.index_put((idx,), pooled.to(out.dtype))
+            pooled = roi_align(x[name], rois[idx].to(x[name].dtype), self.output_size, spatial_scale=1.0 / stride,
+                               sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+            out = out.index_put((idx,), pooled.to(out.dtype))
         return out
 
 
@@ -245,51 +242,49 @@ class RCNNSegmenter(Segmenter):
             for p, m in zip(parts, modes):
                 p.training = m
 
-    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
-              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
-        """Boxes are scaled from the image size to the output size and the 28x28 mask probabilities pasted into
-        them at the output size (torchvision's postprocess), then thresholded at `model.test.mask_threshold`.
-        `return_raw` adds "raw": the detections at the input resolution with the unpasted mask probabilities.
-        """
-        sizes, outs = image_sizes, output_sizes
-        x = self.normalize(images)
-        with self._inference_mode():
-            features = self.detector.backbone(x)
-            proposals, _ = self.detector.rpn(ImageList(x, sizes), features)
-            detections, _ = self.detector.roi_heads(features, proposals, sizes)
-            raw = [{"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"],
-                    "mask_probs": d["masks"][:, 0]} for d in detections]
-            detections = self.detector.transform.postprocess(detections, sizes, outs)
-        results = []
-        for det, r in zip(detections, raw):
-            result = {}
-            if "instance" in tasks:
-                result["instances"] = {
-                    "masks": det["masks"][:, 0] > self.mask_threshold,  # pasted probabilities [n,1,H,W]
-                    "labels": det["labels"].to(torch.int64) - 1,
-                    "scores": det["scores"].float(),
-                    "boxes": det["boxes"].float(),
-                }
-            if return_raw:
-                result["raw"] = r
-            results.append(result)
-        return results
-
-    def forward_raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One normalised image [1,3,H,W] -> its detections at the input resolution: boxes [N,4], labels [N]
-        (0..K-1), scores [N] and the 28x28 mask probabilities in each box [N,28,28] (unpasted), N varying."""
-        if x.shape[0] != 1:
-            raise ValueError(f"{self.describe()}: forward_raw takes one image, got {x.shape[0]}")
-        sizes = [(x.shape[-2], x.shape[-1])]
+    def detections(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Normalised images -> per image its detections at the input resolution, boxes clipped to its (h, w):
+        boxes [N,4], labels [N] (0..K-1), scores [N], mask_probs [N,28,28] (unpasted). What `infer` pastes
+        and what an exported graph returns."""
         with self._inference_mode(), exportable_torchvision_nms():
             features = self.detector.backbone(x)
             proposals, _ = self.detector.rpn(ImageList(x, sizes), features)
             detections, _ = self.detector.roi_heads(features, proposals, sizes)
-        d = detections[0]
-        return {"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"], "mask_probs": d["masks"][:, 0]}
+        return [{"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"], "mask_probs": d["masks"][:, 0]}
+                for d in detections]
+
+    def infer(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]],
+              tasks: list[str], *, return_raw: bool = False, semantic_scores: bool = False) -> list[dict]:
+        """Detections pasted at the output size (`paste_detections`). `return_raw` adds "raw": the detections
+        at the input resolution with the unpasted mask probabilities."""
+        results = []
+        for raw, size, out in zip(self.detections(self.normalize(images), image_sizes), image_sizes, output_sizes):
+            result = {}
+            if "instance" in tasks:
+                result["instances"] = paste_detections(raw, size, out, self.mask_threshold)
+            if return_raw:
+                result["raw"] = raw
+            results.append(result)
+        return results
+
+    def forward_raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One normalised image [1,3,H,W] -> its `detections`, N varying with the image."""
+        if x.shape[0] != 1:
+            raise ValueError(f"{self.describe()}: forward_raw takes one image, got {x.shape[0]}")
+        return self.detections(x, [(x.shape[-2], x.shape[-1])])[0]
 
     def export_metadata(self) -> dict:
         return {**super().export_metadata(), "instance_masks": "rcnn", "mask_threshold": self.mask_threshold}
+
+
+def paste_detections(raw: dict[str, torch.Tensor], image_size: tuple[int, int], output_size: tuple[int, int],
+                     mask_threshold: float) -> dict[str, torch.Tensor]:
+    """Detections at the image size (`RCNNSegmenter.detections`, or an exported graph's outputs) -> instances at
+    the output size: torchvision's postprocess (boxes rescaled, 28x28 probabilities pasted), thresholded."""
+    boxes = resize_boxes(raw["boxes"], tuple(image_size), tuple(output_size))
+    masks = paste_masks_in_image(raw["mask_probs"][:, None], boxes, tuple(output_size))[:, 0] > mask_threshold
+    return {"masks": masks, "labels": raw["labels"].to(torch.int64), "scores": raw["scores"].float(),
+            "boxes": boxes.float()}
 
 
 class TappedRoIHeads(RoIHeads):
