@@ -88,4 +88,4 @@ def test_unmapped_or_missing_tensors_are_refused_and_listed(tmp_path):
     assert report["unmapped"] == ["extra_head.weight"] and report["missing"] == ["detector.rpn.head.cls_logits.bias"]
     result = CliRunner().invoke(app, ["convert", str(tmp_path / "tv.pth"), "--from", "detectron3", "--preset",
                                       "maskrcnn_r50", "-o", str(tmp_path / "x.safetensors")])
-    assert result.exit_code == 2 and "--from detectron3: choose from torchvision" in result.output
+    assert result.exit_code == 2 and "--from detectron3: choose from detectron2, oneformer" in result.output

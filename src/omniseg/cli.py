@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from omniseg.tasks import TASKS
+from omniseg.hub.converters import SOURCES as CONVERT_SOURCES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Universal image segmentation (MaskFormer, Mask2Former, ...) in pure PyTorch.")
@@ -230,12 +231,15 @@ def export(weights: str = typer.Option(..., "--weights", "-w", help="omniseg .sa
 
 
 @app.command()
-def convert(source: Path = typer.Argument(..., help="the released checkpoint (.pth / .pkl / .safetensors)"),
-            fmt: str = typer.Option(..., "--from", help="its layout: torchvision (Mask R-CNN)"),
-            preset: str = typer.Option(..., "--preset", help="the omniseg preset it becomes (e.g. maskrcnn_r50)"),
+def convert(source: Path = typer.Argument(..., help="the released checkpoint (.pth / .pkl / .safetensors, or an "
+                                         "HF folder)"),
+            fmt: str = typer.Option(..., "--from", help="its layout: " + "; ".join(
+                f"{name}: {what}" for name, (_, what) in CONVERT_SOURCES.items())),
+            preset: str = typer.Option(..., "--preset", help="the omniseg preset it becomes (e.g. maskrcnn_r50); the "
+                                       "config follows the checkpoint where the two differ"),
             output: Path = typer.Option(..., "--output", "-o", help="omniseg weights file to write (.safetensors)"),
-            classes: Optional[str] = typer.Option(None, "--classes", help="coco (torchvision's label order) or a file "
-                                                  "with one class name per line"),
+            classes: Optional[str] = typer.Option(None, "--classes", help="coco | coco_panoptic | ade20k | cityscapes, "
+                                                  "or a file with one class name per line"),
             allow_missing: bool = typer.Option(False, "--allow-missing", help="write even with unmapped checkpoint "
                                                "tensors or uninitialised model tensors")):
     """Convert a released checkpoint into an omniseg weights file (config and classes inside)."""
@@ -249,6 +253,8 @@ def convert(source: Path = typer.Argument(..., help="the released checkpoint (.p
     typer.echo(f"mapped {report['mapped']} tensors; config follows the checkpoint: {' '.join(report['overrides'])}")
     if report["ignored"]:
         typer.echo(f"ignored {len(report['ignored'])}: {sorted(set(report['ignored'].values()))}")
+    if report["initialised"]:
+        typer.echo(f"initialised {len(report['initialised'])} training-only tensors the checkpoint lacks")
     if report["unmapped"] or report["missing"]:
         typer.echo(f"unmapped {report['unmapped'][:8]}, missing {report['missing'][:8]} (--allow-missing)")
     typer.echo(f"wrote {output}")
