@@ -89,3 +89,85 @@ def test_unmapped_or_missing_tensors_are_refused_and_listed(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(tmp_path / "tv.pth"), "--from", "detectron3", "--preset",
                                       "maskrcnn_r50", "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2 and "--from detectron3: choose from detectron2, oneformer" in result.output
+
+
+def test_malicious_checkpoints_are_refused_by_convert_and_predictor_without_running(tmp_path):
+    import os
+    import pickle
+
+    class RunsShell:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"w": torch.zeros(2).numpy()}, "__author__": RunsShell()}, f)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": RunsShell()}, tmp_path / "evil.pth")
+    for name, fmt in (("evil.pkl", "detectron2"), ("evil.pth", "mmseg"), ("evil.pth", "torchvision")):
+        result = CliRunner().invoke(app, ["convert", str(tmp_path / name), "--from", fmt, "--preset", "maskrcnn_r50",
+                                          "-o", str(tmp_path / "out.safetensors")])
+        assert result.exit_code == 2 and "system" in result.output and "refused" in result.output, result.output
+        with pytest.raises(CheckpointError, match="omniseg convert"):
+            Predictor(tmp_path / name)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_named_class_lists_are_the_datasets_own():
+    import json
+    from pathlib import Path
+
+    from omniseg.data.named_classes import named_classes
+    from omniseg.hub.convert import class_list
+
+    coco, panoptic = named_classes("coco", 80), named_classes("coco_panoptic", 133)
+    assert coco.classes[:3] == ["person", "bicycle", "car"] and coco.dataset_ids[-1] == 90 and coco.dataset_ids[11] == 13
+    assert panoptic.classes[80] == "banner" and panoptic.dataset_ids[80] == 92 and len(panoptic.thing_ids) == 80
+    city = named_classes("cityscapes", 19)
+    assert city.classes[11] == "person" and city.dataset_ids[11] == 24 and len(city.thing_ids) == 8
+    ade = named_classes("ade20k", 150)
+    assert ade.classes[:3] == ["wall", "building", "sky"] and ade.classes[-1] == "flag" and ade.dataset_ids[0] == 1
+    with pytest.raises(CheckpointError, match="has 19 classes but --classes ade20k gives 150"):
+        class_list("ade20k", 19, "x.pth")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if (shared / "coco_panoptic_sample").is_dir():  # against the official category files where present
+        cats = json.loads((shared / "coco_panoptic_sample" / "panoptic_coco_categories.json").read_text())
+        assert panoptic.classes == [c["name"] for c in cats] and panoptic.dataset_ids == [c["id"] for c in cats]
+        assert panoptic.isthing == [bool(c["isthing"]) for c in cats]
+        cats = json.loads((shared / "coco128" / "annotations" / "instances_train2017.json").read_text())["categories"]
+        assert coco.classes == [c["name"] for c in cats] and coco.dataset_ids == [c["id"] for c in cats]
+
+
+def test_named_class_lists_match_mmsegmentation():
+    from helpers.mmseg_reference import mmseg
+
+    mmseg()
+    from mmseg.datasets import ADE20KDataset, CityscapesDataset
+
+    from omniseg.data.named_classes import named_classes
+
+    assert named_classes("ade20k", 150).classes == [c.strip() for c in ADE20KDataset.METAINFO["classes"]]
+    assert named_classes("cityscapes", 19).classes == list(CityscapesDataset.METAINFO["classes"])
+
+
+def test_an_hf_folder_converts_to_the_same_model_as_loading_it(tmp_path):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+
+    names = {i: f"c{i}" for i in range(5)}
+    config = Mask2FormerConfig(
+        backbone_config=ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"], depths=[1, 1, 1, 1],
+                                     hidden_sizes=[64, 128, 256, 512], layer_type="basic"),
+        num_labels=5, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_layers=1, decoder_layers=3,
+        num_queries=6, encoder_feedforward_dim=64, dim_feedforward=64, id2label=names,
+        label2id={v: k for k, v in names.items()})
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(tmp_path / "hf")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "hf"), "--from", "hf", "--preset", "mp_former_r50",
+                                      "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0, result.output
+    direct, _, _ = load_model(tmp_path / "hf")
+    converted, cfg, meta = load_model(tmp_path / "m.safetensors")
+    assert meta.classes == list(names.values()) and cfg.model.mp.enabled  # MP-Former training, HF's network
+    assert cfg.train.output_dir == "runs/mp_former_r50" and cfg.model.num_queries == 6
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = direct.forward_raw(x), converted.forward_raw(x)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_masks"], b["pred_masks"])

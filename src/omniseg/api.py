@@ -34,6 +34,10 @@ def load_model(weights: str | os.PathLike, *, device: str | torch.device = "cpu"
 
         model, cfg, meta = load_hf_checkpoint(path)
         return model.to(device).eval(), cfg, meta
+    if path.suffix in (".pth", ".pt", ".pkl", ".bin") and config is None:
+        raise CheckpointError(f"{path}: not an omniseg weights file (a .safetensors with its config and classes "
+                              f"inside); a released checkpoint becomes one with `omniseg convert {path.name} "
+                              f"--from FORMAT --preset PRESET -o OUT.safetensors`")
     md = read_weights_metadata(path)
     if config is None:
         if "config" not in md:

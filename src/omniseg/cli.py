@@ -73,7 +73,8 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
                                                              "results JSON"),
              config: Optional[str] = typer.Option(None, "--config", "-c", "--dataset",
                                                   help="config whose data.val is the ground truth (default with "
-                                                       "--weights: the one stored in the weights)"),
+                                                       "--weights: the one stored in the weights, whose network and "
+                                                       "test settings are used either way)"),
              overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. data.val.root=DIR"),
              tasks: Optional[List[str]] = typer.Option(None, "--task", help="semantic / panoptic / instance (repeatable)"),
              max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images (--weights)"),
@@ -85,8 +86,9 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
                                                    help="with --consistency: PNG of the first image's masks layer by layer")):
     """Evaluate weights, or score saved predictions, on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP
     (and layer consistency)."""
-    from omniseg.config import apply_overrides, load_config
+    from omniseg.config import apply_overrides, load_config, replace_section
     from omniseg.data.build import build_datasets
+    from omniseg.engine.checkpoint import stored_config
     from omniseg.runtime import resolve_device
 
     if (weights is None) == (predictions is None):
@@ -111,7 +113,12 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
 
         device = resolve_device("auto")
         base = load_config(config) if config else None
-        model, cfg, meta = load_model(weights, device=device, config=base)
+        if base is not None and stored_config(weights):
+            # the network and its test settings are the weights' own; the config names the ground truth
+            model, cfg, meta = load_model(weights, device=device)
+            cfg = replace_section(cfg, "data.val", base.data.val)
+        else:
+            model, cfg, meta = load_model(weights, device=device, config=base)
         cfg = apply_overrides(cfg, overrides, source=f"the config of {weights}")
         datasets, _ = build_datasets(cfg, splits=("val",))
         try:
@@ -241,13 +248,16 @@ def convert(source: Path = typer.Argument(..., help="the released checkpoint (.p
             classes: Optional[str] = typer.Option(None, "--classes", help="coco | coco_panoptic | ade20k | cityscapes, "
                                                   "or a file with one class name per line"),
             allow_missing: bool = typer.Option(False, "--allow-missing", help="write even with unmapped checkpoint "
-                                               "tensors or uninitialised model tensors")):
+                                               "tensors or uninitialised model tensors"),
+            overrides: Optional[List[str]] = typer.Argument(None, help="dotted config overrides applied last, for "
+                                                            "what the file cannot tell (e.g. model.output_stride=32)")):
     """Convert a released checkpoint into an omniseg weights file (config and classes inside)."""
     from omniseg.hub.convert import convert as run_conversion
     from omniseg.hub.errors import CheckpointError
 
     try:
-        report = run_conversion(source, fmt, preset, output, classes=classes, allow_missing=allow_missing)
+        report = run_conversion(source, fmt, preset, output, classes=classes, allow_missing=allow_missing,
+                                overrides=overrides or ())
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"mapped {report['mapped']} tensors; config follows the checkpoint: {' '.join(report['overrides'])}")

@@ -229,6 +229,17 @@ def config_from_dict(node: dict, source: str, *, legacy: str = "refuse") -> Dict
     return _assemble([_Layer(source, dict(node), legacy)])
 
 
+def replace_section(cfg: DictConfig, path: str, section) -> DictConfig:
+    """`cfg` with the section at dotted `path` (e.g. "data.val") replaced as a whole, checked."""
+    node = OmegaConf.to_container(cfg, resolve=False)
+    *parents, last = path.split(".")
+    target = node
+    for key in parents:
+        target = target[key]
+    target[last] = OmegaConf.to_container(section, resolve=False) if isinstance(section, DictConfig) else section
+    return config_from_dict(node, f"config with {path} replaced")
+
+
 def config_from_stored(text: str, source: str) -> DictConfig:
     """The config saved inside a weights file or a run folder (YAML text), checked; keys an older omniseg
     wrote for every family are dropped where this model's family has no such setting."""

@@ -67,6 +67,12 @@ def read_weights_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
+def stored_config(path: str | os.PathLike) -> bool:
+    """Whether `path` is an omniseg weights file with its config inside (not an HF folder or a bare file)."""
+    path = Path(path)
+    return path.is_file() and "config" in read_weights_metadata(path)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 

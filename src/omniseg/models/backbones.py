@@ -39,12 +39,14 @@ class TimmBackbone(nn.Module):
     ImageNet-initialised ResNets; `norm="bn"` trains them (use for from-scratch training).
     Swin uses the original pad-then-shift windows (as detectron2 / HF), so published Swin
     Mask2Former weights give the published outputs at any input size.
+    `stride_in_1x1=True` (set through `model.backbone_kwargs`) gives a bottleneck ResNet the MSRA / caffe2 layout
+    of detectron2's model-zoo and Detectron's ImageNet weights: the downsampling stride in the first 1x1 conv.
     `out_norms=True` (default for Swin) adds a LayerNorm on every returned level (`out_norms.res2` ...): detectron2's and
     HF's Swin backbones have them, timm's features_only Swin does not.
     """
 
     def __init__(self, name: str, *, norm: str = "bn", weights: str | None = None, drop_path_rate: float = 0.0,
-                 freeze_at: int = 0, out_norms: bool | None = None, **timm_kwargs):
+                 freeze_at: int = 0, out_norms: bool | None = None, stride_in_1x1: bool = False, **timm_kwargs):
         super().__init__()
         timm_name = TIMM_NAMES.get(name, name)
         kwargs = dict(pretrained=False, features_only=True, out_indices=(0, 1, 2, 3) if "swin" in timm_name else (1, 2, 3, 4))
@@ -61,6 +63,8 @@ class TimmBackbone(nn.Module):
         self.timm_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
         if is_swin:
             use_original_swin_windows(self.body)
+        if stride_in_1x1:
+            move_stride_to_1x1(self.body)
         self.timm_name = timm_name
         info = self.body.feature_info
         self._channels_last_output = "swin" in timm_name  # timm Swin returns NHWC
@@ -112,6 +116,19 @@ class TimmBackbone(nn.Module):
         elif self._channels_last_output:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return dict(zip(FEATURE_NAMES, feats))
+
+
+def move_stride_to_1x1(body: nn.Module) -> nn.Module:
+    """Moves the stride of each stage's first bottleneck from its 3x3 conv (torchvision / timm) to its first
+    1x1 conv (MSRA / caffe2 ResNets: detectron2 STRIDE_IN_1X1, Detectron STRIDE_1X1). Same parameters, other
+    outputs: a checkpoint trained one way needs its own layout. Basic blocks have no 1x1 and are left as they are.
+    In place."""
+    for stage in ("layer2", "layer3", "layer4"):
+        block = getattr(body, stage)[0]
+        if not hasattr(block, "conv3"):
+            continue
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+    return body
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:

@@ -55,10 +55,13 @@ class PyramidPooling(nn.Module):
 
 
 class PSPHead(nn.Module):
+    """Pyramid pooling, 3x3 bottleneck, classifier. `branch_width`: each pooling branch's width (MMSeg's
+    PSPHead uses the head width, equal to the default cin / len(bins) only for 2048-channel inputs)."""
+
     def __init__(self, cin: int, num_classes: int, width: int = 512, bins: Sequence[int] = (1, 2, 3, 6),
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, branch_width: int | None = None):
         super().__init__()
-        self.ppm = PyramidPooling(cin, bins)
+        self.ppm = PyramidPooling(cin, bins, branch_channels=branch_width)
         self.bottleneck = ConvNormAct(self.ppm.out_channels, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
@@ -94,11 +97,12 @@ class UPerHead(nn.Module):
 
 class PositionAttention(nn.Module):
     """DANet's position attention: S = softmax over keys of Q^T K (no 1/sqrt(d), as the official code),
-    out = gamma * V S^T + x with gamma a learnable scalar initialised at 0 (starts as identity)."""
+    out = gamma * V S^T + x with gamma a learnable scalar initialised at 0 (starts as identity).
+    `inner`: the query/key width (default C/8)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, inner: int | None = None):
         super().__init__()
-        inner = max(channels // 8, 1)
+        inner = inner or max(channels // 8, 1)
         self.query = nn.Conv2d(channels, inner, 1)
         self.key = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, channels, 1)
@@ -135,10 +139,11 @@ class DANetHead(nn.Module):
     """Two parallel branches (position / channel attention), each conv-attend-conv, summed; each branch
     also keeps its own classifier, trained with equal weight next to the fused one (official code)."""
 
-    def __init__(self, cin: int, num_classes: int, width: int = 512, dropout: float = 0.1):
+    def __init__(self, cin: int, num_classes: int, width: int = 512, dropout: float = 0.1,
+                 pam_channels: int | None = None):
         super().__init__()
         self.pam_in, self.cam_in = ConvNormAct(cin, width, norm="bn"), ConvNormAct(cin, width, norm="bn")
-        self.pam, self.cam = PositionAttention(width), ChannelAttention()
+        self.pam, self.cam = PositionAttention(width, pam_channels), ChannelAttention()
         self.pam_out, self.cam_out = ConvNormAct(width, width, norm="bn"), ConvNormAct(width, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
         self.pam_classifier = Classifier(width, num_classes, dropout)
@@ -155,17 +160,22 @@ class DANetHead(nn.Module):
 
 class ASPP(nn.Module):
     """DeepLabV3's atrous spatial pyramid pooling: 1x1 + three atrous 3x3 + image pooling, concat, 1x1.
-    `extra` channels (Gated-SCNN's edge branch) join the concatenation."""
+    `extra` channels (Gated-SCNN's edge branch) join the concatenation. `project=False` returns the
+    concatenation itself (MMSeg's ASPPHead, whose 3x3 bottleneck follows directly)."""
 
     def __init__(self, cin: int, width: int = 256, rates: Sequence[int] = (12, 24, 36), extra: int = 0,
-                 project_bn: bool = True):
+                 project_bn: bool = True, project: bool = True):
         super().__init__()
         self.branches = nn.ModuleList([ConvNormAct(cin, width, kernel_size=1, norm="bn")]
                                       + [ConvNormAct(cin, width, dilation=int(r), norm="bn") for r in rates])
         self.image_pool = ConvNormAct(cin, width, kernel_size=1, norm="bn")
         n = (len(rates) + 2) * width + extra
-        self.project = ConvNormAct(n, width, kernel_size=1, norm="bn") if project_bn else nn.Conv2d(n, width, 1, bias=False)
-        self.out_channels = width
+        if not project:
+            self.project, self.out_channels = nn.Identity(), n
+        else:
+            self.project = (ConvNormAct(n, width, kernel_size=1, norm="bn") if project_bn
+                            else nn.Conv2d(n, width, 1, bias=False))
+            self.out_channels = width
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         pooled = self.image_pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
@@ -174,11 +184,14 @@ class ASPP(nn.Module):
 
 
 class ASPPHead(nn.Module):
+    """ASPP, 3x3 conv, classifier. `project=False`: no 1x1 projection, the 3x3 conv reads the branch
+    concatenation (MMSeg's ASPPHead)."""
+
     def __init__(self, cin: int, num_classes: int, width: int = 256, rates: Sequence[int] = (12, 24, 36),
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, project: bool = True):
         super().__init__()
-        self.aspp = ASPP(cin, width, rates)
-        self.conv = ConvNormAct(width, width, norm="bn")
+        self.aspp = ASPP(cin, width, rates, project=project)
+        self.conv = ConvNormAct(self.aspp.out_channels, width, norm="bn")
         self.classifier = Classifier(width, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +212,13 @@ class JointPyramidUpsampling(nn.Module):
     """FastFCN's JPU: replaces the dilated res4/res5 of an output-stride-8 backbone. conv3x3 on res3
     (/8), res4 (/16), res5 (/32); upsample to /8; concatenate; four parallel separable convs with
     dilation 1, 2, 4, 8; concatenate -> 4 x width channels at /8 (2048 for width 512, the shape of a
-    dilated ResNet-50's res5, so any head works unchanged)."""
+    dilated ResNet-50's res5, so any head works unchanged). `align_corners`: True as the official
+    FastFCN code, False as MMSeg's JPU."""
 
-    def __init__(self, in_channels: Sequence[int], width: int = 512, dilations: Sequence[int] = (1, 2, 4, 8)):
+    def __init__(self, in_channels: Sequence[int], width: int = 512, dilations: Sequence[int] = (1, 2, 4, 8),
+                 align_corners: bool = True):
         super().__init__()
+        self.align_corners = align_corners
         self.convs = nn.ModuleList(ConvNormAct(c, width, norm="bn") for c in in_channels)
         self.dilated = nn.ModuleList(
             nn.Sequential(SeparableConv(len(in_channels) * width, width, d), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -213,7 +229,7 @@ class JointPyramidUpsampling(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         outs = [conv(f) for conv, f in zip(self.convs, feats)]
         size = outs[0].shape[-2:]
-        # align_corners=True as the official JPU
-        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=True) for o in outs[1:]]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=self.align_corners)
+                            for o in outs[1:]]
         x = torch.cat(outs, dim=1)
         return torch.cat([branch(x) for branch in self.dilated], dim=1)

@@ -31,9 +31,21 @@ class PerPixelSettings(ModelSettings):
     output_stride: int = choice(8, (8, 16, 32))  # dilated backbone (neck: jpu always reads a stride-32 one)
     neck: Optional[str] = choice(None, (None, "jpu"))  # jpu: FastFCN's Joint Pyramid Upsampling, no dilation
     jpu_width: int = 512               # JPU output = 4 x jpu_width channels
+    jpu_align_corners: bool = True     # JPU upsampling: True as FastFCN's code, False as MMSeg's JPU
     head_width: int = 512
     psp_bins: List[int] = field(default_factory=lambda: [1, 2, 3, 6])  # PSPNet / UPerNet pyramid pooling
+    psp_branch_width: Optional[int] = None  # PSPNet pooling branch width; null: input / len(bins) (MMSeg: head_width)
+    pam_channels: Optional[int] = None  # DANet position-attention query/key width; null: head_width / 8
+    aux_width: Optional[int] = None    # auxiliary FCN head width; null: its input's channels / 4
+    aux_level: str = choice("res4", ("res2", "res3", "res4", "res5"))  # what the auxiliary head reads (MMSeg's
+                                       # UPerNet-ViT: the last level)
     aspp_rates: List[int] = field(default_factory=lambda: [12, 24, 36])  # DeepLabV3 / Gated-SCNN at stride 8
+    aspp_project: bool = True          # DeepLabV3 head: 1x1 projection before its 3x3 conv (false: MMSeg's ASPPHead,
+                                       # whose 3x3 bottleneck reads the branch concatenation)
+    # Per-stage dilation of a ResNet's 3x3 convs, strides unchanged, the first block of a dilated stage at half
+    # (MMSeg's ResNetV1c with contract_dilation: [1, 1, 2, 4] at output stride 8, and on the stride-32 backbone
+    # under FastFCN's JPU); BasicBlocks dilate only their first 3x3. null: timm's dilation for output_stride.
+    stage_dilations: Optional[List[int]] = None
     shape_width: int = 64              # Gated-SCNN shape stream width at res2 (halved after each gate)
     canny_thresholds: List[float] = field(default_factory=lambda: [10.0, 100.0])
     dropout: float = 0.1

@@ -23,6 +23,19 @@ from omniseg.models.per_pixel.blocks import (
 from omniseg.models.per_pixel.family import PerPixelSettings
 
 
+def set_stage_dilations(body: nn.Module, dilations: Sequence[int]) -> None:
+    """Give a timm ResNet's stages `dilations` (one per stage, strides unchanged) as MMSeg's ResNet with
+    contract_dilation: a dilated stage's first block at half the dilation; a Bottleneck dilates its 3x3, a
+    BasicBlock only its first 3x3 (timm dilates both)."""
+    if len(dilations) != 4 or not hasattr(body, "layer4"):
+        raise ValueError("model.stage_dilations: four dilations, for a ResNet backbone")
+    for index, dilation in enumerate(dilations):
+        stage = getattr(body, f"layer{index + 1}")
+        for number, block in enumerate(stage):
+            first = dilation // 2 if number == 0 and dilation > 1 else dilation
+            convs = [(block.conv2, first)] if hasattr(block, "conv3") else [(block.conv1, first), (block.conv2, 1)]
+            for conv, d in convs:
+                conv.dilation, conv.padding = (int(d), int(d)), (int(d), int(d))
 
 
 class GatedSCNNHead(nn.Module):
@@ -69,22 +82,25 @@ class PerPixelSegmenter(Segmenter):
         if output_stride != 32:
             options["output_stride"] = output_stride
         self.backbone = build_backbone(s.backbone, **options)
+        if s.stage_dilations is not None:
+            set_stage_dilations(self.backbone.body, s.stage_dilations)
         specs = self.backbone.specs
         top_channels = specs["res5"].channels
         self.neck = None
         if self.neck_name == "jpu":
-            self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], s.jpu_width)
+            self.neck = JointPyramidUpsampling([specs[n].channels for n in ("res3", "res4", "res5")], s.jpu_width,
+                                               align_corners=s.jpu_align_corners)
             top_channels = self.neck.out_channels
         width, dropout = s.head_width, s.dropout
         rates, bins = tuple(s.aspp_rates), tuple(s.psp_bins)
         if self.arch == "fcn":
             self.head = FCNHead(top_channels, num_classes, width, dropout)
         elif self.arch == "pspnet":
-            self.head = PSPHead(top_channels, num_classes, width, bins, dropout)
+            self.head = PSPHead(top_channels, num_classes, width, bins, dropout, branch_width=s.psp_branch_width)
         elif self.arch == "danet":
-            self.head = DANetHead(top_channels, num_classes, width, dropout)
+            self.head = DANetHead(top_channels, num_classes, width, dropout, pam_channels=s.pam_channels)
         elif self.arch == "deeplabv3":
-            self.head = ASPPHead(top_channels, num_classes, width, rates, dropout)
+            self.head = ASPPHead(top_channels, num_classes, width, rates, dropout, project=s.aspp_project)
         elif self.arch == "upernet":
             if self.neck is not None:
                 raise ValueError("UPerNet reads every backbone level: model.neck must be null")
@@ -100,7 +116,9 @@ class PerPixelSegmenter(Segmenter):
         loss = s.loss
         default_aux = 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet") else 0.0
         self.aux_weight = default_aux if loss.aux_weight is None else loss.aux_weight
-        self.aux_head = FCNHead(specs["res4"].channels, num_classes, dropout=dropout) if self.aux_weight > 0 else None
+        self.aux_level = s.aux_level
+        self.aux_head = (FCNHead(specs[self.aux_level].channels, num_classes, s.aux_width, dropout=dropout)
+                         if self.aux_weight > 0 else None)
         self.branch_weight = loss.branch_weight  # DANet: each attention branch's own CE
         self.edge_weight = loss.edge_weight  # Gated-SCNN's weights
         self.edge_att_weight = loss.edge_attention_weight
@@ -138,7 +156,7 @@ class PerPixelSegmenter(Segmenter):
         else:
             out["sem_seg"] = self.head(top)
         if training_outputs and self.aux_head is not None:
-            out["aux"] = self.aux_head(feats["res4"])
+            out["aux"] = self.aux_head(feats[self.aux_level])
         return out
 
     def forward_raw(self, x: torch.Tensor) -> dict:

@@ -15,6 +15,9 @@ from omniseg.schema import choice
 class RPNSettings:
     anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # P2..P5 and the pooled P6
     aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # torchvision: cell anchors rounded to whole pixels, level strides derived from the padded size; detectron2:
+    # unrounded cell anchors and each level's own stride (what detectron2 checkpoints were trained with)
+    anchors: str = choice("torchvision", ("torchvision", "detectron2"))
     pre_nms_topk_train: int = 2000     # per level (detectron2 FPN)
     pre_nms_topk_test: int = 1000
     post_nms_topk_train: int = 1000    # per image

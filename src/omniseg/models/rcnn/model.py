@@ -86,6 +86,35 @@ class FPNBackbone(nn.Module):
         return out
 
 
+class UnroundedAnchorGenerator(AnchorGenerator):
+    """detectron2's DefaultAnchorGenerator (offset 0) in torchvision's interface: cell anchors of width
+    size / sqrt(ratio) and height size * sqrt(ratio) centred on 0, not rounded (torchvision rounds them), placed
+    every `stride` pixels of each level's own stride (torchvision divides the padded size by the grid size,
+    which differs for the pooled level when the padded size is not a multiple of its stride)."""
+
+    def __init__(self, sizes, aspect_ratios, strides: Sequence[int]):
+        super().__init__(sizes, aspect_ratios)
+        if len(strides) != len(sizes):
+            raise ValueError(f"{len(sizes)} anchor levels but {len(strides)} strides")
+        self.level_strides = [int(s) for s in strides]
+
+    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        ws = (scales[None, :] / torch.sqrt(ratios)[:, None]).reshape(-1)
+        hs = (scales[None, :] * torch.sqrt(ratios)[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.level_strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
+
+
 class LevelRoIAlign(MultiScaleRoIAlign):
     """Mask R-CNN's pooler: each RoI pooled from the one FPN level of Eq. (1) of the FPN paper
     (k = floor(4 + log2(sqrt(area) / 224)), clamped), with torchvision's roi_align. `aligned=True` is
@@ -144,8 +173,12 @@ class RCNNSegmenter(Segmenter):
         if len(rpn.anchor_sizes) != len(names) + 1:
             raise ValueError(f"model.rpn.anchor_sizes needs one size per level ({len(names) + 1}: "
                              f"{names + ['pool']}), got {list(rpn.anchor_sizes)}")
-        anchors = AnchorGenerator(tuple((int(a),) for a in rpn.anchor_sizes),
-                                  (tuple(float(r) for r in rpn.aspect_ratios),) * len(rpn.anchor_sizes))
+        anchor_args = (tuple((int(a),) for a in rpn.anchor_sizes),
+                       (tuple(float(r) for r in rpn.aspect_ratios),) * len(rpn.anchor_sizes))
+        if rpn.anchors == "detectron2":
+            anchors = UnroundedAnchorGenerator(*anchor_args, strides=[*strides, 2 * strides[-1]])
+        else:
+            anchors = AnchorGenerator(*anchor_args)
         box_res, mask_res, ratio = roi.box_resolution, roi.mask_resolution, roi.sampling_ratio
         if adaptive:
             # PANet's adaptive pooling is aligned RoIAlign, sampling ratio 2 (spec), on every level.

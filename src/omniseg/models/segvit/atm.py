@@ -76,7 +76,8 @@ class ATMDecoder(nn.Module):
     """Class tokens + `stages` x `layers_per_stage` ATM layers + shared class head.
 
     Args:
-        in_dim: encoder width; every stage input gets Linear(in_dim -> dim) + LayerNorm.
+        in_dim: encoder width; every stage input gets Linear(in_dim -> dim) + LayerNorm (unless use_proj
+            is false: inputs already at width dim are read unchanged).
         num_classes: K (one token each).
         stages: number of encoder token maps read (deepest first).
     Returns from forward: a list of {"pred_logits": [B, K, K+1], "pred_masks": [B, K, h, w]} (mask
@@ -84,17 +85,23 @@ class ATMDecoder(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_classes: int, *, dim: int = 384, heads: int = 6, stages: int = 3,
-                 layers_per_stage: int = 3, dropout: float = 0.1):
+                 layers_per_stage: int = 3, dropout: float = 0.1, use_proj: bool = True):
         super().__init__()
         self.num_classes, self.stages = num_classes, stages
         self.class_tokens = nn.Embedding(num_classes, dim)
-        self.input_proj = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim)) for _ in range(stages))
+        if not use_proj and in_dim != dim:
+            raise ValueError(f"an ATM decoder without input projection reads width {dim}, got {in_dim}")
+        # use_proj=False: the inputs are read as they are (the official grid-query Shrunk decoder)
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim)) if use_proj else nn.Identity()
+            for _ in range(stages))
         self.layers = nn.ModuleList(
             nn.ModuleList(ATMLayer(dim, heads, dropout) for _ in range(layers_per_stage)) for _ in range(stages))
         self.class_head = nn.Linear(dim, num_classes + 1)
         for proj in self.input_proj:
-            nn.init.trunc_normal_(proj[0].weight, std=0.02)
-            nn.init.zeros_(proj[0].bias)
+            if use_proj:
+                nn.init.trunc_normal_(proj[0].weight, std=0.02)
+                nn.init.zeros_(proj[0].bias)
 
     def forward(self, features: Sequence[torch.Tensor], grid: tuple[int, int],
                 paddings: Sequence[torch.Tensor | None] | None = None) -> list[dict]:

@@ -38,7 +38,12 @@ class SegViTSettings(ModelSettings):
     shrink: Optional[str] = choice(None, (None, "shrunk", "shrunkpp"))  # shrunk: QD + QU; shrunkpp: edge-aware QD
     qd_index: int = 4                  # the (E)QD block
     edge_tau: float = 0.7              # Shrunk++: patches with p(edge) > tau keep full resolution
-    qu_layers: int = 2                 # QU decoder layers
+    qu_layers: int = 2                 # QU decoder layers (per stage with qu_mode: grid)
+    qu_mode: str = choice("tokens", ("tokens", "grid"))  # tokens: the stride-16 tokens entering QD are the
+    # queries; grid: a learned qu_grid x qu_grid query set reads the QD-entry then the deep tokens (official TPN head)
+    qu_grid: int = 32                  # qu_mode grid: query grid side (training crop / 16)
+    upsample_mask_logits: bool = False  # true: mask logits are resized to the input before sigmoid and class
+    # weighting (official heads); false: per-class scores are computed at the token grid, then resized
     hidden_dim: Optional[int] = None   # ATM width; null: half the encoder width (ViT-B: 384)
     nheads: Optional[int] = None       # null: hidden_dim / 64
     dec_layers: int = 3                # ATM layers per stage

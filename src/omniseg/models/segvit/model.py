@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from omniseg.models.base import Segmenter, class_weight_tensor, label_map_from_targets, semantic_results
 from omniseg.models.segvit.atm import ATMDecoder, atm_losses, semantic_scores
 from omniseg.models.segvit.family import ContinualSettings, SegViTSettings
-from omniseg.models.segvit.vit import PlainViT, QueryUpsample, edge_patch_targets
+from omniseg.models.segvit.vit import GridQueryUpsample, PlainViT, QueryUpsample, edge_patch_targets
 
 
 
@@ -65,7 +65,13 @@ class SegViT(Segmenter):
         heads = s.nheads or max(1, dim // 64)
         self.qu = None
         stages = len(self.backbone.out_indices)
-        if self.shrink:
+        use_proj = True
+        self.qu_mode = s.qu_mode
+        self.upsample_mask_logits = bool(s.upsample_mask_logits)
+        if self.shrink and self.qu_mode == "grid":
+            self.qu = GridQueryUpsample(enc_dim, dim, heads, s.qu_grid, s.qu_layers, 2, s.dropout)
+            stages, in_dim, use_proj = 1, dim, False
+        elif self.shrink:
             self.qu = QueryUpsample(enc_dim, dim, heads, s.qu_layers, s.dropout)
             stages, in_dim = 1, dim
         else:
@@ -74,7 +80,7 @@ class SegViT(Segmenter):
         self.offsets = [sum(self.steps[:i]) for i in range(len(self.steps))]
         self.decoders = nn.ModuleList(
             ATMDecoder(in_dim, k, dim=dim, heads=heads, stages=stages, layers_per_stage=s.dec_layers,
-                       dropout=s.dropout)
+                       dropout=s.dropout, use_proj=use_proj)
             for k in self.steps[: self.step + 1])
         self.freeze_old = s.continual.freeze and self.step > 0
         loss = s.loss
@@ -114,11 +120,15 @@ class SegViT(Segmenter):
         """Normalised images -> (decoder features deepest first, their paddings, grid, encoder output)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_old):
             enc = self.backbone(x)
-            if self.qu is not None:
+            grid = enc.grid
+            if self.qu is not None and self.qu_mode == "grid":
+                feats, pads = [self.qu([enc.hi_res, enc.deep], [None, enc.deep_padding])], [None]
+                grid = (self.qu.grid, self.qu.grid)
+            elif self.qu is not None:
                 feats, pads = [self.qu(enc.hi_res, enc.deep, enc.deep_padding)], [None]
             else:
                 feats, pads = list(reversed(enc.taps)), [None] * len(enc.taps)
-        return feats, pads, enc.grid, enc
+        return feats, pads, grid, enc
 
     def network(self, x: torch.Tensor) -> tuple[list[list[dict]], object]:
         """Normalised images -> (per step, the ATM outputs of its decoder; the encoder output)."""
@@ -131,9 +141,16 @@ class SegViT(Segmenter):
         return outs, enc
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> per-class scores [B, seen classes, h, w] at the patch grid."""
+        """Normalised images -> per-class scores [B, seen classes, h, w] at the patch grid (at the input
+        size with `upsample_mask_logits`, the mask logits being resized before the sigmoid)."""
         outs, _ = self.network(x)
-        return torch.cat([semantic_scores(o[-1]["pred_logits"], o[-1]["pred_masks"]) for o in outs], dim=1)
+        scores = []
+        for o in outs:
+            masks = o[-1]["pred_masks"]
+            if self.upsample_mask_logits:
+                masks = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            scores.append(semantic_scores(o[-1]["pred_logits"], masks))
+        return torch.cat(scores, dim=1)
 
     def forward_raw(self, x: torch.Tensor) -> dict:
         """Normalised images [B,3,H,W] -> {"sem_seg": per-class scores [B, seen classes, H, W]}."""

@@ -164,6 +164,35 @@ class QueryUpsample(nn.Module):
         return q
 
 
+class GridQueryUpsample(nn.Module):
+    """QU as the official SegViT-Shrunk code (its TPN head): a learned grid x grid set of queries (the
+    stride-16 grid of the training crop) reads the encoder's stages in turn, shallow to deep (the tokens
+    entering QD, then the deep stride-32 tokens), each through Linear + LayerNorm and `layers` post-norm
+    transformer decoder layers. Out: [B, grid*grid, dim], a fixed grid whatever the input size, so the
+    released models are meant for inputs (or sliding-window tiles) of the training crop size."""
+
+    def __init__(self, in_dim: int, dim: int, heads: int, grid: int, layers: int = 3, stages: int = 2,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.grid = int(grid)
+        self.queries = nn.Embedding(self.grid * self.grid, dim)
+        self.input_proj = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim)) for _ in range(stages))
+        self.stages = nn.ModuleList(
+            nn.ModuleList(nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout, batch_first=True)
+                          for _ in range(layers))
+            for _ in range(stages))
+
+    def forward(self, features: Sequence[torch.Tensor], paddings: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        q = self.queries.weight[None].expand(features[0].shape[0], -1, -1)
+        for proj, layers, feat, pad in zip(self.input_proj, self.stages, features, paddings):
+            memory = proj(feat)
+            if pad is not None and not bool(pad.any()):
+                pad = None
+            for layer in layers:
+                q = layer(q, memory, memory_key_padding_mask=pad)
+        return q
+
+
 class PlainViT(nn.Module):
     """timm ViT (patch 16) as a token encoder, with optional QD / EQD at block `qd_index` (see module doc).
 
@@ -175,24 +204,40 @@ class PlainViT(nn.Module):
         tau: Shrunk++'s edge threshold.
         weights: local timm ViT checkpoint (timm's filter converts jax/npz-style layouts and resizes the
             position embedding).
+        keep_cls_token: the class token runs through the blocks and is dropped only from the taps
+            (MMSeg's `with_cls_token=True`, the UPerNet-ViT checkpoints); default: dropped before the blocks.
+        final_norm: the last block's output goes through the final LayerNorm (`body.norm`), tap included
+            (MMSeg's `final_norm=True`).
+        pos_resize: how the position embedding is resized to another patch grid: "timm" (timm's bicubic
+            with antialiasing) or "mmseg" (bicubic, align_corners=False, no antialiasing, as MMSeg's ViT and
+            the official SegViT code do; the two differ even when upsampling).
     """
 
     def __init__(self, name: str = "vit_b", *, out_indices: Sequence[int] = (5, 7, 11), shrink: str | None = None,
                  qd_index: int = 4, tau: float = 0.7, weights: str | None = None, drop_path_rate: float = 0.0,
+                 keep_cls_token: bool = False, final_norm: bool = False, pos_resize: str = "timm",
                  **timm_kwargs):
         super().__init__()
         import timm
 
         if shrink not in SHRINK_MODES:
             raise ValueError(f"model.shrink must be null, 'shrunk' or 'shrunkpp', got {shrink!r}")
+        if pos_resize not in ("timm", "mmseg"):
+            raise ValueError(f"pos_resize must be 'timm' or 'mmseg', got {pos_resize!r}")
+        if shrink and keep_cls_token:
+            raise ValueError("Shrunk encoders run on the patch grid only: keep_cls_token must be false")
         self.timm_name = VIT_NAMES.get(name, name)
-        # final_norm=False: SegViT taps block outputs directly (the official `final_norm=False`).
-        kwargs = dict(pretrained=False, num_classes=0, dynamic_img_size=True, final_norm=False,
+        # final_norm=False by default: SegViT taps block outputs directly (the official `final_norm=False`).
+        kwargs = dict(pretrained=False, num_classes=0, dynamic_img_size=True, final_norm=bool(final_norm),
                       drop_path_rate=drop_path_rate)
         kwargs.update(timm_kwargs)
         self.body = timm.create_model(self.timm_name, **kwargs)
         if getattr(self.body, "patch_embed", None) is None or not hasattr(self.body, "blocks"):
             raise ValueError(f"{self.timm_name} is not a timm VisionTransformer")
+        self.keep_cls_token, self.final_norm, self.pos_resize = bool(keep_cls_token), bool(final_norm), pos_resize
+        if pos_resize == "mmseg" and (self.body.cls_token is None or self.body.num_prefix_tokens != 1
+                                      or self.body.no_embed_class):
+            raise ValueError("pos_resize='mmseg' needs a ViT with one class token inside the position embedding")
         self.patch_size = int(self.body.patch_embed.patch_size[0])
         self.embed_dim = int(self.body.embed_dim)
         self.num_heads = int(self.body.blocks[0].attn.num_heads)
@@ -220,8 +265,24 @@ class PlainViT(nn.Module):
         body = self.body
         t = body.patch_embed(x)  # [B, h, w, C] with dynamic_img_size
         grid = (t.shape[1], t.shape[2])  # (ints, or symbolic sizes in a dynamic-size export)
-        t = body.norm_pre(body.patch_drop(body._pos_embed(t)))
-        return t[:, body.num_prefix_tokens:], grid
+        t = self._bicubic_pos_embed(t) if self.pos_resize == "mmseg" else body._pos_embed(t)
+        t = body.norm_pre(body.patch_drop(t))
+        return (t if self.keep_cls_token else t[:, body.num_prefix_tokens:]), grid
+
+    def _bicubic_pos_embed(self, t: torch.Tensor) -> torch.Tensor:
+        """Class token + patch tokens [B, 1 + h*w, C] with the position embedding, resized to the (h, w)
+        grid by plain bicubic interpolation (align_corners=False, no antialiasing) when it differs."""
+        body = self.body
+        b, h, w, c = t.shape
+        pos = body.pos_embed
+        gh, gw = body.patch_embed.grid_size
+        symbolic = isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt)  # resizing to the same grid is exact
+        if symbolic or (h, w) != (gh, gw):
+            patches = pos[:, 1:].reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=(h, w), mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+        tokens = torch.cat([body.cls_token.expand(b, -1, -1), t.reshape(b, h * w, c)], dim=1)
+        return body.pos_drop(tokens + pos)
 
     def _block(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One block; recomputed in backward when timm's `set_grad_checkpointing` is on."""
@@ -241,6 +302,8 @@ class PlainViT(nn.Module):
         taps: list[torch.Tensor] = []
         out = EncoderOutput(taps=taps, grid=grid)
         padding = None
+        prefix = self.body.num_prefix_tokens if self.keep_cls_token else 0
+        last = len(self.body.blocks) - 1
         for i, block in enumerate(self.body.blocks):
             if self.shrink and i == self.qd_index:
                 out.hi_res = t
@@ -258,8 +321,10 @@ class PlainViT(nn.Module):
                 t = qd_block(block, t, queries)
             else:
                 t = self._block(block, t, key_padding_bias(padding, t.dtype))
+            if self.final_norm and i == last:
+                t = self.body.norm(t)
             if not self.shrink and i in self.out_indices:
-                taps.append(t)
+                taps.append(t[:, prefix:] if prefix else t)
         if self.shrink:
             out.deep, out.deep_padding = t, padding
         return out
@@ -268,22 +333,27 @@ class PlainViT(nn.Module):
 class ViTFeaturePyramid(nn.Module):
     """A plain ViT as a multi-scale backbone for per-pixel heads (UPerNet): four tapped blocks, each
     through MMSeg's MultiLevelNeck (1x1 lateral conv, bilinear resize by 4 / 2 / 1 / 0.5, 3x3 conv), give
-    res2..res5 at strides 4, 8, 16, 32 with the ViT's width."""
+    res2..res5 at strides 4, 8, 16, 32 with the ViT's width. `multilevel_neck=False` returns the four taps
+    as they are, all at the patch stride (MMSeg's UPerNet-DeiT configs with `neck=None`)."""
 
     SCALES = (4.0, 2.0, 1.0, 0.5)
 
     def __init__(self, name: str = "vit_b", *, out_indices: Sequence[int] = (2, 5, 8, 11), norm: str = "bn",
-                 weights: str | None = None, drop_path_rate: float = 0.0, **timm_kwargs):
+                 weights: str | None = None, drop_path_rate: float = 0.0, multilevel_neck: bool = True,
+                 **timm_kwargs):
         super().__init__()
         if len(out_indices) != 4:
             raise ValueError(f"a ViT feature pyramid taps 4 blocks, got out_indices={list(out_indices)}")
         self.vit = PlainViT(name, out_indices=out_indices, weights=weights, drop_path_rate=drop_path_rate,
                             **timm_kwargs)
         dim = self.vit.embed_dim
-        self.laterals = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in self.SCALES)
-        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in self.SCALES)
+        self.multilevel_neck = bool(multilevel_neck)
+        scales = self.SCALES if self.multilevel_neck else (1.0,) * 4
+        if self.multilevel_neck:
+            self.laterals = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in self.SCALES)
+            self.convs = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in self.SCALES)
         stride = self.vit.patch_size
-        self.specs = {n: FeatureSpec(dim, int(stride / s)) for n, s in zip(FEATURE_NAMES, self.SCALES)}
+        self.specs = {n: FeatureSpec(dim, int(stride / s)) for n, s in zip(FEATURE_NAMES, scales)}
         self.timm_name = self.vit.timm_name
 
     @property
@@ -298,6 +368,9 @@ class ViTFeaturePyramid(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         enc = self.vit(x)
         h, w = enc.grid
+        if not self.multilevel_neck:
+            return {name: tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+                    for name, tokens in zip(FEATURE_NAMES, enc.taps)}
         feats = {}
         for name, scale, lateral, conv, tokens in zip(FEATURE_NAMES, self.SCALES, self.laterals, self.convs, enc.taps):
             t = lateral(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
