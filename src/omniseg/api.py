@@ -102,15 +102,21 @@ def image_sample(image) -> dict:
 
 class Predictor:
     """Image(s) in, prediction dicts out (original resolution), as in docs/design.md. With `tile` (px), every
-    image is predicted tile by tile at its own resolution instead of resized whole (`predict_tiled`)."""
+    image is predicted tile by tile at its own resolution instead of resized whole (`predict_tiled`).
+
+    `mode` ("whole" | "slide"), `crop_size`, `stride`, `scales` and `flip` override the weights' `inference`
+    settings (omniseg/test_time.py: MMSeg's sliding windows and multi-scale + flip, semantic only)."""
 
     def __init__(self, weights: str | os.PathLike, *, device: str = "auto",
                  tasks: Sequence[str] | None = None, min_size_test: int | None = None,
                  config: DictConfig | None = None, postprocess: str | None = None,
-                 tile: int | None = None, overlap: int | None = None):
+                 tile: int | None = None, overlap: int | None = None, mode: str | None = None,
+                 crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
+                 scales: Sequence[float] | None = None, flip: bool | None = None):
         from omniseg.data.transforms import build_transforms
         from omniseg.runtime import resolve_device
         from omniseg.tasks import check_tasks
+        from omniseg.test_time import InferenceMode
 
         self.device = resolve_device(device)
         self.model, self.cfg, self.meta = load_model(weights, device=self.device, config=config)
@@ -124,12 +130,29 @@ class Predictor:
         if min_size_test is None:
             min_size_test = self.cfg.data.min_size_test
         self.transforms = build_transforms(False, min_size_test=min_size_test)
+        self.min_size_test = min_size_test
         self.size_divisibility = self.cfg.data.size_divisibility
+        chosen = {k: v for k, v in dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales,
+                                        flip=flip).items() if v is not None}
+        self.inference = InferenceMode.from_settings({**dict(self.cfg.get("inference") or {}), **chosen},
+                                                     source=str(weights))
+        if tasks is None and not self.inference.plain and "semantic" in self.model.tasks:
+            self.tasks = ["semantic"]  # windows and augmented views average semantic scores only
+        self.inference.check_tasks(self.tasks)
         self.tiling = None
         if tile is not None:
             from omniseg.tiling import TileSettings
 
+            if not self.inference.plain:
+                raise ValueError(f"tiles (at the image's own resolution) and inference ({self.inference.describe()}) "
+                                 f"are two ways of predicting: choose one")
             self.tiling = TileSettings(size=tile, overlap=overlap)
+
+    @property
+    def reads_originals(self) -> bool:
+        """Whether images are predicted from their original pixels (tiles, sliding windows, test-time
+        augmentation) rather than resized once by `prepare`."""
+        return self.tiling is not None or not self.inference.plain
 
     def _to_sample(self, image) -> dict:
         return image_sample(image)
@@ -144,9 +167,9 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence, tasks: Sequence[str] | None = None) -> list[dict]:
         """Predictions for several images at once (padded to one batch), for `tasks` (default: the
-        Predictor's); with tiling, image by image (`predict_tiled`)."""
-        if self.tiling is not None:
-            return [self.predict_tiled(image, tasks) for image in images]
+        Predictor's); with tiling, sliding windows or test-time augmentation, image by image."""
+        if self.reads_originals:
+            return [self.predict_original(image, tasks) for image in images]
         batch, samples = self.prepare(images)
         return self.predict_prepared(batch, samples, tasks)
 
@@ -155,12 +178,31 @@ class Predictor:
         """`predict_batch` for a batch already read and collated (`prepare`, or a DataLoader's workers)."""
         from omniseg.tasks import check_tasks
 
+        if not self.inference.plain:
+            raise ValueError(f"inference ({self.inference.describe()}) reads each image as it was read, not a "
+                             f"resized batch: use predict_batch or predict_original")
         tasks = self.tasks if tasks is None else check_tasks(tasks, self.model.tasks, what=self.model.describe())
         preds = self.model.predict(batch.images.to(self.device), batch.image_sizes,
                                    [(s["height"], s["width"]) for s in samples], tasks=tasks)
         for pred, s in zip(preds, samples):
             pred.update(height=s["height"], width=s["width"])
         return preds
+
+    def predict_original(self, image, tasks: Sequence[str] | None = None) -> dict:
+        """One image as read (not resized): tile by tile with `tile`, else under the Predictor's inference
+        mode (`omniseg.test_time.predict_semantic`: sliding windows, multi-scale + flip)."""
+        from omniseg.tasks import check_tasks
+        from omniseg.test_time import predict_semantic
+
+        if self.tiling is not None:
+            return self.predict_tiled(image, tasks)
+        tasks = self.tasks if tasks is None else check_tasks(tasks, self.model.tasks, what=self.model.describe())
+        self.inference.check_tasks(tasks)
+        sample = self._to_sample(image)
+        pred = predict_semantic(self.model, sample["image"], self.inference, min_size_test=self.min_size_test,
+                                size_divisibility=self.size_divisibility, device=self.device)
+        pred.update(height=sample["height"], width=sample["width"])
+        return pred
 
     def predict_tiled(self, image, tasks: Sequence[str] | None = None, settings=None) -> dict:
         """One image of any size, tile by tile at its own resolution (`omniseg.tiling`; `settings`: a

@@ -33,6 +33,38 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+SLIDE_HELP = ("sliding-window inference (semantic), MMSeg's slide mode: CROP,STRIDE in px on the test-resized "
+              "image, each N or HxW (e.g. 512,341 or 512x1024,341x683); = inference.mode=slide "
+              "inference.crop_size=.. inference.stride=..")
+TTA_SCALES_HELP = "test-time augmentation (semantic): factors of the test resize, e.g. 0.5,0.75,1.0 (inference.scales)"
+FLIP_HELP = "test-time augmentation (semantic): also every scale flipped horizontally (inference.flip=true)"
+
+
+def _inference_overrides(slide: Optional[str], tta_scales: Optional[str], flip: bool) -> list[str]:
+    """--slide / --tta-scales / --flip as `inference.*` overrides."""
+    def size(text: str) -> str:
+        parts = text.lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            _fail(f"--slide: {text!r} is not N or HxW")
+        return f"[{parts[0]},{parts[-1]}]"
+
+    out = []
+    if slide is not None:
+        pieces = slide.split(",")
+        if len(pieces) != 2:
+            _fail(f"--slide takes CROP,STRIDE (e.g. 512,341), got {slide!r}")
+        out += ["inference.mode=slide", f"inference.crop_size={size(pieces[0])}", f"inference.stride={size(pieces[1])}"]
+    if tta_scales is not None:
+        try:
+            scales = [float(v) for v in tta_scales.split(",")]
+        except ValueError:
+            _fail(f"--tta-scales takes factors like 0.5,0.75,1.0, got {tta_scales!r}")
+        out.append(f"inference.scales=[{','.join(repr(v) for v in scales)}]")
+    if flip:
+        out.append("inference.flip=true")
+    return out
+
+
 @app.command()
 def train(config: str = typer.Argument(..., help="preset name (see `omniseg models`) or YAML file"),
           overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. train.max_iters=1000"),
@@ -80,12 +112,16 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
              max_images: Optional[int] = typer.Option(None, help="evaluate only the first N images (--weights)"),
              bbox: bool = typer.Option(False, "--bbox", help="also box AP (bbox_AP, ...) for instances"),
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="write metrics JSON here"),
+             slide: Optional[str] = typer.Option(None, "--slide", help=SLIDE_HELP),
+             tta_scales: Optional[str] = typer.Option(None, "--tta-scales", help=TTA_SCALES_HELP),
+             flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
              consistency: bool = typer.Option(False, "--consistency",
                                               help="also layer consistency (mIoU-Li, Util per decoder layer)"),
              figure: Optional[Path] = typer.Option(None, "--figure",
                                                    help="with --consistency: PNG of the first image's masks layer by layer")):
     """Evaluate weights, or score saved predictions, on the validation split: PQ/SQ/RQ, mIoU/pAcc, mask AP
-    (and layer consistency)."""
+    (and layer consistency). --slide, --tta-scales and --flip (or inference.* overrides) choose MMSeg's
+    sliding-window and multi-scale + flip inference for semantic results."""
     from omniseg.config import apply_overrides, load_config, replace_section
     from omniseg.data.build import build_datasets
     from omniseg.engine.checkpoint import stored_config
@@ -103,6 +139,8 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
             _fail("--predictions needs --config (or --dataset): the preset or YAML whose data.val is the ground truth")
         if consistency or figure:
             _fail("--consistency needs a model (--weights)")
+        if slide or tta_scales or flip:
+            _fail("--slide / --tta-scales / --flip choose how a model predicts: they need --weights")
         cfg = load_config(config, overrides)
         datasets, meta = build_datasets(cfg, splits=("val",))
         results = evaluate_predictions(predictions, datasets["val"], meta, tasks=list(tasks) if tasks else None,
@@ -119,6 +157,7 @@ def eval_cmd(weights: Optional[str] = typer.Option(None, "--weights", "-w",
             cfg = replace_section(cfg, "data.val", base.data.val)
         else:
             model, cfg, meta = load_model(weights, device=device, config=base)
+        overrides = [*(overrides or []), *_inference_overrides(slide, tta_scales, flip)]
         cfg = apply_overrides(cfg, overrides, source=f"the config of {weights}")
         datasets, _ = build_datasets(cfg, splits=("val",))
         try:
@@ -162,10 +201,17 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
                                                   "(default: a quarter of --tile)"),
             image_ids: Optional[Path] = typer.Option(None, "--image-ids",
                                                      help="COCO JSON whose image ids the results should use "
-                                                          "(default: 0, 1, ... in file-name order)")):
+                                                          "(default: 0, 1, ... in file-name order)"),
+            slide: Optional[str] = typer.Option(None, "--slide", help=SLIDE_HELP),
+            tta_scales: Optional[str] = typer.Option(None, "--tta-scales", help=TTA_SCALES_HELP),
+            flip: bool = typer.Option(False, "--flip", help=FLIP_HELP),
+            overrides: Optional[List[str]] = typer.Argument(
+                None, help="inference.* overrides of the weights' settings, e.g. inference.mode=slide "
+                           "inference.crop_size=512 inference.stride=341")):
     """Predict a folder of any size: semantic label PNGs (dataset ids), COCO panoptic PNG+JSON, COCO instance
     JSON, overlays, written image by image and restartable with --skip-existing. --tile predicts huge images
-    (aerial, microscopy) tile by tile, joining objects cut by tile borders."""
+    (aerial, microscopy) tile by tile, joining objects cut by tile borders. --slide, --tta-scales and --flip
+    (or inference.* overrides) choose MMSeg's sliding-window and multi-scale + flip inference (semantic)."""
     from tqdm.auto import tqdm
 
     from omniseg.api import Predictor
@@ -184,9 +230,18 @@ def predict(weights: str = typer.Option(..., "--weights", "-w"),
         _fail("--batch-size must be at least 1 and --num-workers at least 0")
     if overlap is not None and tile is None:
         _fail("--overlap applies to tiled prediction: give --tile too")
-    try:  # default tasks: every task the model predicts
+    import yaml
+
+    inference = {}
+    for item in [*(overrides or []), *_inference_overrides(slide, tta_scales, flip)]:
+        key, sep, value = item.partition("=")
+        name = key[len("inference."):]
+        if not sep or not key.startswith("inference.") or name not in ("mode", "crop_size", "stride", "scales", "flip"):
+            _fail(f"omniseg predict takes inference.mode / crop_size / stride / scales / flip overrides, got {item!r}")
+        inference[name] = yaml.safe_load(value)
+    try:  # default tasks: every task the model predicts (semantic under slide / test-time augmentation)
         predictor = Predictor(weights, device=device, tasks=list(tasks) if tasks else None,
-                              postprocess="fast" if fast else None, tile=tile, overlap=overlap)
+                              postprocess="fast" if fast else None, tile=tile, overlap=overlap, **inference)
     except ValueError as e:
         _fail(str(e))
     polygon_formats = [name for name, wanted in (("yolo", yolo), ("labelme", labelme)) if wanted]

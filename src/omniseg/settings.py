@@ -75,17 +75,41 @@ class DataSettings:
 
 
 @dataclass
+class EmaSettings:
+    """`train.ema`: an exponential moving average of the weights (engine/optim.py ModelEMA), updated after
+    every optimiser step; when enabled it is what validation evaluates and what model_best / model_final
+    hold (the periodic model_<iter> files keep the trained weights; the average is in state_<iter>.pt)."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False               # decay of update n: min(decay, (1 + n) / (10 + n))
+
+
+@dataclass
 class TrainSettings:
     output_dir: str = "runs/train"
     max_iters: int = 90000
+    optimizer: str = choice("adamw", ("adamw", "sgd"))
     lr: float = 1.0e-4
+    momentum: float = 0.9              # sgd
+    nesterov: bool = False             # sgd
     weight_decay: float = 0.05
-    weight_decay_norm: float = 0.0
-    weight_decay_embed: float = 0.0
+    weight_decay_norm: float = 0.0     # parameters of norm layers
+    weight_decay_embed: float = 0.0    # embeddings, Swin position tables
+    weight_decay_bias: Optional[float] = None  # other biases; null: weight_decay (detectron2's WEIGHT_DECAY_BIAS)
     backbone_multiplier: float = 0.1
+    custom_keys: Dict[str, Any] = field(default_factory=dict)  # {name substring: {lr_mult, decay_mult}}: the longest
+                                       # key in a parameter's name scales its lr / weight decay (MMSeg paramwise_cfg)
+    schedule: str = choice("poly", ("poly", "step", "cosine"))
+    warmup: str = choice("linear", ("linear", "constant"))
     warmup_iters: int = 10
     warmup_factor: float = 1.0
     poly_power: float = 0.9
+    min_lr: float = 0.0                # poly / cosine end value (MMSeg PolyLR eta_min)
+    decay_iters: Optional[int] = None  # poly / cosine reach min_lr here; null: max_iters (MMSeg PolyLR end=E: E - 1)
+    steps: List[int] = field(default_factory=list)  # step: lr x gamma at each of these iterations
+    gamma: float = 0.1                 # step
+    ema: EmaSettings = field(default_factory=EmaSettings)
     clip_grad: float = 0.01            # full-model L2 norm (Mask2Former); 0: no clipping
     accumulate: int = 1                # gradient accumulation steps per iteration
     amp: str = choice("none", ("none", "bf16", "fp16"))  # fp16 needs CUDA
@@ -104,6 +128,20 @@ class TrainSettings:
 
 
 @dataclass
+class InferenceSettings:
+    """How semantic results are computed at test time (omniseg eval, predict, validation during training
+    and the Predictor), as MMSegmentation's test modes; omniseg/test_time.py. The defaults (one pass
+    over the whole test-resized image) are plain inference."""
+
+    mode: str = choice("whole", ("whole", "slide"))  # slide: windows of crop_size every stride px, scores averaged
+    crop_size: Any = None              # slide: window size on the test-resized image, px: int (square) or [h, w]
+    stride: Any = None                 # slide: step between windows, px: int or [h, w], at most crop_size
+    scales: List[float] = field(default_factory=lambda: [1.0])  # test-time augmentation: each a factor of the
+                                       # test resize (data.min_size_test; null: the image's own size)
+    flip: bool = False                 # test-time augmentation: also each scale flipped horizontally
+
+
+@dataclass
 class RunSettings:
     """A whole config. `model` is the dataclass of the family `model.arch` names."""
 
@@ -113,3 +151,4 @@ class RunSettings:
     eval_boundary_f: bool = False      # also the Gated-SCNN boundary F-score with semantic results
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)  # slide window / multi-scale + flip

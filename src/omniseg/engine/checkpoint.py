@@ -4,7 +4,8 @@ Layout of an output dir:
   model_<iter>.safetensors   weights + the resolved config and dataset meta (self-contained: predict
                              needs nothing else)
   state_<iter>.pt            optimizer, scheduler, grad scaler, RNG states, iteration, data position,
-                             and the weights' SHA-256 (loaded with weights_only=True)
+                             the weight average (train.ema) and the weights' SHA-256 (loaded with
+                             weights_only=True)
   last_checkpoint.json       points at the newest complete pair; written last, atomically
 """
 
@@ -120,7 +121,7 @@ class Checkpointer:
             p.unlink(missing_ok=True)
         return stale
 
-    def save(self, iteration: int, model, optimizer, scheduler, *, scaler=None, extra: dict | None = None,
+    def save(self, iteration: int, model, optimizer, scheduler, *, scaler=None, ema=None, extra: dict | None = None,
              config_yaml: str = "", meta: dict | None = None, name: str | None = None) -> Path:
         name = name or f"{iteration:07d}"
         weights = self.dir / f"model_{name}.safetensors"
@@ -130,6 +131,7 @@ class Checkpointer:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "rng": rng_state(),
             "weights": weights.name,
             "weights_sha256": digest,
@@ -163,8 +165,9 @@ class Checkpointer:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{pointer}: corrupt checkpoint pointer ({e})") from e
 
-    def resume(self, model, optimizer, scheduler, *, scaler=None) -> dict | None:
-        """Restore the newest complete checkpoint; returns its state dict (iteration, extra) or None."""
+    def resume(self, model, optimizer, scheduler, *, scaler=None, ema=None) -> dict | None:
+        """Restore the newest complete checkpoint; returns its state dict (iteration, extra) or None.
+        A weight average (`ema`) missing from the checkpoint restarts at the restored weights."""
         pointer = self.last()
         if pointer is None:
             return None
@@ -181,5 +184,10 @@ class Checkpointer:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state.get("ema"):
+                ema.load_state_dict(state["ema"])
+            else:
+                ema.reset_to(model)
         set_rng_state(state["rng"])
         return state

@@ -23,11 +23,13 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
     scored (a semantic folder has no panoptic ground truth), and a task the model does not predict is
     refused by `predict`. Under DDP pass `rank`/`world_size`: each rank scores images rank,
     rank + world_size, ... and every rank must call this (the evaluators gather across ranks); all ranks
-    get the global result. `bbox` adds box AP (bbox_AP, ...) to the instance results.
+    get the global result. `bbox` adds box AP (bbox_AP, ...) to the instance results. `cfg.inference`
+    chooses sliding windows and multi-scale + flip (semantic only; omniseg/test_time.py).
     """
     from tqdm.auto import tqdm
 
     from omniseg.evaluation.evaluator import DatasetEvaluator
+    from omniseg.test_time import InferenceMode, predict_semantic
 
     segmenter = unwrap(model)
     tasks = list(tasks or cfg.eval_tasks)
@@ -35,7 +37,10 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
         available = gt_tasks(dataset[0])
         tasks = [t for t in tasks if t in available]
     device = device or next(model.parameters()).device
-    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test)
+    mode = InferenceMode.from_settings(cfg.get("inference"))
+    mode.check_tasks(tasks)
+    # slide / augmented views are resized from the original image by predict_semantic
+    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test if mode.plain else None)
     evaluator = DatasetEvaluator(meta, tasks, boundary_f=cfg.eval_boundary_f, seen_classes=segmenter.seen_classes,
                                  bbox=bbox)
     was_training = model.training
@@ -44,9 +49,14 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
     shard = list(range(rank, n, world_size))
     for start in tqdm(range(0, len(shard), batch_size), desc="eval", disable=not progress, mininterval=1.0):
         samples = [transforms(dataset[i]) for i in shard[start:start + batch_size]]
-        batch = collate(samples, size_divisibility=cfg.data.size_divisibility)
-        preds = segmenter.predict(batch.images.to(device), batch.image_sizes,
-                                  [(s["height"], s["width"]) for s in samples], tasks=tasks)
+        if mode.plain:
+            batch = collate(samples, size_divisibility=cfg.data.size_divisibility)
+            preds = segmenter.predict(batch.images.to(device), batch.image_sizes,
+                                      [(s["height"], s["width"]) for s in samples], tasks=tasks)
+        else:
+            preds = [predict_semantic(segmenter, s["image"], mode, min_size_test=cfg.data.min_size_test,
+                                      size_divisibility=cfg.data.size_divisibility, device=device)
+                     for s in samples]
         for s, p in zip(samples, preds):
             evaluator.process(s, p)
     model.train(was_training)

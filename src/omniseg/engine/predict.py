@@ -9,7 +9,8 @@ image is done: `skip_existing` skips those images. At the end the collection fil
 the records, streamed so that nothing grows with the folder: images.json, panoptic.json (COCO panoptic)
 and instances_results.json (COCO results). An unreadable image is reported, listed in failed.txt and
 left out; the others go on. With a tiling Predictor (`--tile`), each image is predicted tile by tile at its
-own resolution (omniseg.tiling), one image at a time, whatever `batch_size` says.
+own resolution (omniseg.tiling), and with sliding windows or test-time augmentation (omniseg.test_time)
+view by view from the image as read: one image at a time, whatever `batch_size` says.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
     ids = {f.name: (image_ids or {}).get(f.name, i) for i, f in enumerate(files)}
     todo = [f for f in files if not (skip_existing and _record_path(output, f.stem).is_file())]
     report.skipped_existing = len(files) - len(todo)
-    tiled = predictor.tiling is not None  # tiles are cut from the image as read, at its own resolution
-    loader = DataLoader(_Images(todo, None if tiled else predictor.transforms, overlay),
-                        batch_size=1 if tiled else batch_size, num_workers=num_workers,
+    # tiles, sliding windows and test-time views are cut from the image as read
+    originals = predictor.reads_originals
+    loader = DataLoader(_Images(todo, None if originals else predictor.transforms, overlay),
+                        batch_size=1 if originals else batch_size, num_workers=num_workers,
                         collate_fn=_batch, prefetch_factor=2 if num_workers > 0 else None)
     bar = progress(range(len(todo))) if progress else None
     for samples in loader:
@@ -133,8 +135,8 @@ def predict_folder(predictor, files: Sequence[Path], output: Path, *, tasks: Seq
             else:
                 good.append(s)
         if good:
-            if tiled:
-                preds = [predictor.predict_tiled(s["image"], tasks) for s in good]
+            if originals:
+                preds = [predictor.predict_original(s["image"], tasks) for s in good]
             else:
                 batch = collate(good, size_divisibility=predictor.size_divisibility)
                 preds = predictor.predict_prepared(batch, good, tasks=tasks)

@@ -1,6 +1,8 @@
 """The training loop: one readable function from config to trained, evaluated, checkpointed model.
 
-Features: AdamW + backbone lr multiplier, warmup + poly schedule, full-model gradient clipping,
+Features: AdamW or SGD with per-parameter lr / weight-decay rules, warmup + poly / step / cosine schedule,
+an exponential moving average of the weights (train.ema: evaluated and saved as model_best / model_final
+in place of the trained weights when enabled), full-model gradient clipping,
 gradient accumulation, bf16 autocast, periodic evaluation, save-best and early stopping, atomic
 checkpoints with exact resume (`resume=True`) kept separate from weight initialisation (`train.weights`),
 DDP under torchrun.
@@ -30,7 +32,7 @@ from omniseg.engine.checkpoint import Checkpointer, save_weights, set_rng_state
 from omniseg.engine.distributed import distributed_session
 from omniseg.engine.evaluate import evaluate, flat_metrics
 from omniseg.engine.logger import RunLogger
-from omniseg.engine.optim import WarmupPolyLR, build_optimizer
+from omniseg.engine.optim import build_ema, build_optimizer, build_scheduler
 from omniseg.files import atomic_path
 from omniseg.models.registry import build_model_from_config
 from omniseg.runtime import resolve_device, seed_everything
@@ -120,10 +122,11 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         from omniseg.api import load_weights_into
 
         load_weights_into(model, cfg.train.weights)
-    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.train, resolve=True))
+    train_settings = OmegaConf.to_container(cfg.train, resolve=True)
+    optimizer = build_optimizer(model, train_settings)
     max_iters = cfg.train.max_iters
-    scheduler = WarmupPolyLR(optimizer, max_iters, power=cfg.train.poly_power, warmup_iters=cfg.train.warmup_iters,
-                             warmup_factor=cfg.train.warmup_factor)
+    scheduler = build_scheduler(optimizer, train_settings)
+    ema = build_ema(model, train_settings)  # None unless train.ema.enabled
     amp = cfg.train.amp
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -137,12 +140,15 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     start_iter = 0
     state = None
     if resume:
-        state = checkpointer.resume(model, optimizer, scheduler, scaler=scaler)
+        state = checkpointer.resume(model, optimizer, scheduler, scaler=scaler, ema=ema)
         if state is None:
             print(f"[omniseg] --resume: no checkpoint in {out_dir}, starting from iteration 0", flush=True)
         else:
             start_iter = int(state["iteration"])
             print(f"[omniseg] resumed from {out_dir / checkpointer.last()['weights']} at iteration {start_iter}", flush=True)
+            if ema is not None and state.get("ema") is None:
+                print("[omniseg] the checkpoint has no weight average (train.ema was off): the average starts "
+                      "from the resumed weights", flush=True)
 
     train_model = model
     if world > 1:
@@ -196,6 +202,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
             torch.distributed.all_reduce(count)
         return skipped_before + int(count.item())
 
+    scored_model = ema.module if ema is not None else model  # what validation scores and model_best holds
     model.train()
     window: dict[str, float] = {}
     window_n = 0
@@ -228,6 +235,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         else:
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
 
         total = sum(loss_terms.values())
         window["loss"] = window.get("loss", 0.0) + total
@@ -248,7 +257,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         stopping = done == stop_at and done < max_iters  # at max_iters the normal ending follows
         if "val" in datasets and due(done, eval_period, max_iters):
             # Every rank scores its shard; the evaluators sum their state across ranks.
-            results = evaluate(model, datasets["val"], cfg, meta, device=device, progress=False,
+            results = evaluate(scored_model, datasets["val"], cfg, meta, device=device, progress=False,
                                rank=rank, world_size=world)
             last_metrics = flat_metrics(results)
             last_class_iou = (results.get("semantic") or {}).get("IoU")
@@ -257,8 +266,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
                                                        if k in last_metrics))
             if best is not None:
                 if best.update(done, last_metrics) and main_process:
-                    save_weights(out_dir / "model_best.safetensors", model, config_yaml=config_yaml, meta=meta_dict,
-                                 info={"best": best.state()})
+                    save_weights(out_dir / "model_best.safetensors", scored_model, config_yaml=config_yaml,
+                                 meta=meta_dict, info={"best": best.state()})
                     logger.write(f"[omniseg] new best {best.metric} {best.value:.2f}: model_best.safetensors")
                 stopped_early = best.exhausted and done < max_iters
         if due(done, ckpt_period, max_iters) or stopping or stopped_early:
@@ -266,7 +275,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
             if best is not None:
                 extra.update(best=best.state(), stopped_early=stopped_early)
             if main_process:
-                checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, extra=extra,
+                checkpointer.save(done, model, optimizer, scheduler, scaler=scaler, ema=ema, extra=extra,
                                   config_yaml=config_yaml, meta=meta_dict)
         if stopped_early:
             logger.write(f"[omniseg] stopping early at iteration {done}: {best.metric} has not improved on "
@@ -289,8 +298,11 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
         if best is not None:
             final.update(best=best.state(), stopped_early=stopped_early)
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        # A stable name for the trained weights, next to the periodic ones.
-        if last:
+        # A stable name for the trained weights, next to the periodic ones; with train.ema, their average.
+        if ema is not None:
+            save_weights(out_dir / "model_final.safetensors", ema.module, config_yaml=config_yaml, meta=meta_dict,
+                         info={"ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates}})
+        elif last:
             with atomic_path(out_dir / "model_final.safetensors", durable=True) as tmp:
                 shutil.copyfile(out_dir / last["weights"], tmp)
     return last_metrics

@@ -11,6 +11,7 @@ when its network exports). `tests/test_model_contract.py` checks every preset ag
     postprocess_modes  post-processing modes `set_postprocess_mode` accepts; () for one fixed way
     raw_output_names   what `forward_raw` returns, in export order; () when the family does not export
     single_image_export  True when an exported graph takes one image at a time (detectors)
+    semantic_scores_are_probabilities  "semantic_scores" are probabilities (mask classification), not logits
     settings, arch, num_classes, thing_ids, seen_classes, backbone
     losses(images, targets) -> {name: scalar}            training
     predict(images, image_sizes, output_sizes, tasks)    inference, one dict per image (docs/design.md)
@@ -44,6 +45,9 @@ class Segmenter(nn.Module, abc.ABC):
     postprocess_modes: tuple[str, ...] = ()
     raw_output_names: tuple[str, ...] = ()
     single_image_export = False  # detectors: an exported graph takes one image (detections per image vary in number)
+    # "semantic_scores" are class probabilities (mask classification: softmax-weighted mask probabilities)
+    # rather than logits; test-time augmentation soft-maxes logits only before averaging views
+    semantic_scores_are_probabilities = False
     num_classes: int
     thing_ids: list[int] = []
     backbone: nn.Module

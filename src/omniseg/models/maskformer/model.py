@@ -45,6 +45,7 @@ class MaskFormer(Segmenter):
     training_only = ("criterion", "mask_pilot")  # children (and parameters) that inference never uses
     postprocess_modes = MODES
     raw_output_names = ("pred_logits", "pred_masks")
+    semantic_scores_are_probabilities = True  # sum over queries of class probability x mask probability
 
     def __init__(self, settings: MaskFormerSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__(settings, num_classes, thing_ids)

@@ -48,6 +48,7 @@ class SegViT(Segmenter):
     settings_class = SegViTSettings
     tasks = ("semantic",)
     raw_output_names = ("sem_seg",)
+    semantic_scores_are_probabilities = True  # ATM: class probability x mask probability per class token
 
     def __init__(self, settings: SegViTSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
         super().__init__(settings, num_classes, thing_ids)
