@@ -10,12 +10,11 @@ import re
 import pytest
 import torch
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops.misc import FrozenBatchNorm2d
 from typer.testing import CliRunner
 
 from helpers.checkpoint_layouts import load_layout, random_state_dict, write_detectron2_pkl
+from test_convert import _torchvision_mask_rcnn as torchvision_mask_rcnn
 from omniseg.api import Predictor, load_model
 from omniseg.cli import app
 from omniseg.hub import load_state_dict_file
@@ -28,16 +27,11 @@ DETECTRON2_MEAN_BGR = torch.tensor([103.530, 116.280, 123.675]).view(1, 3, 1, 1)
 
 
 def _torchvision_mask_rcnn(num_classes: int = 5) -> MaskRCNN:
-    torch.manual_seed(0)
-    model = MaskRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3),
-                     num_classes=num_classes).eval()
-    with torch.no_grad():  # frozen norms with statistics that matter, and confident class scores
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(20)
-        model.backbone.body.conv1.weight.div_(58)  # detectron2's pixel std is 1: keep activations at their usual size
+    """test_convert's reference Mask R-CNN, its stem scaled for detectron2's pixel std of 1 (activations keep
+    their usual size)."""
+    model = torchvision_mask_rcnn(num_classes)
+    with torch.no_grad():
+        model.backbone.body.conv1.weight.div_(58)
     return model
 
 

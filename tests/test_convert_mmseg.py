@@ -1,6 +1,7 @@
-"""omniseg convert --from mmseg: MMSegmentation PSPNet, DANet and FastFCN checkpoints become omniseg weights
-files whose network computes what MMSegmentation's does (parity against mmseg's own modules, random
-weights and BatchNorm statistics, saved as MMSeg saves them), with the config following the checkpoint."""
+"""omniseg convert --from mmseg: MMSegmentation PSPNet, DANet and FastFCN (PSP, ASPP or Enc head) checkpoints
+become omniseg weights files whose network computes what MMSegmentation's does (parity against mmseg's own
+modules, random weights and BatchNorm statistics, saved as MMSeg saves them), with the config following the
+checkpoint."""
 
 from __future__ import annotations
 
@@ -174,14 +175,43 @@ def test_fastfcn_aspp_head_is_computed_the_mmseg_way(tmp_path):
     _assert_same_network(reference, tmp_path / "m.safetensors", size=(64, 64))
 
 
-def test_fastfcn_enc_head_is_refused_naming_encnet(tmp_path):
-    reference = _fastfcn(dict(type="EncHead", in_channels=[512, 1024, 128], in_index=(0, 1, 2), channels=32,
-                                      num_codes=8, use_se_loss=True, add_lateral=False, dropout_ratio=0.1,
-                                      num_classes=3, norm_cfg=BN, align_corners=False))
-    _save(reference, tmp_path / "enc.pth")
-    with pytest.raises(CheckpointError, match="EncNet"):
-        convert(tmp_path / "enc.pth", "mmseg", "fastfcn_jpu_r50", tmp_path / "enc.safetensors")
-    assert not (tmp_path / "enc.safetensors").exists()
+@pytest.mark.parametrize("add_lateral", [False, True])
+def test_fastfcn_enc_head_converts_to_the_same_network(tmp_path, add_lateral):
+    """FastFCN's EncNet (EncHead over the JPU): context encoding, SE classifier, laterals of res3 / res4."""
+    from mmengine.config import Config
+
+    head = dict(type="EncHead", in_channels=[512, 1024, 128], in_index=(0, 1, 2), channels=32, num_codes=8,
+                use_se_loss=True, add_lateral=add_lateral, dropout_ratio=0.1, num_classes=3, norm_cfg=BN,
+                align_corners=False, loss_se_decode=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.3))
+    reference = _fastfcn(head)
+    config = Config(dict(model=dict(type="EncoderDecoder", backbone=_backbone(50, dilated=False),
+                                    neck=dict(type="JPU", dilations=(1, 2, 4, 8), align_corners=False),
+                                    decode_head=head))).pretty_text
+    report = _converted(reference, tmp_path, "encnet_jpu_r50", meta={"config": config})
+    for setting in ("model.arch=encnet", "model.num_codes=8", f"model.enc_lateral={str(add_lateral).lower()}",
+                    "model.loss.se_weight=0.3", "model.neck=jpu", "model.head_width=32"):
+        assert setting in report["overrides"]
+    model, _, _ = load_model(tmp_path / "m.safetensors")
+    torch.testing.assert_close(model.se_classifier.weight, reference.decode_head.se_layer.weight)
+    torch.testing.assert_close(model.head.encoding.encoding.codewords,
+                               reference.decode_head.enc_module.encoding[0].codewords)
+    _assert_same_network(reference, tmp_path / "m.safetensors", size=(64, 96))
+
+
+def test_dilated_encnet_converts_without_the_se_layer(tmp_path):
+    """MMSeg's EncNet "-d8" (EncHead on res5 of a dilated ResNet), trained without the SE-loss."""
+    torch.manual_seed(0)
+    reference = _randomise(Segmentor(
+        _backbone(18, dilated=True),
+        dict(type="EncHead", in_channels=[128, 256, 512], in_index=(1, 2, 3), channels=32, num_codes=4,
+             use_se_loss=False, add_lateral=False, dropout_ratio=0.1, num_classes=4, norm_cfg=BN, align_corners=False),
+        _aux(256, 16, 4, in_index=2)))
+    report = _converted(reference, tmp_path, "encnet_jpu_r50")
+    for setting in ("model.arch=encnet", "model.neck=null", "model.output_stride=8", "model.loss.se_weight=0.0"):
+        assert setting in report["overrides"]
+    model, _, _ = load_model(tmp_path / "m.safetensors")
+    assert model.se_classifier is None
+    _assert_same_network(reference, tmp_path / "m.safetensors")
 
 
 def test_released_pspnet_r50_layout_converts_with_ade20k_classes_then_predicts(tmp_path):

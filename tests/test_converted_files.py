@@ -3,8 +3,7 @@
 `omniseg export` (the exported graph computes what the model does) all work on it.
 
 The checkpoints are random weights in each release's layout and file format (the per-format tests check
-that the conversions are faithful); `gscnn` and `panet` are absent because their released networks are
-refused (tests/test_convert_gscnn.py, tests/test_convert_panet.py)."""
+that the conversions are faithful)."""
 
 from __future__ import annotations
 
@@ -82,8 +81,15 @@ CASES = {
                           spread=("proposal_generator.fcos_head.cls_logits.weight",)), "blendmask_r50", "instance", []),
     "segvit": (_layout("segvit_small", write_torch_checkpoint, key="state_dict", meta={"mmseg_version": "0.24.0"}),
                "segvit_vit_b", "semantic", []),
+    "gscnn": (_layout("gscnn_wrn38_cityscapes", write_torch_checkpoint, key="state_dict", epoch=174),
+              "gscnn_r50", "semantic", []),
+    "panet": (_layout("panet_r50_fpn_2x_mask", write_torch_checkpoint, spread=("Box_Outs.cls_score.weight",),
+                      step=179999), "panet_r50", "instance", []),
     "hf": (_hf, "mask2former_r50", "semantic", []),
 }
+
+
+RCNN = ("torchvision", "panet")
 
 
 def _dataset(root: Path, meta, task: str) -> Path:
@@ -121,7 +127,9 @@ def _dataset(root: Path, meta, task: str) -> Path:
 def test_a_converted_checkpoint_works_in_predict_eval_and_export(fmt, tmp_path):
     build, preset, task, export_options = CASES[fmt]
     weights = tmp_path / "converted.safetensors"
-    report = convert(build(tmp_path), fmt, preset, weights, overrides=[f"data.min_size_test={SIZE[0]}"])
+    # the test size of the small images; R-CNN heads on 100 proposals, not 1000 (PANet's conv box head is heavy)
+    overrides = [f"data.min_size_test={SIZE[0]}"] + (["model.rpn.post_nms_topk_test=100"] if fmt in RCNN else [])
+    report = convert(build(tmp_path), fmt, preset, weights, overrides=overrides)
     assert report["unmapped"] == [] and report["missing"] == []
     model, cfg, meta = load_model(weights)
     dataset = _dataset(tmp_path / "data", meta, task)

@@ -132,8 +132,13 @@ def move_stride_to_1x1(body: nn.Module) -> nn.Module:
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """timm ResNet / Swin (TimmBackbone) or, for `vit*` names, a plain ViT with a multi-level neck
-    (segvit.vit.ViTFeaturePyramid); both return {"res2".."res5"} and carry `specs`."""
+    """timm ResNet / Swin (TimmBackbone), for `vit*` names a plain ViT with a multi-level neck
+    (segvit.vit.ViTFeaturePyramid), or `wider_resnet38` (per_pixel.wider_resnet); all return {"res2".."res5"}
+    (WideResNet-38 also its stride-1/2 levels res0/res1) and carry `specs`."""
+    if name == "wider_resnet38":  # Gated-SCNN's trunk: {"res0".."res5"}, output stride 8
+        from omniseg.models.per_pixel.wider_resnet import WiderResNet38
+
+        return WiderResNet38(**kwargs)
     if name.startswith("vit"):
         from omniseg.models.segvit.vit import ViTFeaturePyramid
 

@@ -1,5 +1,5 @@
-"""MMSegmentation checkpoints (`{"meta": ..., "state_dict": ...}`) of PSPNet, DANet and FastFCN (JPU neck
-under a PSP or ASPP head) on MMSeg's ResNet -> omniseg's `per_pixel` family; UPerNet-ViT checkpoints go to
+"""MMSegmentation checkpoints (`{"meta": ..., "state_dict": ...}`) of PSPNet, DANet, EncNet and FastFCN (JPU
+neck under a PSP, ASPP or Enc head) on MMSeg's ResNet -> omniseg's `per_pixel` family; UPerNet-ViT checkpoints go to
 `omniseg.hub.converters.mmseg_vit`.
 
 MMSeg's networks differ from omniseg's presets in a few places, each set here from the checkpoint:
@@ -42,8 +42,6 @@ STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "st
 
 # MMSeg head -> the omniseg component that lacks it (refused by name).
 UNSUPPORTED_HEADS = {
-    "decode_head.encoding.": "EncNet's EncHead (context encoding module)",
-    "decode_head.enc_module.": "EncNet's EncHead (context encoding module)",
     "decode_head.c1_bottleneck.": "DeepLabV3+'s DepthwiseSeparableASPPHead",
     "decode_head.sep_bottleneck.": "DeepLabV3+'s DepthwiseSeparableASPPHead",
     "decode_head.lateral_convs.": "UPerNet's UPerHead on a ResNet",
@@ -96,7 +94,7 @@ def _backbone_overrides(sd: dict, source: Path, config: str, has_jpu: bool) -> l
     """Depth, stem, output stride and dilations of MMSeg's ResNet."""
     if not any(k.startswith("backbone.layer1.") for k in sd):
         raise CheckpointError(f"{source}: the backbone is not one of MMSeg's ResNets (no backbone.layer1); "
-                              f"omniseg converts ResNetV1c / ResNet PSPNet, DANet and FastFCN, and UPerNet-ViT")
+                              f"omniseg converts ResNetV1c / ResNet PSPNet, DANet, EncNet and FastFCN, and UPerNet-ViT")
     if any(re.match(r"backbone\.layer\d\.0\.downsample\.2\.", k) for k in sd):
         raise CheckpointError(f"{source}: ResNetV1d (average-pool shortcut) is not supported; ResNetV1c and ResNet are")
     depth = resnet_depth(sd, "backbone.")
@@ -127,8 +125,9 @@ def _head(sd: dict, source: Path, config: str, out: Renamed) -> list[str]:
     """Rename the decode head into `out`; the settings it implies."""
     head = {k[len("decode_head."):]: v for k, v in sd.items() if k.startswith("decode_head.")}
     section = _section(config, "decode_head=dict(")
+    is_enc_head = "enc_module.encoding.0.codewords" in head  # its laterals are not UPerNet's
     for prefix, missing in UNSUPPORTED_HEADS.items():
-        if any(k.startswith(prefix) for k in sd):
+        if any(k.startswith(prefix) for k in sd) and not is_enc_head:
             raise CheckpointError(f"{source}: the decode head is {missing}, which omniseg does not have")
     if "conv_seg.weight" not in head:
         raise CheckpointError(f"{source}: no decode_head.conv_seg: not an MMSeg segmentor checkpoint")
@@ -187,10 +186,50 @@ def _head(sd: dict, source: Path, config: str, out: Renamed) -> list[str]:
                 out.put("decode_head." + key, "head.conv.0.weight", torch.cat([*chunks[1:], chunks[0]], dim=1))
             elif key.startswith("bottleneck.bn."):
                 out.put("decode_head." + key, "head.conv.1." + key[len("bottleneck.bn."):], value)
+    elif is_enc_head:
+        overrides += _enc_head(head, source, section, out)
     else:
         sample = sorted({k.split(".")[0] for k in head})
-        raise CheckpointError(f"{source}: decode head with modules {sample} is none of PSPHead, DAHead, ASPPHead")
+        raise CheckpointError(f"{source}: decode head with modules {sample} is none of PSPHead, DAHead, ASPPHead, "
+                              f"EncHead")
     return overrides
+
+
+# MMSeg's EncModule children -> omniseg's ContextEncoding ones.
+ENC_MODULE = {"encoding_project.": "project.", "encoding.0.": "encoding.", "encoding.1.": "code_norm.",
+              "fc.0.": "fc."}
+
+
+def _enc_head(head: dict, source: Path, section: str, out: Renamed) -> list[str]:
+    """Rename MMSeg's EncHead (EncNet, FastFCN-EncNet) into `out`; codewords, laterals and SE-loss weight."""
+    laterals = len({k.split(".")[1] for k in head if k.startswith("lateral_convs.")})
+    if laterals not in (0, 2):
+        raise CheckpointError(f"{source}: EncHead with {laterals} lateral convs; omniseg's reads res3 and res4")
+    num_codes = int(head["enc_module.encoding.0.codewords"].shape[0])
+    se_weight = 0.0
+    if "se_layer.weight" in head:
+        found = re.search(r"loss_se_decode\s*=\s*dict\([^)]*loss_weight\s*=\s*([\d.eE+-]+)", section)
+        se_weight = float(found.group(1)) if found else 0.2
+    for key, value in head.items():
+        name = "decode_head." + key
+        if key.startswith("bottleneck."):
+            out.put(name, "head.bottleneck." + conv_module_child(key[len("bottleneck."):]), value)
+        elif key.startswith("lateral_convs."):
+            _, index, rest = key.split(".", 2)
+            out.put(name, f"head.laterals.{index}.{conv_module_child(rest)}", value)
+        elif key.startswith("fusion."):
+            out.put(name, "head.fusion." + conv_module_child(key[len("fusion."):]), value)
+        elif key.startswith("enc_module."):
+            rest = key[len("enc_module."):]
+            prefix = next((p for p in ENC_MODULE if rest.startswith(p)), None)
+            if prefix == "encoding_project.":
+                out.put(name, "head.encoding.project." + conv_module_child(rest[len(prefix):]), value)
+            elif prefix is not None:
+                out.put(name, "head.encoding." + ENC_MODULE[prefix] + rest[len(prefix):], value)
+        elif key.startswith("se_layer."):
+            out.put(name, "se_classifier." + key[len("se_layer."):], value)
+    return ["model.arch=encnet", f"model.num_codes={num_codes}",
+            f"model.enc_lateral={'true' if laterals else 'false'}", f"model.loss.se_weight={se_weight}"]
 
 
 def _neck(sd: dict, source: Path, config: str, out: Renamed) -> list[str]:
@@ -221,7 +260,7 @@ def _neck(sd: dict, source: Path, config: str, out: Renamed) -> list[str]:
 
 
 def convert(source: Path, preset=None) -> Conversion:
-    """An MMSegmentation PSPNet / DANet / FastFCN (PSP or ASPP head) checkpoint on a ResNet (V1c or plain
+    """An MMSegmentation PSPNet / DANet / EncNet / FastFCN (PSP, ASPP or Enc head) checkpoint on a ResNet (V1c or plain
     stem, any depth), or UPerNet on MMSeg's ViT. The config follows the checkpoint: architecture, depth,
     widths, strides and dilations, pixel statistics. Every tensor maps (BatchNorm counters included: the
     norms train); `ignored` holds only an auxiliary head of a shape omniseg's lacks."""

@@ -1,4 +1,4 @@
-"""Heads and necks of the per-pixel classification family (PSPNet, DANet, FastFCN's JPU, DeepLab ASPP).
+"""Heads and necks of the per-pixel classification family (PSPNet, DANet, EncNet, FastFCN's JPU, DeepLab ASPP).
 
 Every head maps one feature map [B, C, h, w] to class logits [B, K, h, w]; the model upsamples.
 Channel widths default to the papers' (512 head width on a ResNet-50/101) and scale with `width`.
@@ -233,3 +233,80 @@ class JointPyramidUpsampling(nn.Module):
                             for o in outs[1:]]
         x = torch.cat(outs, dim=1)
         return torch.cat([branch(x) for branch in self.dilated], dim=1)
+
+
+class EncodingLayer(nn.Module):
+    """EncNet's learnable residual encoder: every position x_i is softly assigned to K codewords d_k by
+    softmax_k(s_k ||x_i - d_k||^2) (smoothing factors s_k learnt, initialised negative) and the weighted
+    residuals x_i - d_k are summed over positions: [B, C, H, W] -> [B, K, C]. The distances and sums are
+    computed by matrix products, so the [B, HW, K, C] residual tensor is never held in memory."""
+
+    def __init__(self, channels: int, num_codes: int = 32):
+        super().__init__()
+        bound = 1.0 / (num_codes * channels) ** 0.5
+        self.codewords = nn.Parameter(torch.empty(num_codes, channels).uniform_(-bound, bound))
+        self.scale = nn.Parameter(torch.empty(num_codes).uniform_(-1.0, 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        codes = self.codewords
+        distances = (feats.pow(2).sum(-1, keepdim=True) - 2 * feats @ codes.t() + codes.pow(2).sum(-1))  # [B, N, K]
+        assignment = torch.softmax(self.scale * distances, dim=2)
+        # sum_i a_ik (x_i - d_k) = (A^T X)_k - (sum_i a_ik) d_k
+        return assignment.transpose(1, 2) @ feats - assignment.sum(1).unsqueeze(-1) * codes
+
+
+class ContextEncoding(nn.Module):
+    """EncNet's context encoding module (MMSeg's EncModule): 1x1 conv-BN-ReLU, the encoding layer, BN over the
+    K codewords' aggregated residuals + ReLU, mean over codewords -> the encoded context [B, C]; it scales the
+    input's channels by 1 + sigmoid(fc(context)) before a ReLU. Returns (scaled map, context); the context
+    also feeds the SE-loss classifier."""
+
+    def __init__(self, channels: int, num_codes: int = 32):
+        super().__init__()
+        self.project = ConvNormAct(channels, channels, kernel_size=1, norm="bn")
+        self.encoding = EncodingLayer(channels, num_codes)
+        self.code_norm = nn.BatchNorm1d(num_codes)
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = F.relu(self.code_norm(self.encoding(self.project(x)))).mean(dim=1)
+        gamma = torch.sigmoid(self.fc(context))[:, :, None, None]
+        return F.relu(x + x * gamma), context
+
+
+class EncHead(nn.Module):
+    """EncNet's head as MMSeg's EncHead (FastFCN's best model under the JPU): 3x3 bottleneck, optionally fused
+    by a 3x3 conv with 1x1 laterals of finer levels (upsampled to the bottleneck's size), the context encoding
+    module, classifier. `forward(..., context=True)` also returns the encoded context for the SE-loss."""
+
+    def __init__(self, cin: int, num_classes: int, width: int = 512, num_codes: int = 32, dropout: float = 0.1,
+                 lateral_channels: Sequence[int] = ()):
+        super().__init__()
+        self.bottleneck = ConvNormAct(cin, width, norm="bn")
+        self.laterals = nn.ModuleList(ConvNormAct(c, width, kernel_size=1, norm="bn") for c in lateral_channels)
+        self.fusion = (ConvNormAct(width * (1 + len(lateral_channels)), width, norm="bn") if lateral_channels
+                       else None)
+        self.encoding = ContextEncoding(width, num_codes)
+        self.classifier = Classifier(width, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor, laterals: Sequence[torch.Tensor] = (), *, context: bool = False):
+        feat = self.bottleneck(x)
+        if self.fusion is not None:
+            size = feat.shape[-2:]
+            parts = [F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
+                     for conv, f in zip(self.laterals, laterals)]
+            feat = self.fusion(torch.cat([feat, *parts], dim=1))
+        scaled, encoded = self.encoding(feat)
+        logits = self.classifier(scaled)
+        return (logits, encoded) if context else logits
+
+
+def class_presence(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """The SE-loss target: [B, H, W] label maps -> [B, K] with 1 where the class occurs in the image
+    (ignored and out-of-range labels count for nothing)."""
+    flat = labels.flatten(1).long()
+    valid = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
+    presence = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
+    presence.scatter_(1, torch.where(valid, flat, num_classes), 1.0)
+    return presence[:, :num_classes]

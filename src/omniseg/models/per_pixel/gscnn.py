@@ -55,11 +55,16 @@ class ShapeStream(nn.Module):
 
     `side_channels` are the regular-stream levels that gate it (res3, res4, res5), each reduced to one
     channel by a 1x1 conv, as the original (gates take 1-channel side outputs, not full features).
+    `stem=False`: the first block reads the input map directly (the original on WideResNet-38's 64-channel
+    stride-1 map), so `in_channels` must equal `width`.
     """
 
-    def __init__(self, in_channels: int, side_channels: Sequence[int], width: int = 64):
+    def __init__(self, in_channels: int, side_channels: Sequence[int], width: int = 64, stem: bool = True):
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, width, 1)
+        if not stem and in_channels != width:
+            raise ValueError(f"a shape stream without a stem conv keeps its input's width: model.shape_width must "
+                             f"be {in_channels}, got {width}")
+        self.stem = nn.Conv2d(in_channels, width, 1) if stem else nn.Identity()
         widths = [width // (2 ** i) for i in range(len(side_channels) + 1)]
         self.blocks = nn.ModuleList(BasicBlock(w) for w in widths[:-1])
         self.reduce = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths[:-1], widths[1:]))
@@ -74,6 +79,12 @@ class ShapeStream(nn.Module):
             r = F.interpolate(side(r), size=size, mode="bilinear", align_corners=True)
             s, _ = gate(reduce(block(s)), r)
         return self.head(s)
+
+
+def numpy_uint8_cast(x: torch.Tensor) -> torch.Tensor:
+    """`x.astype(np.uint8)` as NumPy casts floats on x86: truncate towards zero, keep the low 8 bits
+    (-1.3 -> 255, -2.1 -> 254). The released model's Canny read its normalised input cast this way."""
+    return (x.float().trunc().to(torch.int32) & 255).to(torch.uint8)
 
 
 class EdgeFusion(nn.Module):

@@ -1,4 +1,4 @@
-"""Per-pixel classification segmenters: FCN, PSPNet, DANet, DeepLabV3 (ASPP) and Gated-SCNN heads on a
+"""Per-pixel classification segmenters: FCN, PSPNet, DANet, EncNet, DeepLabV3 (ASPP) and Gated-SCNN heads on a
 dilated ResNet, or on a plain stride-32 ResNet with FastFCN's Joint Pyramid Upsampling (`neck: jpu`).
 
 They plug into the same engine as the mask-classification models: `losses(images, targets)` takes the
@@ -18,7 +18,8 @@ from omniseg.models.backbones import build_backbone
 from omniseg.models.base import Segmenter, class_weight_tensor, label_map_from_targets, semantic_results
 from omniseg.models.layers.conv import ConvNormAct
 from omniseg.models.per_pixel.blocks import (
-    ASPP, ASPPHead, Classifier, DANetHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
+    ASPP, ASPPHead, Classifier, DANetHead, EncHead, FCNHead, JointPyramidUpsampling, PSPHead, UPerHead,
+    class_presence,
 )
 from omniseg.models.per_pixel.family import PerPixelSettings
 
@@ -38,19 +39,35 @@ def set_stage_dilations(body: nn.Module, dilations: Sequence[int]) -> None:
                 conv.dilation, conv.padding = (int(d), int(d)), (int(d), int(d))
 
 
+def set_multi_grid(body: nn.Module, base: int, grid: Sequence[int]) -> None:
+    """Dilate block i of a ResNet's res5 by `base` x grid[i % len(grid)] (every 3x3 conv of the block)."""
+    if not hasattr(body, "layer4") or not grid:
+        raise ValueError("model.multi_grid: a non-empty list of multipliers, for a ResNet backbone")
+    for number, block in enumerate(body.layer4):
+        d = int(base * grid[number % len(grid)])
+        for conv in ([block.conv2] if hasattr(block, "conv3") else [block.conv1, block.conv2]):
+            conv.dilation, conv.padding = (d, d), (d, d)
+
+
 class GatedSCNNHead(nn.Module):
     """Gated-SCNN's fusion: ASPP on res5 with an edge branch (the fused boundary map, resized to res5
     and embedded by 1x1 conv), 1x1 projection (no BN, as the original), upsample to res2, concatenate
-    with a 48-channel 1x1 of res2, two 3x3 convs, classifier. The shape stream lives in the model."""
+    with a 48-channel 1x1 of res2, two 3x3 convs, classifier. The shape stream lives in the model.
+    `fine_norm=False` leaves the fine 1x1 conv bare and `classifier_bias=False` drops the classifier's
+    bias, as the released WideResNet-38 model."""
 
     def __init__(self, cin: int, fine_channels: int, num_classes: int, width: int = 256,
-                 rates: Sequence[int] = (12, 24, 36), dropout: float = 0.1):
+                 rates: Sequence[int] = (12, 24, 36), dropout: float = 0.1, fine_norm: bool = True,
+                 classifier_bias: bool = True):
         super().__init__()
         self.edge_embed = ConvNormAct(1, width, kernel_size=1, norm="bn")
         self.aspp = ASPP(cin, width, rates, extra=width, project_bn=False)
-        self.fine = ConvNormAct(fine_channels, 48, kernel_size=1, norm="bn")
+        self.fine = ConvNormAct(fine_channels, 48, kernel_size=1, norm="bn" if fine_norm else None,
+                                activation=fine_norm)
         self.fuse = nn.Sequential(ConvNormAct(width + 48, width, norm="bn"), ConvNormAct(width, width, norm="bn"))
         self.classifier = Classifier(width, num_classes, dropout)
+        if not classifier_bias:
+            self.classifier[1] = nn.Conv2d(width, num_classes, 1, bias=False)
 
     def forward(self, x: torch.Tensor, fine: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         edge = self.edge_embed(F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=True))
@@ -69,7 +86,7 @@ class PerPixelSegmenter(Segmenter):
 
     settings_class = PerPixelSettings
     tasks = ("semantic",)
-    training_only = ("aux_head",)
+    training_only = ("aux_head", "se_classifier")
     raw_output_names = ("sem_seg",)
 
     def __init__(self, settings: PerPixelSettings | Mapping, num_classes: int, thing_ids: Sequence[int] = ()):
@@ -84,6 +101,9 @@ class PerPixelSegmenter(Segmenter):
         self.backbone = build_backbone(s.backbone, **options)
         if s.stage_dilations is not None:
             set_stage_dilations(self.backbone.body, s.stage_dilations)
+        if s.multi_grid is not None:
+            res5_dilation = s.stage_dilations[3] if s.stage_dilations is not None else 32 // output_stride
+            set_multi_grid(self.backbone.body, res5_dilation, s.multi_grid)
         specs = self.backbone.specs
         top_channels = specs["res5"].channels
         self.neck = None
@@ -101,6 +121,9 @@ class PerPixelSegmenter(Segmenter):
             self.head = DANetHead(top_channels, num_classes, width, dropout, pam_channels=s.pam_channels)
         elif self.arch == "deeplabv3":
             self.head = ASPPHead(top_channels, num_classes, width, rates, dropout, project=s.aspp_project)
+        elif self.arch == "encnet":
+            lateral_channels = [specs[n].channels for n in ("res3", "res4")] if s.enc_lateral else []
+            self.head = EncHead(top_channels, num_classes, width, s.num_codes, dropout, lateral_channels)
         elif self.arch == "upernet":
             if self.neck is not None:
                 raise ValueError("UPerNet reads every backbone level: model.neck must be null")
@@ -109,16 +132,25 @@ class PerPixelSegmenter(Segmenter):
         else:
             from omniseg.models.per_pixel.gscnn import EdgeFusion, ShapeStream
 
-            self.shape_stream = ShapeStream(specs["res2"].channels, [specs[n].channels for n in ("res3", "res4", "res5")],
-                                            s.shape_width)
+            missing = [n for n in (s.shape_level, s.gscnn_fine_level, *s.shape_gate_levels) if n not in specs]
+            if missing:
+                raise ValueError(f"Gated-SCNN reads {', '.join(missing)}, which backbone {s.backbone} does not give "
+                                 f"(it gives {', '.join(specs)})")
+            self.shape_stream = ShapeStream(specs[s.shape_level].channels,
+                                            [specs[n].channels for n in s.shape_gate_levels], s.shape_width,
+                                            stem=s.shape_stem)
             self.edge_fusion = EdgeFusion(*s.canny_thresholds)
-            self.head = GatedSCNNHead(top_channels, specs["res2"].channels, num_classes, width, rates, dropout)
+            self.head = GatedSCNNHead(top_channels, specs[s.gscnn_fine_level].channels, num_classes, width, rates,
+                                      dropout, fine_norm=s.gscnn_fine_norm, classifier_bias=s.gscnn_classifier_bias)
         loss = s.loss
-        default_aux = 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet") else 0.0
+        default_aux = 0.4 if self.arch in ("fcn", "pspnet", "deeplabv3", "upernet", "encnet") else 0.0
         self.aux_weight = default_aux if loss.aux_weight is None else loss.aux_weight
         self.aux_level = s.aux_level
         self.aux_head = (FCNHead(specs[self.aux_level].channels, num_classes, s.aux_width, dropout=dropout)
                          if self.aux_weight > 0 else None)
+        # EncNet's SE-loss: which classes the image holds, predicted from the encoded context.
+        self.se_weight = loss.se_weight if self.arch == "encnet" else 0.0
+        self.se_classifier = nn.Linear(width, num_classes) if self.se_weight > 0 else None
         self.branch_weight = loss.branch_weight  # DANet: each attention branch's own CE
         self.edge_weight = loss.edge_weight  # Gated-SCNN's weights
         self.edge_att_weight = loss.edge_attention_weight
@@ -130,26 +162,45 @@ class PerPixelSegmenter(Segmenter):
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the backbone stages in backward (timm's gradient checkpointing)."""
-        self.backbone.body.set_grad_checkpointing(enabled)
+        body = getattr(self.backbone, "body", None)
+        if not hasattr(body, "set_grad_checkpointing"):
+            raise ValueError(f"model.activation_checkpointing: the {self.settings.backbone} backbone has no "
+                             f"gradient checkpointing (timm ResNets and ViTs do)")
+        body.set_grad_checkpointing(enabled)
 
     # -- network -------------------------------------------------------------------------------
     def _unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x * self.pixel_std + self.pixel_mean).clamp(0, 255)
 
+    def _canny_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The uint8 image Gated-SCNN's Canny reads. `canny_input: normalized_uint8` reproduces the released
+        model's input, the normalised image cast to uint8 (the edges its fusion weights were trained on)."""
+        if self.settings.canny_input == "normalized_uint8":
+            from omniseg.models.per_pixel.gscnn import numpy_uint8_cast
+
+            return numpy_uint8_cast(x)
+        return self._unnormalize(x).round().to(torch.uint8)
+
     def network(self, x: torch.Tensor, *, training_outputs: bool = False) -> dict:
         """Normalised images -> {"sem_seg": logits at the head's stride, and with `training_outputs`
-        the auxiliary, DANet-branch and Gated-SCNN boundary logits}."""
+        the auxiliary, DANet-branch, EncNet SE-loss and Gated-SCNN boundary logits}."""
         feats = self.backbone(x)
         top = self.neck([feats["res3"], feats["res4"], feats["res5"]]) if self.neck is not None else feats["res5"]
         out: dict = {}
         if self.arch == "gscnn":
-            edge = self.shape_stream(feats["res2"], [feats["res3"], feats["res4"], feats["res5"]])
+            s = self.settings
+            edge = self.shape_stream(feats[s.shape_level], [feats[n] for n in s.shape_gate_levels])
             edge = F.interpolate(edge, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            acts = self.edge_fusion(edge, self._unnormalize(x).round().to(torch.uint8))
-            out["sem_seg"] = self.head(top, feats["res2"], acts)
+            acts = self.edge_fusion(edge, self._canny_input(x))
+            out["sem_seg"] = self.head(top, feats[s.gscnn_fine_level], acts)
             out["edge"] = edge
         elif self.arch == "upernet":
             out["sem_seg"] = self.head([feats[n] for n in ("res2", "res3", "res4", "res5")])
+        elif self.arch == "encnet":
+            laterals = [feats["res3"], feats["res4"]] if self.settings.enc_lateral else []
+            out["sem_seg"], context = self.head(top, laterals, context=True)
+            if training_outputs and self.se_classifier is not None:
+                out["se"] = self.se_classifier(context)
         elif self.arch == "danet" and training_outputs:
             out["sem_seg"], branches = self.head(top, branches=True)
             out.update(branches)
@@ -180,6 +231,9 @@ class PerPixelSegmenter(Segmenter):
             for branch in ("pam", "cam"):
                 if branch in out:
                     losses[f"loss_{branch}"] = self.branch_weight * self._ce(out[branch], labels)
+            if "se" in out:
+                presence = class_presence(labels, self.num_classes, self.ignore_index)
+                losses["loss_se"] = self.se_weight * F.binary_cross_entropy_with_logits(out["se"].float(), presence)
             if "edge" in out:
                 losses.update(self._boundary_losses(out, labels, targets))
         return losses

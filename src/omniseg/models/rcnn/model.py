@@ -7,6 +7,11 @@ the engine has already augmented and padded the images, and resizing again would
 
 `arch: panet` swaps in PANet's bottom-up path, adaptive feature pooling and fully-connected-fusion mask head
 (omniseg.models.rcnn.panet); every other part, including losses and inference, is the Mask R-CNN one.
+
+Switches for checkpoints trained elsewhere (defaults keep the plain torchvision / detectron2 behaviour):
+GroupNorm in the FPN (`fpn_norm`) and RoI heads (`roi.head_norm`), a conv box head (`roi.box_head: conv_fc`),
+and Detectron's legacy geometry: `rpn.anchors: detectron_legacy`, `roi.box_geometry: legacy` (+1 box widths in
+box coding, sizes and NMS; clipping to W - 1) and `roi.aligned: false` (legacy RoIAlign).
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, paste_masks_in_image, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
 
@@ -36,7 +44,7 @@ from omniseg.models.base import Segmenter, class_weight_tensor
 from omniseg.models.layers.nms import exportable_torchvision_nms
 from omniseg.models.rcnn.family import RCNNSettings
 from omniseg.models.rcnn.panet import (
-    AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, FusedMaskHead, rois_from_boxes,
+    AdaptiveRoIAlign, AdaptiveTwoMLPHead, BottomUpPath, ConvFCBoxHead, FusedMaskHead, group_norm, rois_from_boxes,
 )
 
 
@@ -62,15 +70,17 @@ class FPNBackbone(nn.Module):
     """omniseg backbone (res2..res5) -> torchvision FPN (P2..P5) [-> PANet bottom-up path (N2..N5)] -> + max-pool
     level ("pool", stride 64, RPN only). Returns the OrderedDict torchvision's detection heads expect."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256, bottom_up: bool = False):
+    def __init__(self, body: nn.Module, out_channels: int = 256, bottom_up: bool = False, norm: str = "none"):
         super().__init__()
         self.body = body
         specs = body.specs
         self.strides = [int(specs[n].stride) for n in FEATURE_NAMES]
         prefix = "n" if bottom_up else "p"
         self.level_names = [f"{prefix}{int(math.log2(s))}" for s in self.strides]
-        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in FEATURE_NAMES], out_channels)
-        self.bottom_up = BottomUpPath(out_channels, len(FEATURE_NAMES)) if bottom_up else None
+        # norm "gn": bias-free FPN convs + GroupNorm (torchvision's norm_layer), as Detectron's FPN.USE_GN
+        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in FEATURE_NAMES], out_channels,
+                                         norm_layer=group_norm if norm == "gn" else None)
+        self.bottom_up = BottomUpPath(out_channels, len(FEATURE_NAMES), norm=norm) if bottom_up else None
         self.top_block = LastLevelMaxPool()
         self.out_channels = out_channels  # what torchvision's MaskRCNN reads
 
@@ -113,6 +123,85 @@ class UnroundedAnchorGenerator(AnchorGenerator):
         self.set_cell_anchors(dtype, device)
         per_level = self.grid_anchors(grid_sizes, strides)
         return [torch.cat(per_level) for _ in image_list.image_sizes]
+
+
+class LegacyAnchorGenerator(UnroundedAnchorGenerator):
+    """Detectron's generate_anchors at each level: the reference window (0, 0, stride - 1, stride - 1); per aspect
+    ratio r a width round(sqrt(stride^2 / r)) and height round(width * r) about its centre (stride - 1) / 2; both
+    scaled by size / stride; corners centre -+ (side - 1) / 2 (inclusive pixels). Placed every `stride` pixels
+    from 0, in the order (location, ratio), as Detectron's RPN reads its outputs."""
+
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.cell_anchors = [legacy_cell_anchors(stride, sizes, ratios, dtype, device)
+                             for stride, sizes, ratios in zip(self.level_strides, self.sizes, self.aspect_ratios)]
+
+
+def legacy_cell_anchors(stride: int, sizes, aspect_ratios, dtype: torch.dtype = torch.float32,
+                        device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One level's Detectron anchors [len(ratios) * len(sizes), 4] (x1, y1, x2, y2), ratio-major. Computed in
+    float64, rounding half to even as numpy does."""
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+    scales = torch.as_tensor(sizes, dtype=torch.float64) / stride
+    centre = (stride - 1) / 2.0
+    ws = torch.round(torch.sqrt(stride * stride / ratios))
+    hs = torch.round(ws * ratios)
+    ws = (ws[:, None] * scales[None, :]).reshape(-1)
+    hs = (hs[:, None] * scales[None, :]).reshape(-1)
+    anchors = torch.stack([centre - 0.5 * (ws - 1), centre - 0.5 * (hs - 1),
+                           centre + 0.5 * (ws - 1), centre + 0.5 * (hs - 1)], dim=1)
+    return anchors.to(dtype=dtype, device=device)
+
+
+class LegacyBoxCoder(BoxCoder):
+    """Detectron's box coding: widths and heights x2 - x1 + 1, decoded x2 = centre + w / 2 - 1. Equal to the
+    continuous coding of boxes whose x2, y2 are moved out by one pixel, moved back after decoding."""
+
+    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return super().encode_single(_exclusive(reference_boxes), _exclusive(proposals))
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        decoded = super().decode_single(rel_codes, _exclusive(boxes.to(rel_codes.dtype)))
+        return decoded - decoded.new_tensor(_ONE_PIXEL).repeat(decoded.shape[1] // 4)
+
+
+_ONE_PIXEL = (0.0, 0.0, 1.0, 1.0)
+
+
+def _exclusive(boxes: torch.Tensor) -> torch.Tensor:
+    """Pixel-inclusive boxes (Detectron) moved out by one pixel at x2, y2: continuous boxes whose widths, areas
+    and IoUs are Detectron's (x2 - x1 + 1)."""
+    return boxes + boxes.new_tensor(_ONE_PIXEL)
+
+
+def _clip_inclusive(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Clip to [0, W - 1] x [0, H - 1], as Detectron (torchvision clips to [0, W] x [0, H])."""
+    return box_ops.clip_boxes_to_image(boxes, (size[0] - 1, size[1] - 1))
+
+
+class LegacyClipRPN(RegionProposalNetwork):
+    """torchvision's RPN proposal filtering on Detectron's pixel-inclusive boxes: per level top-k, clipping to
+    W - 1, minimum size and NMS IoU on x2 - x1 + 1 widths."""
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        num_images, device = proposals.shape[0], proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
+                            for i, n in enumerate(num_anchors_per_level)])
+        levels = levels.reshape(1, -1).expand_as(objectness)
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch = torch.arange(num_images, device=device)[:, None]
+        probs, levels, proposals = torch.sigmoid(objectness[batch, top]), levels[batch, top], proposals[batch, top]
+        final_boxes, final_scores = [], []
+        for boxes, scores, level, size in zip(proposals, probs, levels, image_shapes):
+            wide = _exclusive(_clip_inclusive(boxes, size))
+            keep = box_ops.remove_small_boxes(wide, self.min_size)
+            wide, scores, level = wide[keep], scores[keep], level[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]
+            wide, scores, level = wide[keep], scores[keep], level[keep]
+            keep = box_ops.batched_nms(wide, scores, level, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(wide[keep] - wide.new_tensor(_ONE_PIXEL))
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
 
 class LevelRoIAlign(MultiScaleRoIAlign):
@@ -166,7 +255,8 @@ class RCNNSegmenter(Segmenter):
         bottom_up, adaptive, fc_fusion = (s.panet.bottom_up, s.panet.adaptive_pooling, s.panet.fc_fusion) if is_panet \
             else (False, False, False)
 
-        backbone = FPNBackbone(build_backbone(s.backbone, **s.backbone_options()), s.fpn_dim, bottom_up=bottom_up)
+        backbone = FPNBackbone(build_backbone(s.backbone, **s.backbone_options()), s.fpn_dim, bottom_up=bottom_up,
+                               norm=s.fpn_norm)
         names, strides, dim = backbone.level_names, backbone.strides, s.fpn_dim
 
         rpn, roi, test = s.rpn, s.roi, s.test
@@ -177,26 +267,36 @@ class RCNNSegmenter(Segmenter):
                        (tuple(float(r) for r in rpn.aspect_ratios),) * len(rpn.anchor_sizes))
         if rpn.anchors == "detectron2":
             anchors = UnroundedAnchorGenerator(*anchor_args, strides=[*strides, 2 * strides[-1]])
+        elif rpn.anchors == "detectron_legacy":
+            anchors = LegacyAnchorGenerator(*anchor_args, strides=[*strides, 2 * strides[-1]])
         else:
             anchors = AnchorGenerator(*anchor_args)
         box_res, mask_res, ratio = roi.box_resolution, roi.mask_resolution, roi.sampling_ratio
         if adaptive:
-            # PANet's adaptive pooling is aligned RoIAlign, sampling ratio 2 (spec), on every level.
-            box_pool = AdaptiveRoIAlign(names, strides, box_res, ratio, aligned=True)
-            mask_pool = AdaptiveRoIAlign(names, strides, mask_res, ratio, aligned=True)
-            box_head = AdaptiveTwoMLPHead(len(names), dim * box_res * box_res, roi.box_head_dim)
+            # PANet's adaptive pooling: RoIAlign on every level (aligned by default; the released PANet: legacy).
+            box_pool = AdaptiveRoIAlign(names, strides, box_res, ratio, aligned=roi.aligned)
+            mask_pool = AdaptiveRoIAlign(names, strides, mask_res, ratio, aligned=roi.aligned)
         else:
             box_pool = LevelRoIAlign(names, strides, box_res, ratio, roi.aligned)
             mask_pool = LevelRoIAlign(names, strides, mask_res, ratio, roi.aligned)
+        if roi.box_head == "conv_fc":
+            box_head = ConvFCBoxHead(len(names) if adaptive else 1, dim, roi.box_conv_dim, roi.box_head_convs, box_res,
+                                     roi.box_head_dim, norm=roi.head_norm)
+            if not adaptive:
+                box_head = _OneLevel(box_head)
+        elif adaptive:
+            box_head = AdaptiveTwoMLPHead(len(names), dim * box_res * box_res, roi.box_head_dim)
+        else:
             box_head = TwoMLPHead(dim * box_res * box_res, roi.box_head_dim)
         if is_panet:
             mask_head = FusedMaskHead(len(names) if adaptive else 1, dim, num_classes + 1, roi.mask_head_dim, mask_res,
-                                      fc_fusion=fc_fusion, fusion_relu=s.panet.fusion_relu)
+                                      fc_fusion=fc_fusion, fusion_relu=s.panet.fusion_relu, norm=roi.head_norm)
             if not adaptive:
                 mask_head = _OneLevel(mask_head)
             mask_predictor = nn.Identity()  # FusedMaskHead already returns per-class logits
         else:
-            mask_head = MaskRCNNHeads(dim, [roi.mask_head_dim] * roi.mask_convs, 1)
+            mask_head = MaskRCNNHeads(dim, [roi.mask_head_dim] * roi.mask_convs, 1,
+                                      norm_layer=group_norm if roi.head_norm == "gn" else None)
             mask_predictor = MaskRCNNPredictor(roi.mask_head_dim, roi.mask_head_dim, num_classes + 1)
 
         self.mask_threshold = test.mask_threshold
@@ -217,11 +317,19 @@ class RCNNSegmenter(Segmenter):
             mask_roi_pool=mask_pool, mask_head=mask_head, mask_predictor=mask_predictor,
         )
         self.detector.transform = BatchOnlyTransform(32)
+        if roi.box_geometry == "legacy":
+            # Detectron's +1 widths in both stages' box coding and NMS, clipping to W - 1 (parameter names unchanged)
+            rpn_module, heads = self.detector.rpn, self.detector.roi_heads
+            rpn_module.box_coder = LegacyBoxCoder(rpn_module.box_coder.weights, rpn_module.box_coder.bbox_xform_clip)
+            heads.box_coder = LegacyBoxCoder(heads.box_coder.weights, heads.box_coder.bbox_xform_clip)
+            rpn_module.__class__ = LegacyClipRPN
+            heads.__class__ = LegacyClipRoIHeads
         weights = class_weight_tensor(s.loss.class_weights, num_classes)
         self.register_buffer("classifier_weights", None if weights is None else torch.cat([weights.new_ones(1), weights]),
                              persistent=False)  # background (torchvision's class 0) keeps weight 1
-        if weights is not None:  # keep what the weighted classifier loss needs; parameter names unchanged
+        if weights is not None and roi.box_geometry != "legacy":  # LegacyClipRoIHeads taps too
             self.detector.roi_heads.__class__ = TappedRoIHeads
+        if weights is not None:  # keep what the weighted classifier loss needs; parameter names unchanged
             self.detector.roi_heads.box_predictor.register_forward_hook(self._keep_class_logits)
 
     def _keep_class_logits(self, module, inputs, outputs) -> None:
@@ -328,6 +436,29 @@ class TappedRoIHeads(RoIHeads):
         proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
         self.labels = labels
         return proposals, matched_idxs, labels, regression_targets
+
+
+class LegacyClipRoIHeads(TappedRoIHeads):
+    """RoIHeads post-processing Detectron's pixel-inclusive detections: clipped to [0, W - 1] x [0, H - 1],
+    per-class NMS IoU on x2 - x1 + 1 widths, no empty-box filter (every such box is at least 1 px wide; Detectron
+    has none); score threshold and top-k as torchvision. Taps the sampled labels like TappedRoIHeads."""
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        counts = [p.shape[0] for p in proposals]
+        decoded = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+        probabilities = F.softmax(class_logits, -1).split(counts, 0)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, size in zip(decoded, probabilities, image_shapes):
+            boxes = _clip_inclusive(boxes, size)
+            labels = torch.arange(scores.shape[-1], device=scores.device).view(1, -1).expand_as(scores)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(_exclusive(boxes), scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
 
 
 class _OneLevel(nn.Module):

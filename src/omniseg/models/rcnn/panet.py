@@ -7,6 +7,10 @@
 - `AdaptiveTwoMLPHead` / `FusedMaskHead`: per-level first layer (fc6 / conv1), element-wise max over levels,
   rest of the head on the fused map; the mask head adds the fully-connected fusion branch.
 
+`norm="gn"` gives each of them GroupNorm (32 groups) after every conv, as the released PANet models
+(FPN.USE_GN and the *_gn heads); `ConvFCBoxHead` is their convolutional box head (per-level conv, more convs,
+one fc). The default `norm="none"` builds exactly the norm-free modules.
+
 They keep torchvision's interfaces (MultiScaleRoIAlign subclass, box head -> features, mask head -> logits
 with an identity mask predictor), so torchvision's RoIHeads still does sampling, losses and post-processing.
 """
@@ -36,13 +40,42 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return conv
 
 
-class BottomUpPath(nn.Module):
-    """Bottom-up path augmentation on FPN outputs P2..P5 (all `channels` wide) -> N2..N5, same strides."""
+NORMS = ("none", "gn")
+GN_GROUPS = 32
 
-    def __init__(self, channels: int = 256, num_levels: int = 4):
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """The released PANet's GroupNorm: 32 groups whatever the width, eps 1e-5."""
+    return nn.GroupNorm(GN_GROUPS, channels, eps=1e-5)
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _conv_gn(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
+    """3x3 conv (mask-head init) + GroupNorm, as one module `[conv, norm]`; ReLU is applied by the caller."""
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, group_norm(cout))
+
+
+class BottomUpPath(nn.Module):
+    """Bottom-up path augmentation on FPN outputs P2..P5 (all `channels` wide) -> N2..N5, same strides.
+    `norm="gn"`: GroupNorm after both convs of a step (the convs keep their bias, as the released models)."""
+
+    def __init__(self, channels: int = 256, num_levels: int = 4, norm: str = "none"):
         super().__init__()
-        self.down = nn.ModuleList(_conv3x3(channels, channels, stride=2) for _ in range(num_levels - 1))
-        self.fuse = nn.ModuleList(_conv3x3(channels, channels) for _ in range(num_levels - 1))
+        _check_norm(norm)
+        if norm == "gn":
+            self.down = nn.ModuleList(_conv_gn(channels, channels, 2, bias=True) for _ in range(num_levels - 1))
+            self.fuse = nn.ModuleList(_conv_gn(channels, channels, bias=True) for _ in range(num_levels - 1))
+        else:
+            self.down = nn.ModuleList(_conv3x3(channels, channels, stride=2) for _ in range(num_levels - 1))
+            self.fuse = nn.ModuleList(_conv3x3(channels, channels) for _ in range(num_levels - 1))
 
     def forward(self, p: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         n = [p[0]]
@@ -97,6 +130,33 @@ class AdaptiveTwoMLPHead(nn.Module):
         return F.relu(self.fc7(self.fuse(x)))
 
 
+class ConvFCBoxHead(nn.Module):
+    """The released PANet's box head ("4conv1fc" with GroupNorm): per-level conv -> ReLU -> element-wise max
+    over levels -> `num_convs - 1` more convs (ReLU) -> fc -> ReLU. Input [L, R, C, S, S] (adaptive pooling; a
+    single level with L = 1), output [R, fc_dim]. `norm="gn"`: bias-free convs + GroupNorm; "none": convs with bias."""
+
+    def __init__(self, num_levels: int, in_channels: int, conv_dim: int = 256, num_convs: int = 4,
+                 resolution: int = 7, fc_dim: int = 1024, norm: str = "gn"):
+        super().__init__()
+        _check_norm(norm)
+        if num_convs < 1:
+            raise ValueError(f"a conv box head needs at least its per-level conv, got num_convs={num_convs}")
+        make = _conv_gn if norm == "gn" else _msra_conv
+        self.level_convs = nn.ModuleList(make(in_channels, conv_dim) for _ in range(num_levels))
+        self.convs = nn.ModuleList(make(conv_dim, conv_dim) for _ in range(num_convs - 1))
+        self.fc = nn.Linear(conv_dim * resolution * resolution, fc_dim)
+        nn.init.kaiming_uniform_(self.fc.weight, a=1)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.level_convs):
+            raise ValueError(f"expected {len(self.level_convs)} pooled levels, got {x.shape[0]}")
+        h = torch.stack([F.relu(conv(level)) for conv, level in zip(self.level_convs, x)]).amax(0)
+        for conv in self.convs:
+            h = F.relu(conv(h))
+        return F.relu(self.fc(h.flatten(1)))
+
+
 def _msra_conv(cin: int, cout: int) -> nn.Conv2d:
     """3x3 conv with the Mask R-CNN mask-head init (kaiming-normal fan_out, zero bias; as torchvision)."""
     conv = nn.Conv2d(cin, cout, 3, padding=1)
@@ -111,15 +171,18 @@ class FusedMaskHead(nn.Module):
     FCN: per-level conv1 -> max -> conv2, conv3, conv4 (3x3, ReLU) -> 2x deconv -> ReLU -> 1x1 per-class logits.
     FC fusion: conv3 -> conv4_fc (3x3) -> conv5_fc (3x3, channels halved) -> fc -> (2S)^2 class-agnostic logits,
     added to every class's FCN logits. `fusion_relu` applies ReLU to the fc output, as the PANet repository
-    does (the paper does not say). Used with an identity mask predictor: the logits leave this module.
+    does (the paper does not say). `norm="gn"`: every 3x3 conv bias-free + GroupNorm (32 groups, also on the
+    halved conv5_fc). Used with an identity mask predictor: the logits leave this module.
     """
 
     def __init__(self, num_levels: int, in_channels: int, num_classes: int, dim: int = 256, resolution: int = 14,
-                 fc_fusion: bool = True, fusion_relu: bool = True):
+                 fc_fusion: bool = True, fusion_relu: bool = True, norm: str = "none"):
         super().__init__()
+        _check_norm(norm)
+        make = _conv_gn if norm == "gn" else _msra_conv
         self.resolution = resolution
-        self.conv1 = nn.ModuleList(_msra_conv(in_channels, dim) for _ in range(num_levels))
-        self.conv2, self.conv3, self.conv4 = _msra_conv(dim, dim), _msra_conv(dim, dim), _msra_conv(dim, dim)
+        self.conv1 = nn.ModuleList(make(in_channels, dim) for _ in range(num_levels))
+        self.conv2, self.conv3, self.conv4 = make(dim, dim), make(dim, dim), make(dim, dim)
         self.deconv = nn.ConvTranspose2d(dim, dim, 2, stride=2)
         self.predictor = nn.Conv2d(dim, num_classes, 1)
         for m in (self.deconv, self.predictor):
@@ -128,8 +191,8 @@ class FusedMaskHead(nn.Module):
         self.fc_fusion = fc_fusion
         self.fusion_relu = fusion_relu
         if fc_fusion:
-            self.conv4_fc = _msra_conv(dim, dim)
-            self.conv5_fc = _msra_conv(dim, dim // 2)
+            self.conv4_fc = make(dim, dim)
+            self.conv5_fc = make(dim, dim // 2)
             self.fc = nn.Linear((dim // 2) * resolution * resolution, (2 * resolution) ** 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
