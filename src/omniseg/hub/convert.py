@@ -71,11 +71,8 @@ def convert(source: str | os.PathLike, fmt: str, preset: str, output: str | os.P
     own = model.state_dict()
     unmapped = sorted(k for k in conversion.state_dict if k not in own)
     absent = sorted(k for k in own if k not in conversion.state_dict)
-    def is_training_only(key: str) -> bool:  # a training-only module's tensors, or such a bare parameter
-        return any(key == name or key.startswith(f"{name}.") for name in model.training_only)
-
-    initialised = [k for k in absent if is_training_only(k)]
-    missing = [k for k in absent if not is_training_only(k)]
+    initialised = [k for k in absent if model.is_training_only(k)]
+    missing = [k for k in absent if not model.is_training_only(k)]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in conversion.state_dict.items()
              if k in own and own[k].shape != v.shape]
     if wrong:

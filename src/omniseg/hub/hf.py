@@ -75,7 +75,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, stuff_classes: Iterable[str] 
     report = report_load(model, state, source=str(path))
     # Inference checkpoints lack training-only weights (loss buffers; OneFormer's text mapper, which
     # then starts from its initialisation if the model is fine-tuned).
-    missing = [k for k in report["missing"] if k.split(".")[0] not in model.training_only]
+    missing = [k for k in report["missing"] if not model.is_training_only(k)]
     if missing or report["unexpected"]:
         raise CheckpointError(f"{path}: converted weights do not fit: missing {missing[:5]}, "
                               f"unexpected {report['unexpected'][:5]}")

@@ -138,6 +138,11 @@ class Segmenter(nn.Module, abc.ABC):
             raise ValueError(f"post-processing mode {mode!r}: {self.describe()} {offered}")
         self.postprocess_mode = mode
 
+    def is_training_only(self, key: str) -> bool:
+        """Whether state-dict `key` belongs to a `training_only` child or parameter (inference checkpoints
+        may lack it: it keeps its initialisation)."""
+        return key.split(".", 1)[0] in self.training_only
+
     def describe(self) -> str:
         """A short name for messages: the class and its arch."""
         arch = getattr(self, "arch", None)
