@@ -134,9 +134,10 @@ def _report(results: dict, cmd: str) -> str:
         "## Layer consistency of the final models (validation, %)", "",
         "Set 0 = initial queries, set i = after decoder layer i. mIoU-Li: IoU of the final owner query's mask "
         "between consecutive sets (i -> i+1); mIoU-Li-gt: that mask vs its GT; Util: GT matched to its final "
-        "owner already at that set (see `omniseg.evaluation.consistency`).", "",
+        "owner already at that set (the last set is the reference, so it has none; see "
+        "`omniseg.evaluation.consistency`).", "",
     ]
-    n_sets = len(m2f["consistency"]["Util"])
+    n_sets = len(m2f["consistency"]["mIoU-Li-gt"])
     header = "| model | metric | " + " | ".join(f"set {i}" for i in range(n_sets)) + " |"
     lines += [header, "|---|---|" + "---|" * n_sets]
     for m in (m2f, mp):

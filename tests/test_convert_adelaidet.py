@@ -1,6 +1,6 @@
 """omniseg convert --from adelaidet: AdelaiDet's released BlendMask .pth files (layouts read from AdelaiDet's code,
 tests/fixtures/checkpoint_layouts) convert with nothing unmapped or missing, the config following the checkpoint
-(levels, towers, norms, attention size), and predict."""
+(levels, towers, norms, attention size, the panoptic models' Panoptic-FPN stuff head), and predict."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def test_blendmask_r50_3x_converts_and_predicts(tmp_path):
     assert ((result["labels"] >= 0) & (result["labels"] < 80)).all()
 
 
-def test_blendmask_rt_follows_the_release_not_the_preset(tmp_path):
-    """AdelaiDet's RT models read P3-P5 with 14 x 14 attentions; omniseg's blendmask_rt_r50 preset has P3-P6 and 7 x 7."""
+def test_blendmask_rt_converts_with_its_released_levels_and_attention_size(tmp_path):
+    """AdelaiDet's RT models read P3-P5 with 14 x 14 attentions, as the blendmask_rt_r50 preset (the rt variant's own
+    defaults, P3-P6 and 7 x 7, are the paper's)."""
     layout, sd, path = _released(tmp_path, "blendmask_rt_r50_4x_bn_head")
     report = convert(path, "adelaidet", "blendmask_rt_r50", tmp_path / "rt.safetensors")
     assert report["unmapped"] == [] and report["missing"] == [] and report["mapped"] == len(layout["tensors"])
@@ -71,11 +72,48 @@ def test_blendmask_rt_follows_the_release_not_the_preset(tmp_path):
     assert len(result["scores"]) > 0 and result["masks"].shape[1:] == (96, 128)
 
 
+def test_blendmask_panoptic_converts_into_the_panoptic_fpn_stuff_head_and_predicts(tmp_path):
+    """AdelaiDet's Panoptic R_50_3x: FCOS on P3-P7, an FPN that also builds P2, and detectron2's SemSegFPNHead
+    (`panoptic_module.p<l>.<2k>`) with 53 stuff classes + "things"."""
+    layout, sd, path = _released(tmp_path, "blendmask_panoptic_r50_3x")
+    report = convert(path, "adelaidet", "blendmask_panoptic_r50", tmp_path / "p.safetensors", classes="coco_panoptic")
+    assert report["unmapped"] == [] and report["missing"] == [] and report["mapped"] == len(layout["tensors"])
+    assert {"model.variant=panoptic", "model.blendmask.stuff_head=panoptic_fpn", "model.blendmask.stuff_channels=128",
+            "model.blendmask.num_levels=5", "model.blendmask.test.instance_score_threshold=0.45",
+            "model.blendmask.test.overlap_threshold=0.4"} <= set(report["overrides"])
+    model, cfg, meta = load_model(tmp_path / "p.safetensors")
+    assert meta.num_classes == 133 and model.thing_ids == list(range(80)) and len(model.stuff_ids) == 53
+    assert model.fpn_inputs == ("res2", "res3", "res4", "res5") and model.strides == [8, 16, 32, 64, 128]
+    state = model.state_dict()
+    assert torch.equal(state["fpn.inner_blocks.0.0.weight"], sd["backbone.fpn_lateral2.weight"])
+    assert torch.equal(state["fpn.layer_blocks.3.0.bias"], sd["backbone.fpn_output5.bias"])
+    assert torch.equal(state["stuff_head.scale_heads.0.0.0.weight"], sd["panoptic_module.p2.0.weight"])
+    assert torch.equal(state["stuff_head.scale_heads.2.1.0.weight"], sd["panoptic_module.p4.2.weight"])
+    assert torch.equal(state["stuff_head.scale_heads.3.2.1.bias"], sd["panoptic_module.p5.4.norm.bias"])
+    assert torch.equal(state["stuff_head.predictor.weight"], sd["panoptic_module.predictor.weight"])
+    assert model.stuff_head.scale_heads[3][2][1].num_groups == 32  # detectron2's GroupNorm(32, 128)
+
+    pred = Predictor(tmp_path / "p.safetensors", min_size_test=96)(_image())
+    seg, infos = pred["panoptic"]["segment_map"], pred["panoptic"]["segments_info"]
+    assert seg.shape == (96, 128) and {s["id"] for s in infos} == set(torch.unique(seg).tolist()) - {0}
+    assert any(not s["isthing"] for s in infos)  # the converted stuff head's classes reach the merge
+    assert all(s["isthing"] == (s["category"] < 80) for s in infos)
+    assert pred["instances"]["masks"].shape[1:] == (96, 128)
+    # Without --classes the checkpoint's own split holds: the detector's 80 classes are the things.
+    convert(path, "adelaidet", "blendmask_panoptic_r50", tmp_path / "q.safetensors")
+    _, _, meta = load_model(tmp_path / "q.safetensors")
+    assert meta.num_classes == 133 and meta.thing_ids == list(range(80))
+
+
 def test_checkpoints_omniseg_cannot_build_are_refused(tmp_path):
     sd = random_state_dict(load_layout("blendmask_r50_3x"))
+    panoptic = random_state_dict(load_layout("blendmask_panoptic_r50_3x"))
+    path = write_torch_checkpoint(tmp_path / "panoptic.pth", panoptic)
+    with pytest.raises(CheckpointError, match="panoptic.pth: .*convert it with the panoptic preset"):
+        convert(path, "adelaidet", "blendmask_r50", tmp_path / "x.safetensors")
     cases = {
-        "panoptic": (dict(sd, **{"panoptic_module.predictor.weight": torch.zeros(54, 128, 1, 1)}),
-                     r"Panoptic-FPN semantic head on P2-P5"),
+        "nop2": (dict(sd, **{"panoptic_module.predictor.weight": torch.zeros(54, 128, 1, 1)}),
+                 r"needs the FPN's P2"),
         "dla": ({k: v for k, v in sd.items() if not k.startswith("backbone.bottom_up.")}, r"not a detectron2 ResNet"),
         "scales": (dict(sd, **{HEAD + "scales.0.scale": torch.ones(1)}), r"per-level scales"),
         "dcn": (dict(sd, **{"backbone.bottom_up.res5.0.conv2.conv_offset.weight": torch.zeros(18, 512, 3, 3)}),
@@ -84,7 +122,8 @@ def test_checkpoints_omniseg_cannot_build_are_refused(tmp_path):
     for name, (state, message) in cases.items():
         path = write_torch_checkpoint(tmp_path / f"{name}.pth", state)
         with pytest.raises(CheckpointError, match=f"{name}.pth: .*{message}"):
-            convert(path, "adelaidet", "blendmask_r50", tmp_path / "x.safetensors")
+            convert(path, "adelaidet", "blendmask_panoptic_r50" if name == "nop2" else "blendmask_r50",
+                    tmp_path / "x.safetensors")
     path = write_torch_checkpoint(tmp_path / "instance.pth", sd)
     with pytest.raises(CheckpointError, match="convert it with an instance preset"):
         convert(path, "adelaidet", "blendmask_panoptic_r50", tmp_path / "x.safetensors")

@@ -116,6 +116,41 @@ def test_camvid_preset_maps_void_to_ignore():
     assert seen_void
 
 
+def _frames(tmp_path, names):
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    for n in names:
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{n}.png")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "labels" / f"{n}.png")
+
+
+def test_sequences_select_video_frames(tmp_path):
+    _frames(tmp_path, ["0001TP_000010", "0001TP_000020", "0006R0_f00930", "Seq05VD_f00000"])
+    cfg = {"format": "semantic_folder", "root": str(tmp_path), "image_dir": "images", "label_dir": "labels",
+           "classes": ["a", "b"]}
+    keys = lambda ds: [k for k, _, _ in ds.items]  # noqa: E731
+    assert keys(build_dataset({**cfg, "sequences": ["0001TP", "Seq05VD"]}, "train")) == [
+        "0001TP_000010", "0001TP_000020", "Seq05VD_f00000"]
+    assert keys(build_dataset({**cfg, "exclude_sequences": ["0001TP"]}, "train")) == ["0006R0_f00930", "Seq05VD_f00000"]
+    with pytest.raises(DataError, match=r"data.sequences: no frames of \['0016E5'\]"):
+        build_dataset({**cfg, "sequences": ["0016E5"]}, "train")
+    with pytest.raises(DataError, match="no frames left"):
+        build_dataset({**cfg, "sequences": ["0006R0"], "exclude_sequences": ["0006R0"]}, "train")
+    with pytest.raises(ValueError, match="semantic_folder"):
+        build_dataset({"format": "synthetic", "root": str(tmp_path), "sequences": ["0001TP"]}, "train")
+
+
+def test_camvid_sequence_held_out_split():
+    """Train on 0001TP + 0016E5, validate on all of 0006R0: no sequence shared (CamVid val is 0016E5)."""
+    root = shared("camvid")
+    cfg = {"format": "semantic_folder", "preset": "camvid", "root": str(root)}
+    train = build_dataset({**cfg, "exclude_sequences": ["0006R0"]}, "train")
+    held_out = build_dataset({**cfg, "sequences": ["0006R0"]}, "train")  # frames of CamVid's train folder
+    assert (len(train), len(held_out)) == (266, 101)
+    seqs = lambda ds: {k.split("_")[0] for k, _, _ in ds.items}  # noqa: E731
+    assert seqs(train) == {"0001TP", "0016E5"} and seqs(held_out) == {"0006R0"}
+
+
 def test_ade20k_preset_reduces_zero_label():
     root = shared("ade20k_sample")
     ds = SemanticFolderDataset(root / "images", root / "annotations", preset="ade20k",

@@ -269,3 +269,224 @@ def test_training_set_augmentation_depends_only_on_the_sample_seed():
     assert not torch.equal(x["image"], ts[(1, 78)]["image"])
     batch = collate([ts[(0, 1)], ts[(1, 2)]], size_divisibility=32)
     assert batch.images.shape == (2, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- official training pipelines
+
+
+def assert_aligned(out: dict) -> None:
+    """Image colour, sem_seg, pan_seg and instances of a transformed colour-coded sample agree."""
+    img, sem, pan = out["image"], out["sem_seg"], out["pan_seg"]
+    pad = sem == 255
+    assert (img[:, pad] == 0).all() and (pan[pad] == 0).all()
+    label, dist = decode_labels(img)
+    inner = interior(torch.where(pad, torch.tensor(-1), sem)) & ~pad
+    inner[[0, -1], :] = inner[:, [0, -1]] = False  # a crop edge may cut a resampled (blended) boundary
+    assert inner.sum() >= 10 and (dist[inner] <= 2).all() and torch.equal(label[inner], sem[inner])
+    assert torch.equal(pan[~pad], sem[~pad] * 1000 + 1000)
+    inst = out["instances"]
+    assert sorted(inst["labels"].tolist()) == sorted(c for c in sem[~pad].unique().tolist() if c < 5)
+    for m, c in zip(inst["masks"], inst["labels"].tolist()):
+        assert torch.equal(m, sem == c)
+
+
+@pytest.mark.parametrize("train_resize, extra, expect", [
+    # detectron2 ResizeShortestEdge(choice of 32 / 40, max 60) + a 24x28 crop, no padding: 48x64 -> 32x43 or 40x53
+    ("shortest_edge", dict(short_edge=(32, 40), max_size=60), {(24, 28)}),
+    # MMSeg RandomResize((60, 20) x [1, 2]) + RandomCrop + pad to the crop
+    ("ratio_range", dict(resize_scale=(60, 20), scale_range=(1.0, 2.0)), {(24, 28)}),
+])
+def test_official_pipelines_keep_annotations_aligned(train_resize, extra, expect):
+    scale_range = extra.pop("scale_range", (0.1, 2.0))
+    tf = build_transforms(True, size=(24, 28), scale_range=scale_range, photometric=False,
+                          train_resize=train_resize, **extra)
+    shapes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = tf(colour_coded_sample(seed=seed))
+        shapes.add(tuple(out["image"].shape[-2:]))
+        assert out["sem_seg"].shape == out["image"].shape[-2:]
+        assert_aligned(out)
+    assert shapes == expect
+
+
+def test_resize_shortest_edge_sizes_as_detectron2():
+    from omniseg.data.transforms import ResizeShortestEdge
+
+    # detectron2's get_output_shape: the short side to the size, the long side bounded, each rounded.
+    assert ResizeShortestEdge([800], max_size=1333).output_size(480, 640) == (800, 1067)
+    assert ResizeShortestEdge([800], max_size=1333).output_size(640, 480) == (1067, 800)
+    assert ResizeShortestEdge([800], max_size=1333).output_size(300, 1000) == (400, 1333)  # 800x2667 capped
+    drawn = set()
+    tf = ResizeShortestEdge([10, 13], sampling="range", max_size=1000)
+    for seed in range(60):
+        torch.manual_seed(seed)
+        drawn.add(tf.output_size(20, 30)[0])
+    assert drawn == {10, 11, 12, 13}
+    with pytest.raises(ValueError, match="short_edge_sampling=range"):
+        ResizeShortestEdge([10, 11, 12], sampling="range")
+
+
+def test_ratio_range_resize_matches_mmseg():
+    from helpers.mmseg_reference import mmseg
+
+    mmseg()
+    import numpy as np
+    from mmcv.transforms import RandomResize  # what MMSeg configs name as RandomResize
+
+    from omniseg.data.transforms import RatioRangeResize
+
+    for h, w in [(480, 640), (1024, 2048), (375, 500), (512, 300)]:
+        for ratio in (0.5, 0.75, 1.25, 2.0):
+            ref = RandomResize(scale=(2048, 512), ratio_range=(ratio, ratio), keep_ratio=True)
+            out = ref.transform({"img": np.zeros((h, w, 3), np.uint8)})["img"]
+            assert RatioRangeResize((2048, 512), (ratio, ratio)).output_size(h, w) == out.shape[:2], (h, w, ratio)
+
+
+def test_category_area_crop_avoids_a_dominant_class():
+    from torchvision import tv_tensors
+
+    from omniseg.data.transforms import CategoryAreaCrop
+
+    # Class 1 fills the image but for a 6x6 patch of class 2 (shifted labels: 0 = ignore, never counted).
+    labels = torch.ones(32, 32, dtype=torch.int64)
+    labels[18:24, 18:24] = 2
+    labels[:, :2] = 0
+
+    def meets_rule(window: torch.Tensor) -> bool:
+        counts = torch.stack([(window == c).sum() for c in (1, 2)])
+        return bool((counts > 0).all()) and counts.max().item() < 0.75 * counts.sum().item()
+
+    # The share of the 25 x 25 possible 8x8 windows that meet the rule; ten tries meet it 1 - (1 - p)^10.
+    p = sum(meets_rule(labels[y:y + 8, x:x + 8]) for y in range(25) for x in range(25)) / 625
+    assert 0.03 < p < 0.1
+    payload = {"image": tv_tensors.Image(torch.zeros(3, 32, 32, dtype=torch.uint8)), "sem_seg": tv_tensors.Mask(labels)}
+    rates = {}
+    for ratio in (0.75, 1.0):
+        crop, hits = CategoryAreaCrop((8, 8), cat_max_ratio=ratio), 0
+        for seed in range(200):
+            torch.manual_seed(seed)
+            out = crop(payload)["sem_seg"].as_subclass(torch.Tensor)
+            assert out.shape == (8, 8)
+            hits += meets_rule(out)
+        rates[ratio] = hits / 200
+    expected = 1 - (1 - p) ** 10
+    assert abs(rates[1.0] - p) < 0.05 and abs(rates[0.75] - expected) < 0.1, (p, expected, rates)
+    with pytest.raises(ValueError, match="semantic or panoptic labels"):
+        CategoryAreaCrop((8, 8), cat_max_ratio=0.75)({"image": payload["image"]})
+
+
+def test_category_crop_reads_panoptic_categories():
+    tf = build_transforms(True, size=16, photometric=False, hflip=False, train_resize="shortest_edge",
+                          short_edge=(48,), max_size=1000, cat_max_ratio=0.5)
+    sample = colour_coded_sample(seed=3)
+    sample.pop("sem_seg")
+    torch.manual_seed(0)
+    out = tf(sample)
+    assert out["pan_seg"].shape == (16, 16) and "_categories" not in out
+
+
+def test_cat_max_ratio_needs_a_crop_and_a_constrained_resize():
+    with pytest.raises(ValueError, match="set data.crop_size"):
+        build_transforms(True, size=None, train_resize="ratio_range", cat_max_ratio=0.75)
+    with pytest.raises(ValueError, match="scale_jitter"):
+        build_transforms(True, size=32, cat_max_ratio=0.75)
+    with pytest.raises(ValueError, match="train_resize"):
+        build_transforms(True, size=32, train_resize="lsj")
+
+
+def test_rgb_hsv_as_opencv():
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (installed with the mmcv-lite test extra) is the reference")
+    import numpy as np
+
+    from omniseg.data.transforms import hsv_uint8_to_rgb, rgb_to_hsv_uint8
+
+    image = torch.randint(0, 256, (3, 29, 41), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image[:, 0, :6] = torch.tensor([[0, 0, 0], [255, 255, 255], [7, 7, 7], [255, 0, 0], [0, 255, 0], [0, 0, 255]]).T
+    ref = cv2.cvtColor(image.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2HSV)
+    assert np.array_equal(rgb_to_hsv_uint8(image).permute(1, 2, 0).numpy(), ref)  # fixed-point: exact
+    back = cv2.cvtColor(ref, cv2.COLOR_HSV2RGB).astype(int)
+    ours = hsv_uint8_to_rgb(torch.from_numpy(ref).permute(2, 0, 1)).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(back - ours).max() <= 1
+
+
+@pytest.mark.parametrize("params", [
+    dict(brightness=12.7, contrast_first=True, contrast=1.3, saturation=0.7, hue=-11),
+    dict(brightness=None, contrast_first=False, contrast=0.6, saturation=1.4, hue=17),
+    dict(brightness=-30.2, contrast_first=True, contrast=None, saturation=None, hue=5),
+    dict(brightness=None, contrast_first=False, contrast=None, saturation=None, hue=None),
+])
+def test_photometric_distortion_matches_mmseg(params, monkeypatch):
+    """MMSeg's PhotoMetricDistortion with its random draws fixed to `params` gives our result."""
+    from helpers.mmseg_reference import mmseg
+
+    mmseg()
+    from mmseg.datasets.transforms import transforms as mmseg_transforms
+
+    from omniseg.data.transforms import PhotoMetricDistortion
+
+    draws = [1, params["brightness"]] if params["brightness"] is not None else [0]
+    draws.append(1 if params["contrast_first"] else 0)  # MMSeg: mode 1 -> contrast before saturation and hue
+    contrast = [1, params["contrast"]] if params["contrast"] is not None else [0]
+    draws += contrast if params["contrast_first"] else []
+    draws += [1, params["saturation"]] if params["saturation"] is not None else [0]
+    draws += [1, params["hue"]] if params["hue"] is not None else [0]
+    draws += [] if params["contrast_first"] else contrast
+
+    class FixedDraws:
+        def randint(self, *args):
+            return draws.pop(0)
+
+        uniform = randint
+
+    monkeypatch.setattr(mmseg_transforms, "random", FixedDraws())
+    image = torch.randint(0, 256, (3, 37, 53), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    bgr = image.flip(0).permute(1, 2, 0).numpy().copy()
+    ref = torch.from_numpy(mmseg_transforms.PhotoMetricDistortion().transform({"img": bgr})["img"])
+    ref = ref.permute(2, 0, 1).flip(0)
+    ours = PhotoMetricDistortion.apply(image, params)
+    assert not draws
+    diff = (ref.int() - ours.int()).abs()
+    # Brightness, contrast and RGB -> HSV are exact; OpenCV's HSV -> RGB differs by one level now and then.
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005
+
+
+def test_photometric_distortion_draws_and_ranges():
+    from omniseg.data.transforms import PhotoMetricDistortion
+
+    pmd = PhotoMetricDistortion()
+    seen = {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "contrast_first": 0}
+    for seed in range(200):
+        torch.manual_seed(seed)
+        p = pmd.draw()
+        for k in seen:
+            seen[k] += int(p[k] not in (None, False))
+        assert p["brightness"] is None or -32 <= p["brightness"] <= 32
+        assert p["contrast"] is None or 0.5 <= p["contrast"] <= 1.5
+        assert p["hue"] is None or -18 <= p["hue"] < 18
+    assert all(70 <= n <= 130 for n in seen.values()), seen  # each a fair coin
+    with pytest.raises(TypeError, match="uint8"):
+        pmd(torch.zeros(3, 4, 4))
+
+
+def test_eval_transform_bounds_the_long_side():
+    sample = colour_coded_sample(h=48, w=160)
+    out = build_transforms(False, min_size_test=24, max_size_test=64)(sample)
+    assert out["image"].shape == (3, 19, 64)  # 24 x 80 would exceed 64: the long side sets the scale
+    with pytest.raises(ValueError, match="min_size_test"):
+        build_transforms(False, max_size_test=64)
+
+
+def test_training_data_follows_the_config(tmp_path):
+    from omniseg.config import load_config
+    from omniseg.data.training import build_training_data
+    from omniseg.data.transforms import CategoryAreaCrop, PhotoMetricDistortion, RatioRangeResize
+
+    cfg = load_config("mask2former_demo", ["data.train_resize=ratio_range", "data.resize_scale=[256,64]",
+                                           "data.scale_range=[0.5,2.0]", "data.crop_size=[48,64]",
+                                           "data.cat_max_ratio=0.75", "data.photometric_style=distortion"])
+    train_set, _ = build_training_data(cfg, [None] * cfg.data.batch_size)  # the transforms, not the samples
+    steps = train_set.transforms.steps
+    assert isinstance(steps[0], RatioRangeResize) and steps[0].scale == (256, 64)
+    assert isinstance(steps[1], CategoryAreaCrop) and steps[1].size == (48, 64) and steps[1].cat_max_ratio == 0.75
+    assert isinstance(train_set.transforms.photometric, PhotoMetricDistortion)

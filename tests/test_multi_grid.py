@@ -21,9 +21,9 @@ def _res5_dilations(*overrides: str) -> tuple[list[int], PerPixelSegmenter]:
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ((), [2, 4, 4]),  # today's: timm's output-stride-8 dilation, the first block at half
+    ((), [2, 4, 4]),  # the preset's [1, 1, 2, 4] (= timm's output-stride-8 dilation), the first block at half
     (("model.multi_grid=[1,2,4]",), [4, 8, 16]),
-    (("model.multi_grid=[1,2,4]", "model.output_stride=16"), [2, 4, 8]),
+    (("model.multi_grid=[1,2,4]", "model.output_stride=16", "model.stage_dilations=null"), [2, 4, 8]),
     (("model.multi_grid=[1,2]", "model.stage_dilations=[1,1,2,4]"), [4, 8, 4]),
 ])
 def test_multi_grid_sets_the_res5_block_dilations(overrides, expected):

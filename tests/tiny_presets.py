@@ -14,7 +14,8 @@ TINY = {
                    "model.num_queries=8", "model.dec_layers=2", "model.loss.train_num_points=256",
                    "model.test.object_mask_threshold=0.2"],
     "per_pixel": ["model.head_width=32", "model.jpu_width=16", "model.shape_width=16", "model.aspp_rates=[1,2,3]"],
-    "segvit": ["model.hidden_dim=32", "model.nheads=2", "model.dec_layers=1", "model.qu_layers=1"],
+    "segvit": ["model.hidden_dim=32", "model.nheads=2", "model.dec_layers=1", "model.qu_layers=1",
+               "model.qu_grid=16"],  # grid queries: 16 x 16 patches of 8 px, the synthetic images' 128 px
     "rcnn": ["model.fpn_dim=32", "model.rpn.anchor_sizes=[8,16,32,64,128]", "model.rpn.batch_size_per_image=64",
              "model.rpn.pre_nms_topk_train=300", "model.rpn.post_nms_topk_train=100", "model.rpn.pre_nms_topk_test=200",
              "model.rpn.post_nms_topk_test=50", "model.roi.batch_size_per_image=64", "model.roi.box_head_dim=64",
@@ -47,8 +48,15 @@ def tiny_config(preset: str, synth_root, out_dir):
     cfg = load_config(preset)
     family = family_of(cfg.model.arch).name
     assert family in TINY, f"family {family}: add its tiny sizes to TINY in {__file__}"
-    data = [f"data.root={synth_root}", "data.crop_size=64", "data.scale_range=[0.8,1.2]", "data.batch_size=2",
-            "data.num_workers=0", "data.min_size_test=null", f"train.output_dir={out_dir}"]
+    # The recipes' resizes (800 px short sides, MMSeg's 2048 x 512) and test windows are full-size: tiny runs
+    # jitter 64 px crops out of the 128 px synthetic images and predict them whole.
+    data = [f"data.root={synth_root}", "data.train_resize=scale_jitter", "data.crop_size=64",
+            "data.scale_range=[0.8,1.2]", "data.cat_max_ratio=1.0", "data.batch_size=2", "data.num_workers=0",
+            "data.min_size_test=null", "data.max_size_test=null", "inference.mode=whole",
+            "train.amp=none", f"train.output_dir={out_dir}"]  # (the COCO recipes' fp16 is slow on CPUs)
     for split in ("train", "val"):
         data += [f"data.{split}.format=synthetic", f"data.{split}.root={synth_root}", f"data.{split}.preset=null"]
-    return load_config(preset, [*_tiny_backbone(cfg), *TINY[family], *data])
+    extra = []
+    if family == "rcnn" and cfg.model.roi.head_norm == "gn":  # PANet's fused fc branch: mask_head_dim / 2 channels
+        extra.append("model.roi.mask_head_dim=64")            # in GroupNorm's 32 groups
+    return load_config(preset, [*_tiny_backbone(cfg), *TINY[family], *data, *extra])

@@ -129,7 +129,8 @@ class Predictor:
                 raise ValueError(f"{weights}: {e}") from None
         if min_size_test is None:
             min_size_test = self.cfg.data.min_size_test
-        self.transforms = build_transforms(False, min_size_test=min_size_test)
+        self.max_size_test = self.cfg.data.get("max_size_test")
+        self.transforms = build_transforms(False, min_size_test=min_size_test, max_size_test=self.max_size_test)
         self.min_size_test = min_size_test
         self.size_divisibility = self.cfg.data.size_divisibility
         chosen = {k: v for k, v in dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales,
@@ -200,7 +201,7 @@ class Predictor:
         self.inference.check_tasks(tasks)
         sample = self._to_sample(image)
         pred = predict_semantic(self.model, sample["image"], self.inference, min_size_test=self.min_size_test,
-                                size_divisibility=self.size_divisibility, device=self.device)
+                                max_size_test=self.max_size_test, size_divisibility=self.size_divisibility, device=self.device)
         pred.update(height=sample["height"], width=sample["width"])
         return pred
 

@@ -427,6 +427,34 @@ def models():
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+@app.command("recipe")
+def show_recipe(preset: str = typer.Argument(..., help="a full-size preset (see `omniseg models`)")):
+    """Print a full-size preset's official recipe: each setting, the preset's value, the official value, the
+    official file, and why the two differ where they do (src/omniseg/official_recipes/, docs/recipes.md)."""
+    from omniseg.recipes import check_recipe, load_recipe
+
+    try:
+        recipe = load_recipe(preset)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    typer.echo(f"{recipe.preset}: {recipe.headline}\nofficial config: {recipe.official}\n")
+    rows = [("setting", "preset", "official", "source")] + [
+        (r.key, str(r.value) + (" (differs)" if r.deviates else ""), str(r.official), r.source) for r in recipe.rows]
+    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(4)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    deviations = [r for r in recipe.rows if r.deviates]
+    if deviations:
+        typer.echo("\nwhy the preset differs:")
+        for r in deviations:
+            typer.echo(f"  {r.key}: {r.why}")
+    for note in recipe.notes:
+        typer.echo(f"note: {note}")
+    problems = check_recipe(recipe)
+    if problems:
+        _fail(f"{preset} no longer matches its table: " + "; ".join(problems))
+
+
 @app.command("config")
 def show_config(config: str = typer.Argument(..., help="preset name or YAML file"),
                 overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides")):

@@ -42,6 +42,9 @@ class DatasetSettings:
     label_suffix: Optional[str] = None
     ignore_index: int = 255
     view: Optional[str] = None         # synthetic: panoptic | instance | semantic reader of the same files
+    sequences: Optional[List[str]] = None  # semantic_folder: only the frames of these video sequences (file
+                                       # names <sequence>_<frame>, as CamVid's 0001TP_006690.png)
+    exclude_sequences: Optional[List[str]] = None  # semantic_folder: all frames but those of these sequences
 
 
 @dataclass
@@ -61,11 +64,26 @@ class DataSettings:
     val: DatasetSettings = field(default_factory=lambda: DatasetSettings(root="runs/data/synthetic", split="val"))
     test: Optional[DatasetSettings] = None
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
-    crop_size: int = 512               # training crop after scale jitter
-    scale_range: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Training augmentation (data/transforms.py): resize, crop, flip, photometric, as the official pipelines.
+    train_resize: str = choice("scale_jitter", ("scale_jitter", "shortest_edge", "ratio_range"))
+                                       # scale_jitter: detectron2's large-scale jitter, the crop square x a factor
+                                       # of scale_range, then a crop padded to crop_size (ignore / void);
+                                       # shortest_edge: detectron2's ResizeShortestEdge (short_edge, max_size);
+                                       # ratio_range: MMSeg's RandomResize, resize_scale x a factor of scale_range
+    crop_size: Any = 512               # training crop, px: int (square) or [h, w]; null: no crop
+    scale_range: List[float] = field(default_factory=lambda: [0.1, 2.0])  # scale_jitter / ratio_range factor
+    resize_scale: List[int] = field(default_factory=lambda: [2048, 512])  # ratio_range: [long, short] edge bound
+    short_edge: List[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])  # shortest_edge sizes
+    short_edge_sampling: str = choice("choice", ("choice", "range"))  # one of short_edge / uniform in [min, max]
+    max_size: int = 1333               # shortest_edge: the long side's bound
+    cat_max_ratio: float = 1.0         # shortest_edge / ratio_range: retry a crop (10 times) whose most frequent
+                                       # class covers this fraction of its labelled pixels or more (1: any crop)
     hflip: bool = True
     photometric: bool = True
+    photometric_style: str = choice("color_jitter", ("color_jitter", "distortion"))  # distortion: MMSeg's
+                                       # PhotoMetricDistortion = detectron2's ColorAugSSDTransform
     min_size_test: Optional[int] = None  # resize the shorter side for inference (null: keep)
+    max_size_test: Optional[int] = None  # ... and bound the longer side (MMSeg Resize (2048, 512): 512 and 2048)
     size_divisibility: int = 32
     batch_size: int = 16
     num_workers: int = 2
@@ -112,7 +130,7 @@ class TrainSettings:
     ema: EmaSettings = field(default_factory=EmaSettings)
     clip_grad: float = 0.01            # full-model L2 norm (Mask2Former); 0: no clipping
     accumulate: int = 1                # gradient accumulation steps per iteration
-    amp: str = choice("none", ("none", "bf16", "fp16"))  # fp16 needs CUDA
+    amp: str = choice("none", ("none", "bf16", "fp16"))  # fp16: GradScaler; on CPUs slow (bf16 there)
     eval_period: int = 5000            # evaluate every N iterations; 0: only after the last iteration
     checkpoint_period: int = 5000      # checkpoint every N iterations; 0: only after the last iteration
     log_period: int = 20               # log every N iterations; 0: only after the last iteration

@@ -166,17 +166,19 @@ def slide_scores(model, image: torch.Tensor, crop: tuple[int, int], stride: tupl
     return total / count
 
 
-def resize_view(image: torch.Tensor, min_size_test: int | None, scale: float = 1.0) -> torch.Tensor:
-    """The image as the model reads it at `scale` x the test resize: shorter side `min_size_test * scale`
-    (min_size_test null: the image's own shorter side x scale); scale 1 is exactly the eval transform."""
+def resize_view(image: torch.Tensor, min_size_test: int | None, scale: float = 1.0,
+                max_size_test: int | None = None) -> torch.Tensor:
+    """The image as the model reads it at `scale` x the test resize: shorter side `min_size_test * scale`,
+    longer side at most `max_size_test * scale` (min_size_test null: the image's own shorter side x scale);
+    scale 1 is exactly the eval transform."""
     from torchvision import tv_tensors
-    from torchvision.transforms import v2
+
+    from omniseg.data.transforms import eval_resize
 
     if min_size_test is None and scale == 1.0:
         return image
     base = min_size_test if min_size_test is not None else min(image.shape[-2:])
-    side = max(1, int(base * scale + 0.5))
-    return v2.Resize(side, antialias=True)(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+    return eval_resize(base, max_size_test, scale)(tv_tensors.Image(image)).as_subclass(torch.Tensor)
 
 
 def view_scores(model, image: torch.Tensor, mode: InferenceMode, output_size: tuple[int, int], *,
@@ -198,7 +200,7 @@ def view_scores(model, image: torch.Tensor, mode: InferenceMode, output_size: tu
 
 @torch.no_grad()
 def predict_semantic(model, image: torch.Tensor, mode: InferenceMode, *, min_size_test: int | None,
-                     size_divisibility: int = 32, device: torch.device | str = "cpu",
+                     max_size_test: int | None = None, size_divisibility: int = 32, device: torch.device | str = "cpu",
                      with_scores: bool = False) -> dict:
     """An original uint8 [3,H,W] image -> {"semantic": int64 [H,W]} (with_scores: also "semantic_scores"
     [K,H,W], the averaged scores whose argmax it is) under `mode` (see the module docstring)."""
@@ -206,7 +208,7 @@ def predict_semantic(model, image: torch.Tensor, mode: InferenceMode, *, min_siz
     total = None
     views = 0
     for scale in mode.scales:
-        resized = resize_view(image, min_size_test, scale)
+        resized = resize_view(image, min_size_test, scale, max_size_test)
         for flipped in ((False, True) if mode.flip else (False,)):
             scores = view_scores(model, resized.flip(-1) if flipped else resized, mode, size,
                                  size_divisibility=size_divisibility, device=device)

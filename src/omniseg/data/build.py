@@ -109,6 +109,9 @@ def build_dataset(data_cfg, split: str) -> Dataset:
         return p
 
     name = cfg.get("name")
+    if fmt != "semantic_folder" and (cfg.get("sequences") is not None or cfg.get("exclude_sequences") is not None):
+        raise ValueError(f"data.sequences / data.exclude_sequences select video frames of format semantic_folder, "
+                         f"not {fmt!r}")
     if fmt == "synthetic":
         return _build_synthetic(cfg, split)
     if not root.exists():
@@ -138,6 +141,8 @@ def build_dataset(data_cfg, split: str) -> Dataset:
         class_info=class_info,
         ignore_index=int(cfg.get("ignore_index", 255)),
         name=name,
+        sequences=list(cfg["sequences"]) if cfg.get("sequences") is not None else None,
+        exclude_sequences=list(cfg["exclude_sequences"]) if cfg.get("exclude_sequences") is not None else None,
     )
 
 

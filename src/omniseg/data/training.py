@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from omniseg.data.errors import DataError
 from omniseg.data.sampling import ResumableBatchSampler, repeat_factors
 from omniseg.data.targets import mask_targets
-from omniseg.data.transforms import build_transforms
+from omniseg.data.transforms import train_transforms
 from omniseg.tasks import TASKS
 
 # Offset between a sample's augmentation seed and its loss-point seed, so the two streams differ.
@@ -116,8 +116,7 @@ def build_training_data(cfg: DictConfig, dataset, *, start_batch: int = 0, rank:
                   f"{sum(factors):.0f} images on average instead of {len(factors)}", flush=True)
     train_set = TrainingSet(
         dataset,
-        build_transforms(True, size=data.crop_size, scale_range=tuple(data.scale_range), hflip=data.hflip,
-                         photometric=data.photometric),
+        train_transforms(data),
         str(cfg.task), skip_bad=data.skip_bad_samples,
     )
     sampler = ResumableBatchSampler(len(train_set), data.batch_size, seed=cfg.train.seed,

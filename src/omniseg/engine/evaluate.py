@@ -40,7 +40,8 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
     mode = InferenceMode.from_settings(cfg.get("inference"))
     mode.check_tasks(tasks)
     # slide / augmented views are resized from the original image by predict_semantic
-    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test if mode.plain else None)
+    transforms = (build_transforms(False, min_size_test=cfg.data.min_size_test, max_size_test=cfg.data.max_size_test)
+                  if mode.plain else build_transforms(False))
     evaluator = DatasetEvaluator(meta, tasks, boundary_f=cfg.eval_boundary_f, seen_classes=segmenter.seen_classes,
                                  bbox=bbox)
     was_training = model.training
@@ -55,6 +56,7 @@ def evaluate(model, dataset, cfg: DictConfig, meta, *, tasks=None, device=None, 
                                       [(s["height"], s["width"]) for s in samples], tasks=tasks)
         else:
             preds = [predict_semantic(segmenter, s["image"], mode, min_size_test=cfg.data.min_size_test,
+                                      max_size_test=cfg.data.max_size_test,
                                       size_divisibility=cfg.data.size_divisibility, device=device)
                      for s in samples]
         for s, p in zip(samples, preds):

@@ -128,6 +128,9 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int, *, resu
     scheduler = build_scheduler(optimizer, train_settings)
     ema = build_ema(model, train_settings)  # None unless train.ema.enabled
     amp = cfg.train.amp
+    if amp == "fp16" and device.type == "cpu" and main_process:
+        print("[omniseg] train.amp=fp16 on the CPU (the GPU recipes' mixed precision): it runs, but float16 is "
+              "slow on most CPUs; train.amp=bf16 (CPUs with AVX512-BF16 or AMX) or train.amp=none", flush=True)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp in ("bf16", "fp16") else nullcontext())

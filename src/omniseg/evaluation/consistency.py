@@ -6,7 +6,8 @@ predictions (Mask2Former's costs, fixed random points per image so results are r
 Let q_j = the query matched to GT j at the LAST set. Then:
 
 * ``Util[i]``: fraction of GT segments whose matched query at set i is q_j (query utilisation:
-  does the layer already work on the object with the query that will finally own it?).
+  does the layer already work on the object with the query that will finally own it?). Defined for
+  i = 0 .. L-1: the last set is the reference, so its Util would be 100 by construction.
 * ``mIoU-Li[i]`` (layer-to-layer, what the tables report): mean over GT segments of
   IoU(mask_i(q_j), mask_{i+1}(q_j)), masks binarised at logit 0: how much the final owner's mask
   changes between consecutive sets. Defined for i = 0 .. L-1.
@@ -56,10 +57,10 @@ class LayerConsistencyEvaluator:
         """One image. sets: per layer {"pred_logits": [Q, K+1], "pred_masks": [Q, h, w]} (no batch dim);
         labels [N]; masks [N, H, W] GT at the (padded) input size the predictions refer to."""
         n_sets = len(sets)
-        if not self._util:
-            self._util, self._iou_next, self._iou_gt = [0.0] * n_sets, [0.0] * (n_sets - 1), [0.0] * n_sets
-        elif len(self._util) != n_sets:
-            raise ValueError(f"got {n_sets} prediction sets, earlier images had {len(self._util)}")
+        if not self._iou_gt:
+            self._util, self._iou_next, self._iou_gt = [0.0] * (n_sets - 1), [0.0] * (n_sets - 1), [0.0] * n_sets
+        elif len(self._iou_gt) != n_sets:
+            raise ValueError(f"got {n_sets} prediction sets, earlier images had {len(self._iou_gt)}")
         self._images += 1
         n = len(labels)
         if n == 0:
@@ -78,9 +79,9 @@ class LayerConsistencyEvaluator:
         binary = [(s["pred_masks"][final] > 0).flatten(1).cpu() for s in sets]
         gt = gt.cpu()
         for i in range(n_sets):
-            self._util[i] += (owners[i] == final).sum().item()
             self._iou_gt[i] += _iou(binary[i], gt).sum().item()
             if i + 1 < n_sets:
+                self._util[i] += (owners[i] == final).sum().item()
                 self._iou_next[i] += _iou(binary[i], binary[i + 1]).sum().item()
         self._objects += n
 
@@ -110,7 +111,7 @@ def evaluate_consistency(model, dataset, cfg, *, max_images: int | None = None, 
     from omniseg.data.transforms import build_transforms
 
     device = device or next(model.parameters()).device
-    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test)
+    transforms = build_transforms(False, min_size_test=cfg.data.min_size_test, max_size_test=cfg.data.max_size_test)
     evaluator = LayerConsistencyEvaluator()
     # A task-conditioned model (OneFormer) is scored on the task its forward_raw predicts.
     task = model.default_task or str(cfg.task)

@@ -106,11 +106,35 @@ def _index_files(root: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return found
 
 
+def frame_sequence(key: str) -> str:
+    """The sequence of a frame named `<sequence>_<frame>` (CamVid: 0001TP_006690, Seq05VD_f00000)."""
+    return Path(key).name.split("_", 1)[0]
+
+
+def select_sequences(images: dict[str, Path], image_dir: Path, keep: Sequence[str] | None,
+                     drop: Sequence[str] | None) -> dict[str, Path]:
+    """The frames of the `keep` sequences (all when None) minus those of `drop`. A named sequence without a
+    frame in `image_dir` is an error (a typo would otherwise leave a split silently empty or whole)."""
+    present = {frame_sequence(k) for k in images}
+    for label, names in (("sequences", keep), ("exclude_sequences", drop)):
+        missing = sorted(set(names or ()) - present)
+        if missing:
+            raise DataError(image_dir, f"data.{label}: no frames of {missing} (sequences here: {sorted(present)})")
+    chosen = {k: p for k, p in images.items()
+              if (keep is None or frame_sequence(k) in set(keep)) and frame_sequence(k) not in set(drop or ())}
+    if not chosen:
+        raise DataError(image_dir, f"no frames left after data.sequences={list(keep or [])} / "
+                                   f"data.exclude_sequences={list(drop or [])}")
+    return chosen
+
+
 class SemanticFolderDataset(Dataset):
     """Images + label PNGs. Label values map to contiguous ids; unmapped values are a DataError.
 
     Without a preset, `classes` are the names of label values 0..K-1 (or of the keys of `label_map`,
     a {label value: contiguous id} dict for custom encodings); `ignore_index` stays ignored.
+    `sequences` / `exclude_sequences` keep / drop the frames of video sequences named `<sequence>_<frame>`
+    (CamVid), so that a validation split can share no sequence with the training frames.
     """
 
     def __init__(
@@ -128,6 +152,8 @@ class SemanticFolderDataset(Dataset):
         colors: Sequence[tuple[int, int, int]] | None = None,
         ignore_index: int = 255,
         name: str | None = None,
+        sequences: Sequence[str] | None = None,
+        exclude_sequences: Sequence[str] | None = None,
     ):
         self.image_dir = require_path(image_dir, "image directory", is_dir=True)
         self.label_dir = require_path(label_dir, "label directory", is_dir=True)
@@ -170,6 +196,8 @@ class SemanticFolderDataset(Dataset):
         labels = _index_files(self.label_dir, [self.label_suffix])
         if not images:
             raise DataError(self.image_dir, "no images found" + (f" ending in '{image_suffix}'" if image_suffix else ""))
+        if sequences is not None or exclude_sequences is not None:
+            images = select_sequences(images, self.image_dir, sequences, exclude_sequences)
         self.items: list[tuple[str, Path, Path]] = []
         for key, image_path in images.items():
             if key not in labels:

@@ -1,12 +1,16 @@
-"""AdelaiDet's BlendMask .pth (R_50/R_101 1x/3x, 550_R_50, RT_R_50 with GroupNorm or BatchNorm heads) -> omniseg's
-`blendmask`.
+"""AdelaiDet's BlendMask .pth (R_50/R_101 1x/3x, 550_R_50, RT_R_50 with GroupNorm or BatchNorm heads, Panoptic
+R_50/R_101 3x) -> omniseg's `blendmask`.
 
 The config follows the checkpoint: the FCOS levels (P3-P5, P6 or P6-P7 from the `top_block` tensors), the tower
 depths and norm, the attention size (the `top_layer` width), the basis module's depth and width. The levels' size
 ranges are not in the tensors; they are the released configs' ones for that level count (Base-BlendMask
 [64, 128, 256, 512], Base-550 [64, 128, 256], Base-RT [64, 128]). In particular AdelaiDet's released RT models read
-P3-P5 with 14 x 14 attentions, where omniseg's `blendmask_rt_r50` preset has P3-P6 and 7 x 7 (the paper's RT model).
+P3-P5 with 14 x 14 attentions (as omniseg's `blendmask_rt_r50` preset; the `rt` variant's own defaults, P3-P6 and
+7 x 7, are the paper's RT model).
 The backbone is detectron2's MSRA ResNet, converted as for detectron2's Mask R-CNN (stride in the 1x1, BGR stem).
+The panoptic models (configs/BlendMask/Panoptic) add detectron2's Panoptic-FPN semantic head (`panoptic_module`:
+SemSegFPNHead on P2-P5, whose FPN level P2 is `backbone.fpn_{lateral,output}2`); they convert into the panoptic variant
+with `stuff_head: panoptic_fpn`: the detector's classes first (the things), then the head's stuff classes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+from omniseg.data.meta import DatasetMeta
 from omniseg.hub import load_state_dict_file
 from omniseg.hub.converters import Conversion
 from omniseg.hub.converters.detectron2_rcnn import (
@@ -25,6 +30,9 @@ from omniseg.hub.errors import CheckpointError
 # FCOS SIZES_OF_INTEREST of AdelaiDet's BlendMask configs, by the number of levels they read.
 SIZES_OF_INTEREST = {5: [64, 128, 256, 512], 4: [64, 128, 256], 3: [64, 128]}
 HEAD = "proposal_generator.fcos_head."
+STUFF = "panoptic_module."
+# PANOPTIC_FPN.COMBINE of configs/BlendMask/Panoptic/Base-Panoptic.yaml (STUFF_AREA_LIMIT: detectron2's default).
+PANOPTIC_MERGE = {"instance_score_threshold": 0.45, "overlap_threshold": 0.4, "stuff_area_threshold": 4096}
 
 
 def _tower(sd: dict, name: str) -> tuple[int, str | None]:
@@ -46,13 +54,17 @@ def convert(source: Path, preset=None) -> Conversion:
     absent = [k for k in required if k not in sd]
     if absent:
         raise CheckpointError(f"{source}: not an AdelaiDet BlendMask checkpoint (no {', '.join(absent)})")
-    if any(k.startswith("panoptic_module.") for k in sd):
-        raise CheckpointError(f"{source}: panoptic BlendMask: its stuff branch is a Panoptic-FPN semantic head on P2-P5 "
-                              f"(panoptic_module.*), which omniseg's blendmask_panoptic does not have (its stuff head "
-                              f"reads the bottom module's features); the instance models convert")
-    if preset is not None and preset.model.get("variant") == "panoptic":
+    panoptic = any(k.startswith(STUFF) for k in sd)
+    panoptic_preset = preset is not None and preset.model.get("variant") == "panoptic"
+    if panoptic and not panoptic_preset:
+        raise CheckpointError(f"{source}: a panoptic BlendMask checkpoint (Panoptic-FPN stuff head panoptic_module.*); "
+                              f"convert it with the panoptic preset (blendmask_panoptic_r50)")
+    if panoptic_preset and not panoptic:
         raise CheckpointError(f"{source}: an instance BlendMask checkpoint (no stuff branch); convert it with an instance "
                               f"preset (blendmask_r50, blendmask_rt_r50)")
+    if panoptic and ("backbone.fpn_lateral2.weight" not in sd or STUFF + "predictor.weight" not in sd):
+        raise CheckpointError(f"{source}: a Panoptic-FPN stuff head needs the FPN's P2 (backbone.fpn_lateral2) and its "
+                              f"predictor (panoptic_module.predictor)")
     if "backbone.bottom_up.stem.conv1.weight" not in sd:
         raise CheckpointError(f"{source}: the backbone is not a detectron2 ResNet (e.g. DLA-34); omniseg's blendmask "
                               f"builds ResNets")
@@ -76,7 +88,7 @@ def convert(source: Path, preset=None) -> Conversion:
 
     levels = 3 + ("backbone.top_block.p6.weight" in sd) + ("backbone.top_block.p7.weight" in sd)
     names = {}
-    for i, level in enumerate(range(3, 6)):
+    for i, level in enumerate(range(2 if panoptic else 3, 6)):
         for t in ("weight", "bias"):
             names[f"backbone.fpn_lateral{level}.{t}"] = f"fpn.inner_blocks.{i}.0.{t}"
             names[f"backbone.fpn_output{level}.{t}"] = f"fpn.layer_blocks.{i}.0.{t}"
@@ -131,6 +143,13 @@ def convert(source: Path, preset=None) -> Conversion:
             seg = {0: "convs.0.0", 1: "convs.0.1", 3: "convs.1.0", 4: "convs.1.1", 6: "logits"}
             if index in seg:
                 names[key] = f"aux_semantic.{seg[index]}.{rest}"
+    for key in sd:  # SemSegFPNHead: p<level>.<2 x block> (Upsample modules between the convs), each conv with .norm
+        m = re.fullmatch(re.escape(STUFF) + r"p([2-5])\.(\d+)\.(weight|bias|norm\.weight|norm\.bias)", key)
+        if m and int(m.group(2)) % 2 == 0:
+            part = "1." + m.group(3)[len("norm."):] if m.group(3).startswith("norm.") else "0." + m.group(3)
+            names[key] = f"stuff_head.scale_heads.{int(m.group(1)) - 2}.{int(m.group(2)) // 2}.{part}"
+    for t in ("weight", "bias"):
+        names[f"{STUFF}predictor.{t}"] = f"stuff_head.predictor.{t}"
     for key, target in names.items():
         if key in sd:
             out[target] = sd[key]
@@ -151,7 +170,7 @@ def convert(source: Path, preset=None) -> Conversion:
     rt = depth["share_tower"] > 0 and not depth["cls_tower"] and not depth["box_tower"]
     overrides += pixel
     overrides += [
-        "model.arch=blendmask", f"model.variant={'rt' if rt else 'standard'}",
+        "model.arch=blendmask", f"model.variant={'panoptic' if panoptic else 'rt' if rt else 'standard'}",
         f"model.fpn_channels={int(sd['backbone.fpn_lateral3.weight'].shape[0])}",
         f"model.blendmask.num_levels={levels}",
         f"model.blendmask.sizes_of_interest=[{','.join(str(s) for s in SIZES_OF_INTEREST[levels])}]",
@@ -168,4 +187,14 @@ def convert(source: Path, preset=None) -> Conversion:
     elif int(sd["basis_module.seg_head.6.weight"].shape[0]) != num_classes + 1:
         raise CheckpointError(f"{source}: the auxiliary semantic head has {sd['basis_module.seg_head.6.weight'].shape[0]} "
                               f"classes, omniseg's has the {num_classes} detector classes + background")
-    return Conversion(out, overrides, num_classes, ignored)
+    if not panoptic:
+        return Conversion(out, overrides, num_classes, ignored)
+    predictor = sd[STUFF + "predictor.weight"]
+    overrides += ["model.blendmask.stuff_head=panoptic_fpn",
+                  f"model.blendmask.stuff_channels={int(predictor.shape[1])}",
+                  *(f"model.blendmask.test.{k}={v}" for k, v in PANOPTIC_MERGE.items())]
+    # The detector's classes are the things; the stuff head's are "things" + the stuff classes, in that order.
+    num_stuff = int(predictor.shape[0]) - 1
+    things = DatasetMeta(classes=[f"class_{i}" for i in range(num_classes + num_stuff)],
+                         isthing=[i < num_classes for i in range(num_classes + num_stuff)], name="converted")
+    return Conversion(out, overrides, num_classes + num_stuff, ignored, meta=things)

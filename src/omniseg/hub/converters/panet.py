@@ -10,13 +10,12 @@ is a Generalized_RCNN whose parts map onto omniseg's panet with these settings:
 - classes: background first, as torchvision's heads, so no permutation; class-specific boxes and masks;
 - Detectron's geometry: its rounded legacy anchors (`model.rpn.anchors=detectron_legacy`), +1 box widths in box
   coding, proposal sizes and NMS IoU, clipping to W - 1 (`model.roi.box_geometry=legacy`), legacy RoIAlign with sampling ratio 2
-  (`model.roi.aligned=false`), its test settings (short side 1000, RPN 1000 proposals per level before and 1000
-  after NMS 0.7, score 0.05, NMS 0.5, 100 detections).
+  (`model.roi.aligned=false`), its test settings (short side 1000, long side at most 1400, RPN 1000 proposals per
+  level before and 1000 after NMS 0.7, score 0.05, NMS 0.5, 100 detections).
 
 Remaining numerical differences from the official inference (printed as a warning on conversion):
 - the RPN keeps proposals whose (+1) sides exceed 1e-3 px; Detectron drops those under one pixel of the original
   image (TEST.RPN_MIN_SIZE 0 -> max(0, 1) x the test scale, about 2 px of the network input on COCO);
-- the test resize caps nothing: Detectron also limits the long side to 1400 px (TEST.MAX_SIZE);
 - Detectron keeps the 100 detections by a score threshold (ties may keep more); torchvision keeps the top 100.
 Detection-only releases (e2e_panet_R-50-FPN_1x_det, _1x_det_2fc: no mask head), PANets without GroupNorm or
 with other heads are refused, naming what omniseg's panet lacks.
@@ -40,7 +39,6 @@ FROZEN_BN_EPS = 1e-5
 
 GEOMETRY_DIFFERENCES = (
     "no RPN minimum proposal size of one original-image pixel",
-    "no 1400 px cap on the long side at test",
     "top-100 detections by rank instead of Detectron's score threshold",
 )
 
@@ -213,7 +211,7 @@ def convert(source: Path, preset=None) -> Conversion:
         "model.roi.mask_resolution=14", "model.roi.sampling_ratio=2", "model.roi.aligned=false",
         "model.roi.box_geometry=legacy", "model.roi.bbox_reg_weights=[10.0,10.0,5.0,5.0]",
         "model.test.score_thresh=0.05", "model.test.nms_thresh=0.5", "model.test.detections_per_img=100",
-        "model.test.mask_threshold=0.5", "data.min_size_test=1000",
+        "model.test.mask_threshold=0.5", "data.min_size_test=1000", "data.max_size_test=1400",
     ]
     warnings.warn(f"{source}: converted; omniseg's panet differs from the official inference in: "
                   + "; ".join(GEOMETRY_DIFFERENCES), stacklevel=2)

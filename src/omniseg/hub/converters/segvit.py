@@ -23,6 +23,9 @@ from omniseg.hub.errors import CheckpointError
 
 # The official configs' taps (configs/_base_/models/seg_vit-b16.py, configs/segvit/*vit-l*).
 OFFICIAL_OUT_INDICES = {12: [5, 7, 11], 24: [7, 15, 23]}
+# The official test_cfg sliding-window stride per crop size (ADE20K ViT-L 640; ViT-B and COCO-Stuff-10K 512;
+# PASCAL-Context 480); other crops: two thirds of the crop, as most of them.
+OFFICIAL_SLIDE_STRIDE = {640: 608, 512: 341, 480: 320}
 _CROSS_ATTENTION = {"multihead_attn.q.": "cross_attn.q_proj.", "multihead_attn.k.": "cross_attn.k_proj.",
                     "multihead_attn.v.": "cross_attn.v_proj.", "multihead_attn.proj.": "cross_attn.out_proj.",
                     "linear1.": "ffn.0.", "linear2.": "ffn.3."}
@@ -105,10 +108,14 @@ def convert(source: Path, preset=None) -> Conversion:
         dec_layers = _count(sd, head + "decoder_1.layers.")
         _atm_layers(sd, head + "decoder_1.layers.", "decoders.0.layers.0.", out, used)
         qd_index = layout.depth // 3  # the official shrink_idx 8 of 24 blocks
+        crop = grid * layout.patch_size
         overrides += ["model.shrink=shrunk", f"model.qd_index={qd_index}", "model.qu_mode=grid",
                       f"model.qu_grid={grid}", f"model.qu_layers={qu_layers}", f"model.dec_layers={dec_layers}",
                       # the taps the Shrunk head reads are fixed by QD; the plain taps are unused
-                      f"model.vit_out_indices=[{qd_index - 1},{layout.depth - 1}]"]
+                      f"model.vit_out_indices=[{qd_index - 1},{layout.depth - 1}]",
+                      # the learned queries cover one crop: the official test_cfg slides crop-sized windows
+                      "inference.mode=slide", f"inference.crop_size={crop}",
+                      f"inference.stride={OFFICIAL_SLIDE_STRIDE.get(crop, crop * 2 // 3)}"]
     else:
         stages = _stage_count(sd, head)
         taps = OFFICIAL_OUT_INDICES.get(layout.depth) or [layout.depth * (i + 1) // stages - 1 for i in range(stages)]

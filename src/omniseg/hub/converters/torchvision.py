@@ -12,7 +12,8 @@ from omniseg.hub.errors import CheckpointError
 def convert(source: Path, preset=None) -> Conversion:
     """torchvision's `MaskRCNN` with a ResNet-FPN backbone (`maskrcnn_resnet50_fpn` and the same layout for
     other depths). The network is omniseg's `maskrcnn` (whose detector is torchvision's RPN and RoIHeads)
-    with torchvision's pooling: MultiScaleRoIAlign is not aligned (omniseg's preset is, as detectron2)."""
+    with torchvision's pooling and anchors: MultiScaleRoIAlign is not aligned and takes 2 samples per bin, cell
+    anchors are rounded (the maskrcnn_r50 preset has detectron2's aligned adaptive pooling and unrounded anchors)."""
     sd = load_state_dict_file(source)
     if any(k.startswith("roi_heads.box_head.0.") for k in sd):
         raise CheckpointError(f"{source}: torchvision's maskrcnn_resnet50_fpn_v2 layout (convolutional box head "
@@ -40,6 +41,7 @@ def convert(source: Path, preset=None) -> Conversion:
         else:
             out[key] = value  # left for the unmapped-tensor check to report
     overrides = [f"model.backbone={backbone}", "model.backbone_norm=frozen_bn", f"model.fpn_dim={fpn_dim}",
-                 "model.roi.aligned=false", f"model.roi.mask_convs={mask_convs}", f"model.roi.mask_head_dim={mask_dim}",
+                 "model.roi.aligned=false", "model.roi.sampling_ratio=2", "model.rpn.anchors=torchvision",
+                 f"model.roi.mask_convs={mask_convs}", f"model.roi.mask_head_dim={mask_dim}",
                  f"model.roi.box_head_dim={box_dim}"]
     return Conversion(out, overrides, num_classes, ignored)

@@ -11,8 +11,9 @@ from omniseg.models.registry import Family
 from omniseg.models.settings import ModelSettings
 from omniseg.schema import choice
 
-# The structural values each variant implies (AdelaiDet configs/BlendMask/{R_50_1x, RT_R_50_4x-BN-head,
-# Panoptic/R_50_3x}; RT's M = 7 follows the paper's RT model, AdelaiDet's RT config keeps ATTN_SIZE 14).
+# The structural values each variant implies (AdelaiDet configs/BlendMask/{R_50_1x, Base-550 with a BN head,
+# Panoptic/R_50_3x}); rt's P3-P6 and M = 7 are the paper's RT model, AdelaiDet's released RT configs
+# (RT_R_50_4x_*_shtw on Base-RT) read P3-P5 with ATTN_SIZE 14, which the blendmask_rt_r50 preset sets.
 VARIANTS = {
     "standard": dict(num_levels=5, attn_size=14, num_cls_convs=4, num_box_convs=4, num_share_convs=0,
                      tower_norm="gn", basis_num_convs=3, sizes_of_interest=[64, 128, 256, 512]),
@@ -30,13 +31,13 @@ class BlendMaskTest:
     detections_per_image: int = 100    # D: top detections blended and pasted
     mask_threshold: float = 0.5        # on the pasted mask probabilities
     instance_score_threshold: float = 0.5  # panoptic merge (detectron2 0.5 / 0.5 / 4096; AdelaiDet's
-    overlap_threshold: float = 0.5         # Base-Panoptic 0.2 / 0.4 / 4096, see blendmask_panoptic_r50)
+    overlap_threshold: float = 0.5         # Base-Panoptic 0.45 / 0.4 / 4096, see blendmask_panoptic_r50)
     stuff_area_threshold: int = 4096       # stuff segments smaller than this (output pixels) become void
 
 
 @dataclass
 class BlendMaskOptions:
-    num_levels: Optional[int] = choice(None, (None, 3, 4, 5))  # FPN levels read: 5 = P3-P7 (rt: 4 = P3-P6); 3 = P3-P5
+    num_levels: Optional[int] = choice(None, (None, 3, 4, 5))  # FCOS levels read: 5 = P3-P7 (rt: 4 = P3-P6); 3 = P3-P5
     sizes_of_interest: Optional[List[float]] = None  # max(l,t,r,b) split points between levels
     center_sample_radius: float = 1.5  # positives within 1.5 strides of the box centre (clipped to the box)
     num_cls_convs: Optional[int] = None  # cls tower depth: 4 (rt: 0)
@@ -51,7 +52,11 @@ class BlendMaskOptions:
     basis_channels: int = 128          # bottom module width
     basis_num_convs: Optional[int] = None  # convs after the level fusion: 3 (rt: 2)
     aux_semantic_weight: float = 0.3   # auxiliary thing-semantic CE on P3 (training only); 0 removes the head
-    stuff_weight: float = 0.5          # panoptic: CE of the stuff branch on the basis features
+    stuff_weight: float = 0.5          # panoptic: weight of the stuff branch's CE (SEM_SEG_HEAD.LOSS_WEIGHT)
+    # panoptic stuff branch: "basis" = 1 conv block + 1x1 on the bottom module's stride-4 features; "panoptic_fpn" =
+    # detectron2's Panoptic-FPN semantic head on P2-P5 (the FPN then also builds P2), AdelaiDet's released model
+    stuff_head: str = choice("basis", ("basis", "panoptic_fpn"))
+    stuff_channels: int = 128          # panoptic_fpn: width of its conv blocks (SEM_SEG_HEAD.CONVS_DIM)
     class_weights: Optional[List[float]] = None  # per-class weights (K entries): FCOS focal loss, stuff CE
     test: BlendMaskTest = field(default_factory=BlendMaskTest)
 

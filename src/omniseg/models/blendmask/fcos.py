@@ -190,11 +190,13 @@ def fcos_detect(logits: torch.Tensor, reg: torch.Tensor, ctr: torch.Tensor, xy: 
         idx = torch.nonzero(levels == level).flatten()
         p = probs[idx]
         keep = torch.nonzero(p > score_threshold)
+        # The top-k candidates stay in location order, so that NMS sees the same order (and breaks score ties
+        # the same way) whether or not the top-k ran.
         if torch.compiler.is_exporting():  # the candidate count is symbolic: take min(count, top-k) always
-            keep = keep[p[keep[:, 0], keep[:, 1]].topk(torch.sym_min(keep.shape[0], pre_nms_topk)).indices]
+            top = p[keep[:, 0], keep[:, 1]].topk(torch.sym_min(keep.shape[0], pre_nms_topk)).indices
+            keep = keep[top.sort().values]
         elif keep.shape[0] > pre_nms_topk:
-            top = p[keep[:, 0], keep[:, 1]].topk(pre_nms_topk).indices
-            keep = keep[top]
+            keep = keep[p[keep[:, 0], keep[:, 1]].topk(pre_nms_topk).indices.sort().values]
         cand_loc.append(idx[keep[:, 0]])
         cand_cls.append(keep[:, 1])
         cand_score.append(p[keep[:, 0], keep[:, 1]])

@@ -2,9 +2,10 @@
 K x M x M attentions, blended inside each box into an R x R mask.
 
 Variants (`model.variant`): "standard" (AdelaiDet R_50 configs), "rt" (BlendMask-RT: P3-P6, 3 shared BN
-tower convs, 2 basis convs, M = 7) and "panoptic" (a stuff branch on the basis features, merged with the
-instances as Panoptic-FPN). Every `model.blendmask.*` key left null takes the variant's value
-(family.py VARIANTS).
+tower convs, 2 basis convs, M = 7) and "panoptic" (a stuff branch, merged with the instances as Panoptic-FPN:
+`model.blendmask.stuff_head` "basis" on the bottom module's features, or "panoptic_fpn", detectron2's
+Panoptic-FPN semantic head on P2-P5 as AdelaiDet's release). Every `model.blendmask.*` key left null takes the
+variant's value (family.py VARIANTS).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omniseg.models.base import Segmenter, class_weight_tensor
 from omniseg.models.blendmask.basis import BasisModule, SemanticHead
 from omniseg.models.blendmask.family import BlendMaskSettings
 from omniseg.models.blendmask.blender import blend, crop_masks, paste_masks, pool_bases
+from omniseg.models.blendmask.panoptic_fpn import SemanticFPNHead
 from omniseg.models.blendmask.fcos import (
     FCOSHead, fcos_detect, fcos_losses, fcos_targets, flatten_levels, locations, size_ranges,
 )
@@ -43,6 +45,15 @@ class LastLevelP6(ExtraFPNBlock):
 
     def forward(self, p, c, names):
         return [*p, self.p6(p[-1])], [*names, "p6"]
+
+
+def stuff_loss(logits: torch.Tensor, labels: torch.Tensor, weight: float,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight` x CE of stride-4 stuff logits [B,C,h,w], bilinearly upsampled to the labels [B,H,W] (255:
+    ignored), averaged over the labelled pixels (weighted by `class_weights` when given): detectron2's
+    SemSegFPNHead loss, whose x4 upsampling is this one for inputs padded to a multiple of 4."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return weight * F.cross_entropy(logits, labels, weight=class_weights, ignore_index=255)
 
 
 def paste_instances(raw: dict[str, torch.Tensor], image_size: tuple[int, int], output_size: tuple[int, int],
@@ -110,15 +121,18 @@ class BlendMask(Segmenter):
         self.focal = (opt.focal_alpha, opt.focal_gamma)
         self.aux_weight = opt.aux_semantic_weight
         self.stuff_weight = opt.stuff_weight
+        self.stuff_head_kind = opt.stuff_head if self.panoptic else None
 
         self.backbone = build_backbone(s.backbone, **s.backbone_options())
         specs = self.backbone.specs
         width = s.fpn_channels
-        # P6 (/P7) from P5 (LastLevelP6P7 reads P5 when in == out channels), as FCOS / AdelaiDet.
+        # P6 (/P7) from P5 (LastLevelP6P7 reads P5 when in == out channels), as FCOS / AdelaiDet. The
+        # Panoptic-FPN stuff head also needs P2: AdelaiDet's Base-Panoptic feeds res2-res5 to the FPN.
         extra = (None if self.num_levels == 3 else LastLevelP6(width) if self.num_levels == 4
                  else LastLevelP6P7(width, width))
-        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in ("res3", "res4", "res5")], width,
-                                         extra_blocks=extra)
+        self.with_p2 = self.stuff_head_kind == "panoptic_fpn"
+        self.fpn_inputs = ("res2", "res3", "res4", "res5") if self.with_p2 else ("res3", "res4", "res5")
+        self.fpn = FeaturePyramidNetwork([specs[n].channels for n in self.fpn_inputs], width, extra_blocks=extra)
         self.head = FCOSHead(width, len(self.thing_ids), self.num_levels, num_cls_convs=opt.num_cls_convs,
                              num_box_convs=opt.num_box_convs, num_share_convs=opt.num_share_convs,
                              norm=opt.tower_norm, attn_channels=self.num_bases * self.attn_size ** 2)
@@ -126,17 +140,30 @@ class BlendMask(Segmenter):
         self.basis = BasisModule(width, 3, channels, opt.basis_num_convs, self.num_bases)
         self.aux_semantic = (SemanticHead(width, len(self.thing_ids) + 1, channels, 2) if self.aux_weight > 0
                              else None)
-        self.stuff_head = SemanticHead(channels, len(self.stuff_ids) + 1, channels, 1) if self.panoptic else None
+        num_stuff = len(self.stuff_ids) + 1  # stuff classes + "things"
+        self.stuff_head = (None if not self.panoptic
+                           else SemanticFPNHead(width, num_stuff, opt.stuff_channels) if self.with_p2
+                           else SemanticHead(channels, num_stuff, channels, 1))
 
     # -- network -------------------------------------------------------------------------------
     def network(self, x: torch.Tensor) -> dict:
-        """Normalised images -> FPN levels, FCOS outputs per level, bases, basis features."""
+        """Normalised images -> FPN levels from P3 ("pyramid"; P2 apart, when built), FCOS outputs per level,
+        bases, basis features."""
         feats = self.backbone(x)
-        pyramid = list(self.fpn(OrderedDict((n, feats[n]) for n in ("res3", "res4", "res5"))).values())
+        pyramid = list(self.fpn(OrderedDict((n, feats[n]) for n in self.fpn_inputs)).values())
+        p2, pyramid = (pyramid[0], pyramid[1:]) if self.with_p2 else (None, pyramid)
         out = self.head(pyramid)
         out["bases"], out["basis_feats"] = self.basis(pyramid[:3])
         out["pyramid"] = pyramid
+        if p2 is not None:
+            out["p2"] = p2
         return out
+
+    def stuff_logits(self, out: dict) -> torch.Tensor:
+        """`network` outputs -> the stuff branch's logits [B, 1 + stuff classes, ~H/4, ~W/4] (index 0: "things")."""
+        if self.with_p2:
+            return self.stuff_head([out["p2"], *out["pyramid"][:3]])
+        return self.stuff_head(out["basis_feats"])
 
     def _flat(self, out: dict, device) -> dict:
         sizes = [tuple(m.shape[-2:]) for m in out["logits"]]
@@ -178,11 +205,9 @@ class BlendMask(Segmenter):
             if self.aux_semantic is not None:
                 losses["loss_aux_semantic"] = self.aux_weight * self._aux_semantic_loss(out["pyramid"][0], targets)
             if self.stuff_head is not None:
-                logits = self.stuff_head(out["basis_feats"]).float()
-                logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-                losses["loss_stuff"] = self.stuff_weight * F.cross_entropy(
-                    logits, self._stuff_labels(targets, tuple(images.shape[-2:])), weight=self.stuff_weights,
-                    ignore_index=255)
+                losses["loss_stuff"] = stuff_loss(self.stuff_logits(out).float(),
+                                                  self._stuff_labels(targets, tuple(images.shape[-2:])),
+                                                  self.stuff_weight, self.stuff_weights)
         return losses
 
     def mask_proposals(self, pos: torch.Tensor, gt_global: torch.Tensor, gt_boxes: torch.Tensor,
@@ -252,7 +277,7 @@ class BlendMask(Segmenter):
         merges them with the stuff branch (Panoptic-FPN) for "panoptic" and "semantic"."""
         out = self.network(self.normalize(images))
         want_stuff = self.panoptic and ("panoptic" in tasks or "semantic" in tasks)
-        stuff_logits = self.stuff_head(out["basis_feats"]).float() if want_stuff else None
+        stuff_logits = self.stuff_logits(out).float() if want_stuff else None
         results = []
         for i, (raw, size, out_size) in enumerate(zip(self.detections(out, image_sizes), image_sizes, output_sizes)):
             instances = paste_instances(raw, size, out_size, self.test_cfg.mask_threshold)
@@ -275,7 +300,7 @@ class BlendMask(Segmenter):
         out = self.network(x)
         raw = self.detections(out, [(x.shape[-2], x.shape[-1])])[0]
         if self.panoptic:
-            raw["stuff_logits"] = self.stuff_head(out["basis_feats"]).float()[0]
+            raw["stuff_logits"] = self.stuff_logits(out).float()[0]
         return raw
 
     def export_metadata(self) -> dict:

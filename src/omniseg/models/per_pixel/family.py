@@ -23,6 +23,10 @@ class PerPixelLoss:
     edge_attention_weight: float = 1.0  # Gated-SCNN: CE where the predicted boundary > 0.8
     dual_task_weight: float = 1.0      # Gated-SCNN: segmentation-boundary consistency
     edge_radius: int = 2               # Gated-SCNN: boundary ground truth within this many px of another class
+    # Gated-SCNN: the segmentation and edge-attention CE weight each image's classes by 1 + bound x (1 - their
+    # share of its labelled pixels) (the official JointEdgeSegLoss); per-image CEs averaged over the batch
+    image_weighted_ce: bool = False
+    image_weight_upper_bound: float = 1.0  # the bound above (GSCNN's --wt_bound, default 1.0)
 
 
 @dataclass

@@ -131,6 +131,37 @@ def balanced_edge_bce(edge_logits: torch.Tensor, boundaries: torch.Tensor, valid
     return F.binary_cross_entropy_with_logits(edge_logits, target, weight=weight)
 
 
+def image_class_weights(labels: torch.Tensor, num_classes: int, upper_bound: float = 1.0,
+                        ignore_index: int = 255) -> torch.Tensor:
+    """[B,H,W] labels -> [B,K] class weights of each image: 1 + upper_bound * (1 - f) for a class covering the
+    fraction f > 0 of the image's labelled pixels, 1 for an absent class. Rare classes of an image weigh up to
+    1 + upper_bound, a class covering it all weighs 1 (GSCNN's ImageBasedCrossEntropyLoss2d, norm off)."""
+    lab = labels.long().flatten(1)
+    valid = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
+    counts = torch.zeros(lab.shape[0], num_classes, device=lab.device)
+    counts.scatter_add_(1, torch.where(valid, lab, 0), valid.float())
+    freq = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    return 1.0 + upper_bound * (1.0 - freq) * (counts > 0)
+
+
+def image_weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, upper_bound: float = 1.0,
+                                 ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy of each image under its own `image_class_weights` (weighted mean over its labelled
+    pixels), averaged over the images that have labelled pixels; 0 (with gradient) when none has.
+    logits [B,K,H,W], labels [B,H,W]. A generic per-pixel loss: rare classes of each image count more."""
+    weights = image_class_weights(labels, logits.shape[1], upper_bound, ignore_index)
+    lab = labels.long()
+    valid = lab != ignore_index
+    nll = F.cross_entropy(logits, lab, reduction="none", ignore_index=ignore_index)
+    pixel_weight = weights.gather(1, torch.where(valid, lab, 0).flatten(1)).view_as(nll) * valid
+    per_image_weight = pixel_weight.flatten(1).sum(dim=1)
+    per_image = (nll * pixel_weight).flatten(1).sum(dim=1) / per_image_weight.clamp_min(1e-12)
+    present = per_image_weight > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    return per_image[present].mean()
+
+
 def _triangle_smooth(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable triangle filter [1..r+1..1]/(r+1)^2 with replicate padding (Dollar's convTri)."""
     ramp = torch.arange(1, radius + 2, dtype=x.dtype, device=x.device)

@@ -156,6 +156,13 @@ class PerPixelSegmenter(Segmenter):
         self.edge_att_weight = loss.edge_attention_weight
         self.dual_weight = loss.dual_task_weight
         self.edge_radius = loss.edge_radius
+        self.image_weighted_ce = loss.image_weighted_ce
+        self.image_weight_upper_bound = loss.image_weight_upper_bound
+        if self.image_weighted_ce and self.arch != "gscnn":
+            raise ValueError(f"model.loss.image_weighted_ce weights Gated-SCNN's loss; arch {self.arch} has none")
+        if self.image_weighted_ce and loss.class_weights is not None:
+            raise ValueError("model.loss.image_weighted_ce computes the class weights of each image: "
+                             "model.loss.class_weights must be null")
         self.register_buffer("class_weights", class_weight_tensor(loss.class_weights, num_classes), persistent=False)
         if s.activation_checkpointing:
             self.set_activation_checkpointing(True)
@@ -220,12 +227,21 @@ class PerPixelSegmenter(Segmenter):
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=self.ignore_index)
 
+    def _seg_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The main segmentation CE; with `image_weighted_ce`, Gated-SCNN's per-image class-weighted one."""
+        if not self.image_weighted_ce:
+            return self._ce(logits, labels)
+        from omniseg.models.per_pixel.gscnn import image_weighted_cross_entropy
+
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return image_weighted_cross_entropy(logits, labels, self.image_weight_upper_bound, self.ignore_index)
+
     def losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """images: uint8 [B,3,Hp,Wp] padded; targets: the engine's semantic targets (see module doc)."""
         labels = label_map_from_targets(targets, tuple(images.shape[-2:]), self.ignore_index)
         out = self.network(self.normalize(images), training_outputs=True)
         with torch.autocast(images.device.type, enabled=False):
-            losses = {"loss_ce": self._ce(out["sem_seg"], labels)}
+            losses = {"loss_ce": self._seg_ce(out["sem_seg"], labels)}
             if "aux" in out:
                 losses["loss_aux"] = self.aux_weight * self._ce(out["aux"], labels)
             for branch in ("pam", "cam"):
@@ -239,7 +255,9 @@ class PerPixelSegmenter(Segmenter):
         return losses
 
     def _boundary_losses(self, out: dict, labels: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        from omniseg.models.per_pixel.gscnn import balanced_edge_bce, dual_task_loss, label_boundaries
+        from omniseg.models.per_pixel.gscnn import (
+            balanced_edge_bce, dual_task_loss, image_weighted_cross_entropy, label_boundaries,
+        )
 
         edge = out["edge"].float()[:, 0]
         valid = labels != self.ignore_index
@@ -248,7 +266,9 @@ class PerPixelSegmenter(Segmenter):
         seg = F.interpolate(out["sem_seg"].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         # Edge attention: the segmentation CE again, only where the shape stream is confident of a boundary.
         attended = torch.where(torch.sigmoid(edge.detach()) > 0.8, labels, self.ignore_index)
-        if (attended != self.ignore_index).any():
+        if self.image_weighted_ce:  # weights from the attended pixels' labels, as the official loss
+            att = image_weighted_cross_entropy(seg, attended, self.image_weight_upper_bound, self.ignore_index)
+        elif (attended != self.ignore_index).any():
             att = F.cross_entropy(seg, attended, weight=self.class_weights, ignore_index=self.ignore_index)
         else:
             att = seg.sum() * 0.0

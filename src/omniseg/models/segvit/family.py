@@ -42,6 +42,9 @@ class SegViTSettings(ModelSettings):
     qu_mode: str = choice("tokens", ("tokens", "grid"))  # tokens: the stride-16 tokens entering QD are the
     # queries; grid: a learned qu_grid x qu_grid query set reads the QD-entry then the deep tokens (official TPN head)
     qu_grid: int = 32                  # qu_mode grid: query grid side (training crop / 16)
+    qu_grid_pad: bool = True           # qu_mode grid: inputs smaller than the query grid (sliding windows over a
+    # smaller image, small training crops) are padded to it as crops are, masks cropped back; false: refused.
+    # Inputs larger than the grid are always refused (evaluate them with inference.mode: slide)
     upsample_mask_logits: bool = False  # true: mask logits are resized to the input before sigmoid and class
     # weighting (official heads); false: per-class scores are computed at the token grid, then resized
     hidden_dim: Optional[int] = None   # ATM width; null: half the encoder width (ViT-B: 384)

@@ -68,6 +68,7 @@ class SegViT(Segmenter):
         stages = len(self.backbone.out_indices)
         use_proj = True
         self.qu_mode = s.qu_mode
+        self.qu_grid_pad = bool(s.qu_grid_pad)
         self.upsample_mask_logits = bool(s.upsample_mask_logits)
         if self.shrink and self.qu_mode == "grid":
             self.qu = GridQueryUpsample(enc_dim, dim, heads, s.qu_grid, s.qu_layers, 2, s.dropout)
@@ -117,6 +118,32 @@ class SegViT(Segmenter):
         self.backbone.body.set_grad_checkpointing(enabled)
 
     # -- network -------------------------------------------------------------------------------
+    def fit_query_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """qu_mode grid: normalised images -> (images at the learned query grid's size, the patch grid of the
+        input within it). Each learned query stands for one patch of the training crop, so an input larger
+        than the crop has no queries for its extra patches and is refused; a smaller one (a sliding window
+        over a smaller image, a small training crop) is padded at the bottom / right with black pixels, as
+        batches and crops are padded, and its masks are cropped back to its own patches."""
+        patch = self.backbone.patch_size
+        side = self.qu.grid * patch
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        grid = (-(-height // patch), -(-width // patch))
+        if (height, width) == (side, side):
+            return x, grid
+        if height > side or width > side or not self.qu_grid_pad:
+            stride = side * 2 // 3
+            raise ValueError(
+                f"{self.describe()}: model.qu_mode=grid learns {self.qu.grid}x{self.qu.grid} query-upsampling "
+                f"queries, one per {patch} px patch of the {side}x{side} px training crop (model.qu_grid), but the "
+                f"input is {height}x{width} px"
+                + ("" if height > side or width > side else " and model.qu_grid_pad is false") +
+                f". Predict images of other sizes by sliding {side} px windows, as the official model is "
+                f"evaluated: inference.mode=slide inference.crop_size={side} inference.stride={stride} "
+                f"(--slide {side},{stride})")
+        canvas = (-self.pixel_mean / self.pixel_std).to(x.dtype).expand(x.shape[0], -1, side, side).clone()
+        canvas[..., :height, :width] = x
+        return canvas, grid
+
     def decoder_inputs(self, x: torch.Tensor):
         """Normalised images -> (decoder features deepest first, their paddings, grid, encoder output)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_old):
@@ -133,12 +160,18 @@ class SegViT(Segmenter):
 
     def network(self, x: torch.Tensor) -> tuple[list[list[dict]], object]:
         """Normalised images -> (per step, the ATM outputs of its decoder; the encoder output)."""
+        own_grid = None
+        if self.qu is not None and self.qu_mode == "grid":
+            x, own_grid = self.fit_query_grid(x)
         feats, pads, grid, enc = self.decoder_inputs(x)
         outs = []
         for t, decoder in enumerate(self.decoders):
             trains = torch.is_grad_enabled() and (t == self.step or not self.freeze_old)
             with torch.set_grad_enabled(trains):
                 outs.append(decoder(feats, grid, pads))
+        if own_grid is not None and own_grid != tuple(grid):  # a padded input: its own patches only
+            h, w = own_grid
+            outs = [[{**o, "pred_masks": o["pred_masks"][..., :h, :w]} for o in out] for out in outs]
         return outs, enc
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
