@@ -46,6 +46,10 @@ GN_GROUPS = 32
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """The released PANet's GroupNorm: 32 groups whatever the width, eps 1e-5."""
+    if channels % GN_GROUPS:
+        raise ValueError(f"GroupNorm heads (model.fpn_norm / model.roi.head_norm: gn) need widths divisible by "
+                         f"{GN_GROUPS}; a layer here has {channels} channels (the fused mask branch has "
+                         f"model.roi.mask_head_dim / 2)")
     return nn.GroupNorm(GN_GROUPS, channels, eps=1e-5)
 
 
